@@ -1,0 +1,454 @@
+"""The model adapter: loading models and the only place that knows TransformerLens hook names.
+
+Every algorithm in edgeatp talks to a model through :class:`ModelAdapter`: named activation
+:class:`Site` s instead of hook strings, scoped hooks that are always removed, and a
+:meth:`ModelAdapter.session` that puts the model in eval mode and restores the caller's
+TransformerLens flags, training mode and tokenizer padding side on every exit path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .errors import ModelError
+from .graph import ModelShape
+from .tokenizer import HFTokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named activation of the model.
+
+    ``kind`` is one of: ``resid_pre`` (block input; block 0's is the embedding write),
+    ``q``/``k``/``v`` (per head, before rotary), ``rot_q``/``rot_k`` (what the softmax sees),
+    ``scores`` (masked pre-softmax scores), ``pattern``, ``z``, ``attn_out``, ``mlp_in``
+    (the MLP's private copy of the residual), ``mlp_post`` (hidden units), ``mlp_out``,
+    ``resid_final`` (the residual read by the unembedding).
+    """
+
+    kind: str
+    layer: int = -1
+
+
+_SITE_KINDS = {
+    "resid_pre", "q", "k", "v", "rot_q", "rot_k", "scores", "pattern", "z", "attn_out",
+    "mlp_in", "mlp_post", "mlp_out", "resid_final",
+}
+_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_attn_in", "use_hook_mlp_in")
+FwdHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class ModelAdapter:
+    """A HookedTransformer plus its tokenizer, seen through edgeatp's sites.
+
+    Build one with :func:`load_model`. The constructor validates the architecture and
+    raises :class:`ModelError` for features edgeatp does not handle yet.
+    """
+
+    def __init__(self, model: Any, tokenizer: Tokenizer | None = None, name: str = "model",
+                 card: dict | None = None) -> None:
+        from transformer_lens import HookedTransformer
+
+        if not isinstance(model, HookedTransformer):
+            raise ModelError(
+                f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
+                "TransformerBridge models are not supported yet"
+            )
+        _validate_config(model.cfg)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.card = card or {}
+        cfg = model.cfg
+        self.shape = ModelShape(
+            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
+            d_mlp=None if cfg.attn_only else cfg.d_mlp, attn_only=bool(cfg.attn_only),
+            parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
+        )
+        self._depth = 0
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def cfg(self) -> Any:
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.W_E.dtype
+
+    @property
+    def causal(self) -> bool:
+        return self.cfg.attention_dir == "causal"
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab_out)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.cfg.n_ctx)
+
+    @property
+    def prepend_bos(self) -> bool:
+        """Whether prompts for this model should start with a BOS token by default."""
+        if "prepend_bos" in self.card:
+            return bool(self.card["prepend_bos"])
+        return bool(self.cfg.default_prepend_bos) and self.bos_id is not None
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_id if self.tokenizer is not None else None
+
+    def describe(self) -> dict:
+        """A short JSON-able description for reports."""
+        return {
+            "name": self.name, "n_layers": self.shape.n_layers, "n_heads": self.shape.n_heads,
+            "d_model": self.shape.d_model, "d_head": self.shape.d_head, "d_mlp": self.shape.d_mlp,
+            "attn_only": self.shape.attn_only, "parallel_attn_mlp": self.shape.parallel_attn_mlp,
+            "d_vocab": self.d_vocab, "n_ctx": self.n_ctx,
+            "positional_embedding": self.cfg.positional_embedding_type,
+            "normalization": self.cfg.normalization_type,
+        }
+
+    # ------------------------------------------------------------------ state
+    @contextmanager
+    def session(self) -> Iterator["ModelAdapter"]:
+        """Eval mode, known TransformerLens flags, no foreign hooks; everything restored on exit.
+
+        Re-entrant: only the outermost session saves and restores.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        m = self.model
+        foreign = [n for n, hp in m.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+        if foreign:
+            raise ModelError(
+                f"the model has hooks attached ({len(foreign)} hook points, e.g. {foreign[0]!r}); "
+                "remove them with model.reset_hooks(including_permanent=True) before running edgeatp"
+            )
+        saved = {f: getattr(m.cfg, f) for f in _FLAGS}
+        was_training = m.training
+        tok = getattr(m, "tokenizer", None)
+        padding_side = getattr(tok, "padding_side", None)
+        self._depth = 1
+        try:
+            m.eval()
+            m.cfg.use_split_qkv_input = False
+            m.cfg.use_attn_result = False
+            m.cfg.use_attn_in = False
+            m.cfg.use_hook_mlp_in = not m.cfg.attn_only
+            if padding_side is not None:
+                tok.padding_side = "right"
+            yield self
+        finally:
+            self._depth = 0
+            m.reset_hooks(including_permanent=False)
+            for f, v in saved.items():
+                setattr(m.cfg, f, v)
+            m.train(was_training)
+            if padding_side is not None:
+                tok.padding_side = padding_side
+
+    def hook_name(self, site: Site) -> str:
+        """The TransformerLens hook point of a site."""
+        k, l = site.kind, site.layer
+        if k not in _SITE_KINDS:
+            raise ValueError(f"unknown site kind {k!r}")
+        if k == "resid_final":
+            return f"blocks.{self.shape.n_layers - 1}.hook_resid_post"
+        if not 0 <= l < self.shape.n_layers:
+            raise ValueError(f"site {k} needs a layer in 0..{self.shape.n_layers - 1}, got {l}")
+        rotary = self.cfg.positional_embedding_type == "rotary"
+        names = {
+            "resid_pre": "hook_resid_pre", "q": "attn.hook_q", "k": "attn.hook_k",
+            "v": "attn.hook_v", "rot_q": "attn.hook_rot_q" if rotary else "attn.hook_q",
+            "rot_k": "attn.hook_rot_k" if rotary else "attn.hook_k",
+            "scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern", "z": "attn.hook_z",
+            "attn_out": "hook_attn_out", "mlp_in": "hook_mlp_in", "mlp_post": "mlp.hook_post",
+            "mlp_out": "hook_mlp_out",
+        }
+        if k in ("mlp_in", "mlp_post", "mlp_out") and self.shape.attn_only:
+            raise ValueError(f"site {k}: the model is attention-only")
+        return f"blocks.{l}.{names[k]}"
+
+    @contextmanager
+    def hooks(self, fwd: Sequence[tuple[Site, FwdHook]]) -> Iterator[None]:
+        """Forward hooks on sites for the duration of the block; a hook may return a replacement."""
+        def wrap(fn: FwdHook) -> Callable:
+            return lambda tensor, hook: fn(tensor)
+
+        with self.session():
+            with self.model.hooks(fwd_hooks=[(self.hook_name(s), wrap(f)) for s, f in fwd]):
+                yield
+
+    def forward(self, tokens: torch.Tensor, fwd: Sequence[tuple[Site, FwdHook]] = ()) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` of a batch of token ids, with optional site hooks."""
+        with self.hooks(fwd):
+            return self.model(tokens.to(self.device), return_type="logits")
+
+    # ------------------------------------------------------------------ math on weights
+    def _block(self, layer: int) -> Any:
+        return self.model.blocks[layer]
+
+    def head_writes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``."""
+        W_O = self._block(layer).attn.W_O
+        return torch.einsum("bphe,hed->bphd", z.to(W_O.dtype), W_O)
+
+    def neuron_writes(self, layer: int, post: torch.Tensor) -> torch.Tensor:
+        """Per-neuron residual writes ``[b, p, d_mlp, d_model]`` from hidden activations."""
+        W_out = self._block(layer).mlp.W_out
+        return post.to(W_out.dtype)[..., None] * W_out
+
+    def qkv_weights(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W [H, d_model, d_head]`` and ``b [H, d_head]`` of the query, key or value projection."""
+        attn = self._block(layer).attn
+        return {"q": (attn.W_Q, attn.b_Q), "k": (attn.W_K, attn.b_K), "v": (attn.W_V, attn.b_V)}[kind]
+
+    def qkv_from_residual(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """What ``hook_q|k|v`` would hold for ``heads`` if each read its own residual copy.
+
+        ``resid`` is ``[..., n, d_model]`` (one residual per selected head), ``heads`` the
+        ``n`` head indices; returns ``[..., n, d_head]``. Exact: same LayerNorm and weights.
+        """
+        W, b = self.qkv_weights(layer, kind)
+        normed = self._block(layer).ln1(resid)
+        return torch.einsum("...nd,nde->...ne", normed, W[heads]) + b[heads]
+
+    def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Gradients w.r.t. each head's private q/k/v residual input, ``[b, p, 3, H, d_model]``.
+
+        ``grads`` are ``dL/d hook_q, hook_k, hook_v`` (``[b, p, H, d_head]`` each) and ``resid``
+        the block input. The projection is transposed by hand and the LayerNorm is
+        differentiated exactly with autograd on a per-reader copy — the same numbers
+        TransformerLens' ``use_split_qkv_input`` gives, without its cost in every later pass.
+        """
+        ups = []
+        for kind, g in zip("qkv", grads):
+            W, _ = self.qkv_weights(layer, kind)
+            ups.append(torch.einsum("bphe,hde->bphd", g.to(W.dtype), W))
+        u = torch.stack(ups, dim=2)  # [b, p, 3, H, d]
+        b, p, three, H, d = u.shape
+        with torch.enable_grad():
+            x = resid.detach().requires_grad_(True)
+            xe = x[:, :, None, :].expand(b, p, three * H, d)
+            y = self._block(layer).ln1(xe)
+            (g_in,) = torch.autograd.grad(y, xe, u.reshape(b, p, three * H, d))
+        return g_in.reshape(b, p, three, H, d)
+
+    def attention_score_fn(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Unmasked, unbiased scores ``[b, H, Tq, Tk]`` from post-rotary q, k (model's own scale, soft-cap)."""
+        return self._block(layer).attn.calculate_attention_scores(q, k)
+
+
+def _validate_config(cfg: Any) -> None:
+    """Reject architectures whose internals edgeatp's exact formulas would get wrong."""
+    problems = []
+    if cfg.n_key_value_heads is not None and cfg.n_key_value_heads != cfg.n_heads and not cfg.ungroup_grouped_query_attention:
+        problems.append("grouped-query attention (load it with ungroup_grouped_query_attention=True)")
+    if cfg.positional_embedding_type not in ("standard", "rotary", "alibi"):
+        problems.append(f"positional embedding type {cfg.positional_embedding_type!r}")
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        problems.append("normalization before and after sublayers")
+    if getattr(cfg, "load_in_4bit", False):
+        problems.append("4-bit weights")
+    if getattr(cfg, "use_attention_sinks", False):
+        problems.append("attention sinks")
+    if getattr(cfg, "use_logn_attn", False):
+        problems.append("log-n attention scaling")
+    if getattr(cfg, "num_experts", None):
+        problems.append("mixture-of-experts MLPs")
+    if getattr(cfg, "use_local_attn", False):
+        problems.append("local attention windows")
+    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES  # type: ignore
+
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    if problems:
+        raise ModelError("edgeatp does not support " + "; ".join(problems) + " yet")
+
+
+# ---------------------------------------------------------------------------- loading
+def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               allow_download: bool = False) -> ModelAdapter:
+    """Load a model from any supported spec and wrap it in a :class:`ModelAdapter`.
+
+    ``spec`` may be ``"zoo:NAME"`` (shipped models), a local Hugging Face checkpoint directory
+    (GPT-2 and GPT-NeoX/Pythia families), a TransformerLens pretrained name (``"gpt2"``,
+    ``"pythia-70m"``; must be in the local Hugging Face cache unless ``allow_download``), a
+    ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` converts the weights.
+    """
+    from transformer_lens import HookedTransformer
+
+    torch_dtype = _parse_dtype(dtype)
+    if isinstance(spec, ModelAdapter):
+        adapter = spec
+    elif isinstance(spec, HookedTransformer):
+        tok = spec.tokenizer
+        adapter = ModelAdapter(spec, HFTokenizer(tok) if tok is not None else None,
+                               name=getattr(spec.cfg, "model_name", "model"))
+    elif isinstance(spec, (str, Path)):
+        text = str(spec)
+        if text.startswith("zoo:"):
+            from .zoo import load_zoo_model
+
+            adapter = load_zoo_model(text[4:])
+        elif Path(text).expanduser().is_dir():
+            adapter = _load_local_checkpoint(Path(text).expanduser())
+        else:
+            adapter = _load_pretrained(text, allow_download)
+    else:
+        raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory or a HookedTransformer")
+    if device is not None or torch_dtype is not None:
+        adapter.model.to(device=device, dtype=torch_dtype)
+        if device is not None:
+            adapter.model.cfg.device = str(device)
+    return adapter
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+             "fp64": torch.float64, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _load_pretrained(name: str, allow_download: bool) -> ModelAdapter:
+    """A TransformerLens pretrained model, from the local Hugging Face cache unless told otherwise."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        raise ModelError(
+            f"unknown model {name!r}: not 'zoo:NAME', not a local checkpoint directory and not a "
+            "TransformerLens pretrained name (run `edgeatp models` for the shipped ones)"
+        ) from None
+    offline = not allow_download
+    if offline and not _in_hf_cache(official):
+        raise ModelError(
+            f"model {name!r} ({official}) is not in the local Hugging Face cache and edgeatp runs "
+            "offline; download it once (e.g. with --allow-download on a networked machine) or pass a "
+            "local checkpoint directory"
+        )
+    with _hf_offline(offline):
+        try:
+            model = HookedTransformer.from_pretrained(name, device="cpu")
+        except OSError as exc:
+            raise ModelError(f"could not load {name!r} from the local cache: {str(exc).splitlines()[0]}") from None
+    tok = HFTokenizer(model.tokenizer, name) if model.tokenizer is not None else None
+    return ModelAdapter(model, tok, name=name)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(hit, str) and os.path.exists(hit)
+
+
+@contextmanager
+def _hf_offline(offline: bool) -> Iterator[None]:
+    """Make huggingface_hub/transformers refuse the network (they read these flags at import time)."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hc
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    saved_const = hc.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE = saved_const
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _load_local_checkpoint(path: Path) -> ModelAdapter:
+    """A local Hugging Face checkpoint (GPT-2 or GPT-NeoX family) converted to a HookedTransformer."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
+    raw = json.loads(config_file.read_text())
+    model_type = raw.get("model_type")
+    if model_type not in ("gpt2", "gpt_neox"):
+        raise ModelError(f"{path}: model_type {model_type!r} is not supported for local checkpoints (gpt2, gpt_neox are)")
+    with _hf_offline(True):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        tokenizer = None
+        if any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if model_type == "gpt2":
+        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights as convert
+
+        c = hf_config
+        cfg_dict = dict(
+            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+            d_mlp=getattr(c, "n_inner", None) or 4 * c.n_embd, n_layers=c.n_layer,
+            n_ctx=getattr(c, "n_ctx", None) or c.n_positions, eps=c.layer_norm_epsilon,
+            d_vocab=c.vocab_size, act_fn=c.activation_function,
+            use_attn_scale=getattr(c, "scale_attn_weights", True),
+            scale_attn_by_inverse_layer_idx=getattr(c, "scale_attn_by_inverse_layer_idx", False),
+            normalization_type="LN", original_architecture="GPT2LMHeadModel", default_prepend_bos=True,
+        )
+    else:
+        from transformer_lens.pretrained.weight_conversions import convert_neox_weights as convert
+
+        c = hf_config
+        d_head = c.hidden_size // c.num_attention_heads
+        rotary_pct = getattr(c, "rotary_pct", None)
+        if rotary_pct is None:
+            rotary_pct = (getattr(c, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        rope = getattr(c, "rope_parameters", None) or {}
+        cfg_dict = dict(
+            d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+            n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps,
+            d_vocab=c.vocab_size, act_fn=c.hidden_act, use_attn_scale=True,
+            parallel_attn_mlp=getattr(c, "use_parallel_residual", True), positional_embedding_type="rotary",
+            rotary_adjacent_pairs=False, rotary_dim=round(rotary_pct * d_head),
+            rotary_base=rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000)),
+            normalization_type="LN", original_architecture="GPTNeoXForCausalLM", default_prepend_bos=False,
+        )
+    cfg = HookedTransformerConfig(**cfg_dict)
+    model = HookedTransformer(cfg)
+    state = convert(hf_model, cfg)
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True,
+                                      center_unembed=True, fold_value_biases=True)
+    tok = HFTokenizer(tokenizer, path.name) if tokenizer is not None else None
+    if tok is not None and tok.bos_id is None:
+        model.cfg.default_prepend_bos = False
+    return ModelAdapter(model, tok, name=str(path))
