@@ -231,6 +231,20 @@ class ModelAdapter:
         normed = self._block(layer).ln1(resid)
         return torch.einsum("...nd,nde->...ne", normed, W[heads]) + b[heads]
 
+    def qkv_all_heads(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """``hook_q|k|v`` values ``[..., n, d_head]`` of the given heads (default all) reading residuals ``[..., d_model]``."""
+        W, b = self.qkv_weights(layer, kind)
+        if heads is not None:
+            W, b = W[heads], b[heads]
+        normed = self._block(layer).ln1(resid)
+        return torch.einsum("...d,hde->...he", normed, W) + b
+
+    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Apply the model's rotary embedding to q or k values ``[b, T, H, d_head]`` (identity otherwise)."""
+        if self.cfg.positional_embedding_type != "rotary":
+            return x
+        return self._block(layer).attn.apply_rotary(x)
+
     def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Gradients w.r.t. each head's private q/k/v residual input, ``[b, p, 3, H, d_model]``.
 
@@ -243,7 +257,7 @@ class ModelAdapter:
         for kind, g in zip("qkv", grads):
             W, _ = self.qkv_weights(layer, kind)
             ups.append(torch.einsum("bphe,hde->bphd", g.to(W.dtype), W))
-        u = torch.stack(ups, dim=2)  # [b, p, 3, H, d]
+        u = torch.stack(ups, dim=2).detach()  # [b, p, 3, H, d]
         b, p, three, H, d = u.shape
         with torch.enable_grad():
             x = resid.detach().requires_grad_(True)
@@ -274,6 +288,12 @@ def _validate_config(cfg: Any) -> None:
         problems.append("log-n attention scaling")
     if getattr(cfg, "num_experts", None):
         problems.append("mixture-of-experts MLPs")
+    if getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+        problems.append("QK normalisation")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        problems.append("clipped q/k/v")
+    if getattr(cfg, "use_dynamic_ntk_rope", False):
+        problems.append("dynamic NTK rotary scaling")
     if getattr(cfg, "use_local_attn", False):
         problems.append("local attention windows")
     from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES  # type: ignore

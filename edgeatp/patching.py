@@ -235,7 +235,7 @@ def patch_nodes(
 
 
 # ------------------------------------------------------------------------------------ edges
-class _Writers:
+class WriterLayout:
     """Residual writes of the graph's writers, recorded as a forward reaches them."""
 
     def __init__(self, adapter: ModelAdapter, graph: EdgeGraph) -> None:
@@ -280,7 +280,7 @@ class EdgePatch:
     def __post_init__(self) -> None:
         self.n_sets = int(self.masks.shape[0])
         self.positional = self.masks.dim() == 4
-        self.writers = _Writers(self.adapter, self.graph)
+        self.writers = WriterLayout(self.adapter, self.graph)
         self.masks = self.masks & self.graph.mask.to(self.masks.device)
 
     def source_sites(self) -> list[Site]:
@@ -292,7 +292,7 @@ class EdgePatch:
                                {s: v[pair_rows] for s, v in source.items()})
 
 
-def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: _Writers, mask: torch.Tensor,
+def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
                     source: dict[Site, torch.Tensor]) -> list[tuple[Site, FwdHook]]:
     """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, (T,) W, R]``."""
     mask = mask.to(adapter.device)

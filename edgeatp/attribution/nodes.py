@@ -177,9 +177,8 @@ def attribute_nodes(
             batch = batch.to(adapter.device)
             run = gradient_run(adapter, batch, metric_obj, act, grad, gd_mode, base)
             cache: dict = {}
-            values = []
-            for g in run.grads:
-                values.append(_gather(adapter, run, g, need, index, qk_fix, cache, pairs.n_positions))
+            with torch.no_grad():
+                values = [_gather(adapter, run, g, need, index, qk_fix, cache, pairs.n_positions) for g in run.grads]
             rows = batch.index.cpu()
             signed[rows] = values[0]
             if use_gd:

@@ -83,16 +83,30 @@ def gradient_run(
     grad_sites: Sequence[Site],
     graddrop: GradDropMode | None = None,
     base_sites: Sequence[Site] = (),
+    source: dict[Site, torch.Tensor] | None = None,
+    alpha: float = 0.0,
 ) -> GradRun:
     """One batch's activations (``act_sites`` in both runs, ``base_sites`` in the base run only)
-    and gradients (``grad_sites``) of the summed per-pair metric on the base run."""
+    and gradients (``grad_sites``) of the summed per-pair metric on the base run.
+
+    ``source`` reuses source-run activations (it must include ``resid_pre`` of block 0 when
+    ``alpha`` is set); ``alpha`` moves the base run's embedding that far toward the source's
+    (integrated gradients), in which case ``base`` holds the interpolated run's activations.
+    """
     ref = reference_logprobs(adapter, batch, metric)
-    _, source = capture(adapter, batch.source, act_sites)
+    if source is None:
+        _, source = capture(adapter, batch.source, [*act_sites, Site("resid_pre", 0)] if alpha else act_sites)
     kept: dict[Site, torch.Tensor] = {}
     state = _Drop()
 
+    src0 = source.get(Site("resid_pre", 0))
+
     def keep(site: Site) -> FwdHook:
         def fn(t: torch.Tensor) -> torch.Tensor | None:
+            if alpha and site == Site("resid_pre", 0):
+                t = (t + alpha * (src0 - t)).detach().requires_grad_(True)  # type: ignore[operator]
+                kept[site] = t
+                return t
             if not t.requires_grad:  # frozen weights: still differentiate w.r.t. activations
                 t = t.detach().requires_grad_(True)
                 kept[site] = t
