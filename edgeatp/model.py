@@ -335,10 +335,11 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
             adapter = _load_pretrained(text, allow_download)
     else:
         raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory or a HookedTransformer")
-    if device is not None or torch_dtype is not None:
-        adapter.model.to(device=device, dtype=torch_dtype)
-        if device is not None:
-            adapter.model.cfg.device = str(device)
+    if torch_dtype is not None:
+        adapter.model.to(torch_dtype, print_details=False)
+        adapter.model.cfg.dtype = torch_dtype
+    if device is not None:
+        adapter.model.to(torch.device(device), print_details=False)
     return adapter
 
 

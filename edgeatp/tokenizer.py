@@ -6,10 +6,11 @@ from typing import Any, Protocol, Sequence
 
 
 class Tokenizer(Protocol):
-    """What edgeatp needs from a tokenizer."""
+    """What edgeatp needs from a tokenizer (``unk_id``: the unknown-token id, if any)."""
 
     name: str
     bos_id: int | None
+    unk_id: int | None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without any special token added."""
@@ -30,6 +31,7 @@ class WordTokenizer:
         self.vocab = list(vocab)
         self.ids = {w: i for i, w in enumerate(self.vocab)}
         self.bos_id = self.ids.get(bos) if bos is not None else None
+        self.unk_id = None  # unknown words raise instead
         self.name = name
 
     def encode(self, text: str) -> list[int]:
@@ -54,6 +56,7 @@ class HFTokenizer:
         self.hf = tokenizer
         self.name = name or getattr(tokenizer, "name_or_path", "hf")
         self.bos_id = tokenizer.bos_token_id
+        self.unk_id = tokenizer.unk_token_id
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -63,3 +66,14 @@ class HFTokenizer:
 
     def token_str(self, token_id: int) -> str:
         return self.hf.decode([int(token_id)])
+
+
+def single_token(tok: Tokenizer, text: str) -> int | None:
+    """The id if ``text`` is exactly one known token, else ``None``."""
+    try:
+        ids = tok.encode(text)
+    except ValueError:
+        return None
+    if len(ids) != 1 or (tok.unk_id is not None and ids[0] == tok.unk_id):
+        return None
+    return ids[0]

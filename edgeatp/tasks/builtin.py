@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import DataError
-from ..tokenizer import Tokenizer, WordTokenizer
+from ..tokenizer import Tokenizer, WordTokenizer, single_token
 from .pairs import PromptPairs
 
 # --------------------------------------------------------------------------- zoo vocabularies
@@ -39,19 +39,25 @@ def _is_vocab(tok: Tokenizer, vocab: Sequence[str]) -> bool:
     return isinstance(tok, WordTokenizer) and tok.vocab == list(vocab)
 
 
-def _finish(name: str, tok: Tokenizer, rows: list[tuple[str, str, str, str]], bos: bool) -> PromptPairs:
-    """Tokenize (clean, corrupt, answer, wrong) text rows into prompt pairs."""
+def _finish(name: str, tok: Tokenizer, rows: list[tuple[str, str, str | int, str | int]], bos: bool) -> PromptPairs:
+    """Tokenize (clean, corrupt, answer, wrong) rows into prompt pairs (answers as text or token ids)."""
     clean, corrupt, ans, wrong, texts = [], [], [], [], []
     prefix = [tok.bos_id] if bos and tok.bos_id is not None else []
     for c, x, a, w in rows:
         clean.append(prefix + tok.encode(c))
         corrupt.append(prefix + tok.encode(x))
-        (a_id,), (w_id,) = tok.encode(a), tok.encode(w)
-        ans.append(a_id)
-        wrong.append(w_id)
+        ans.append(a if isinstance(a, int) else _one(tok, a))
+        wrong.append(w if isinstance(w, int) else _one(tok, w))
         texts.append((c, x))
     pad = tok.bos_id if tok.bos_id is not None else 0
     return PromptPairs.from_lists(clean, corrupt, ans, wrong, pad_id=pad, name=name, texts=texts)
+
+
+def _one(tok: Tokenizer, text: str) -> int:
+    got = single_token(tok, text)
+    if got is None:
+        raise DataError(f"{text!r} is not a single known token of this tokenizer")
+    return got
 
 
 # --------------------------------------------------------------------------- induction
@@ -87,7 +93,7 @@ def _induction(tok: Tokenizer, n: int, seed: int, bos: bool, seg_len: int = 8, k
 
 
 def _plain_token_pool(tok: Tokenizer, size: int = 2000) -> list[int]:
-    """Ordinary word-like tokens of a real tokenizer (round-trip through text, alphabetic)."""
+    """Ordinary word-like tokens of a real tokenizer: alphabetic and round-tripping through text."""
     hf = getattr(tok, "hf", None)
     vocab_size = len(hf) if hf is not None else 50000
     special = set(getattr(hf, "all_special_ids", []) or [])
@@ -95,13 +101,13 @@ def _plain_token_pool(tok: Tokenizer, size: int = 2000) -> list[int]:
     for i in range(min(vocab_size, 20000)):
         if i in special:
             continue
-        s = tok.token_str(i)
-        if s.startswith(" ") and s[1:].isalpha() and tok.encode(s) == [i]:
+        text = tok.token_str(i)
+        if text.strip().isalpha() and len(text.strip()) > 1 and single_token(tok, text) == i:
             pool.append(i)
         if len(pool) >= size:
             break
     if len(pool) < 50:
-        raise DataError("task induction: could not find enough plain word tokens in this tokenizer")
+        raise DataError("task induction: could not find 50 plain word tokens in this tokenizer")
     return pool
 
 
@@ -183,7 +189,7 @@ def _ioi(tok: Tokenizer, n: int, seed: int, bos: bool) -> PromptPairs:
         return _zoo_ioi(tok, n, seed)
     if isinstance(tok, WordTokenizer):
         raise DataError("task ioi needs a natural-language tokenizer or the zoo name vocabulary")
-    names = [m for m in _IOI_NAMES if len(tok.encode(" " + m)) == 1]
+    names = [m for m in _IOI_NAMES if single_token(tok, " " + m) is not None]
     if len(names) < 3:
         raise DataError("task ioi: fewer than 3 names are single tokens (with a leading space) in this tokenizer")
     rng = random.Random(seed)
@@ -224,15 +230,15 @@ def _factual(tok: Tokenizer, n: int, seed: int, bos: bool) -> PromptPairs:
     for s, c in facts:
         by_len.setdefault(len(tok.encode(template.format(s))), []).append((s, c))
     rng = random.Random(seed)
+    first_id = {c: tok.encode(c)[0] for _, c in facts}
     candidates = [(a, b) for group in by_len.values() for a in group for b in group
-                  if tok.encode(a[1])[:1] != tok.encode(b[1])[:1]]
+                  if first_id[a[1]] != first_id[b[1]] and tok.unk_id not in (first_id[a[1]], first_id[b[1]])]
     if not candidates:
         raise DataError("task factual: no two landmarks of this tokenizer share a token length")
     rows = []
     for _ in range(n):
         (s, c), (s2, c2) = rng.choice(candidates)
-        first = lambda t: tok.token_str(tok.encode(t)[0])  # noqa: E731
-        rows.append((template.format(s), template.format(s2), first(c), first(c2)))
+        rows.append((template.format(s), template.format(s2), first_id[c], first_id[c2]))
     return _finish("factual", tok, rows, bos)
 
 

@@ -67,6 +67,8 @@ def _single_token(tok: Tokenizer, text: str, what: str, where: str) -> int:
     except ValueError as exc:
         raise DataError(f"{where}: {what} {text!r}: {exc}") from None
     if len(ids) == 1:
+        if tok.unk_id is not None and ids[0] == tok.unk_id:
+            raise DataError(f"{where}: {what} {text!r} is the tokenizer's unknown token; use a word it knows")
         return ids[0]
     hint = ""
     if not text.startswith(" "):

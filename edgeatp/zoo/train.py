@@ -27,6 +27,7 @@ def _eval_pairs(model: Any, pairs: PromptPairs) -> dict[str, float]:
     """Accuracy (answer is the argmax) and mean logit difference on clean and corrupt prompts."""
     from ..metrics import METRICS
 
+    was_training = model.training
     model.eval()
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -38,7 +39,7 @@ def _eval_pairs(model: Any, pairs: PromptPairs) -> dict[str, float]:
             if which == "clean":
                 out["accuracy"] = float((at.argmax(-1) == batch.answer).float().mean())
             out[f"{which}_logit_diff"] = float(ld.mean())
-    model.train()
+    model.train(was_training)
     return out
 
 

@@ -1,0 +1,138 @@
+"""The model adapter: loading, validation and leaving the user's model as it was."""
+
+import time
+
+import pytest
+import torch
+
+from edgeatp.errors import ModelError
+from edgeatp.model import ModelAdapter, Site, load_model
+from edgeatp.patching import patch_nodes
+from edgeatp.graph import Node
+
+from .conftest import random_pairs, tiny_model
+
+WORDS = ["<bos>", "<unk>"] + [f"w{i}" for i in range(30)]
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox-parallel", "gpt_neox-sequential"])
+def hf_checkpoint(request, tmp_path_factory):
+    """A tiny randomly initialised HF checkpoint with its own word-level tokenizer, saved offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    if request.param == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(WORDS), n_positions=16,
+                                        bos_token_id=0, eos_token_id=0))
+    else:
+        hf = GPTNeoXForCausalLM(GPTNeoXConfig(
+            hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=len(WORDS),
+            max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=request.param.endswith("parallel"),
+            bos_token_id=0, eos_token_id=0))
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    _word_tokenizer().save_pretrained(path)
+    return path, hf.eval()
+
+
+def test_local_checkpoint_matches_hugging_face(hf_checkpoint):
+    path, hf = hf_checkpoint
+    adapter = load_model(str(path))
+    tokens = torch.tensor([adapter.tokenizer.encode("w1 w5 w7 w2 w9 w3")])
+    with torch.no_grad():
+        ours = torch.log_softmax(adapter.forward(tokens), -1)
+        theirs = torch.log_softmax(hf(tokens).logits, -1)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert adapter.shape.n_layers == 2 and adapter.shape.n_heads == 4
+    assert adapter.shape.parallel_attn_mlp == ("parallel" in path.name)
+
+
+def test_unknown_and_uncached_models_fail_fast_with_one_line():
+    t = time.time()
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache") as exc:
+        load_model("gpt2")
+    assert time.time() - t < 5 and "\n" not in str(exc.value)
+    with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
+        load_model("no-such-model")
+    with pytest.raises(ModelError, match="unknown zoo model"):
+        load_model("zoo:nope")
+    with pytest.raises(ModelError, match="expected a transformer_lens.HookedTransformer"):
+        ModelAdapter(torch.nn.Linear(2, 2))
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(ModelError, match="grouped-query attention"):
+        tiny_model(n_key_value_heads=1)
+
+
+def test_session_restores_flags_mode_and_hooks_even_on_error():
+    adapter = tiny_model()
+    m = adapter.model
+    m.train()
+    m.cfg.use_attn_result = True
+    m.cfg.use_split_qkv_input = True
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapter.session():
+            assert not m.training and not m.cfg.use_attn_result and m.cfg.use_hook_mlp_in
+            def explode(t):
+                raise RuntimeError("boom")
+            adapter.forward(torch.zeros(1, 3, dtype=torch.long), [(Site("z", 0), explode)])
+    assert m.training and m.cfg.use_attn_result and m.cfg.use_split_qkv_input and not m.cfg.use_hook_mlp_in
+    assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in m.hook_dict.values())
+
+
+def test_algorithms_leave_the_model_as_it_was_and_work_in_eval_mode():
+    adapter = tiny_model(seed=3)
+    m = adapter.model
+    m.train()
+    pairs = random_pairs()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    eff = patch_nodes(adapter, pairs, [Node.parse("a0.h0")])
+    assert m.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert eff.per_pair.shape == (5, 1)
+
+
+def test_foreign_hooks_are_refused():
+    adapter = tiny_model()
+    adapter.model.add_hook("blocks.0.attn.hook_z", lambda t, hook: t)
+    with pytest.raises(ModelError, match="has hooks attached"):
+        patch_nodes(adapter, random_pairs(), [Node.parse("a0.h0")])
+    adapter.model.reset_hooks()
+
+
+def test_user_flags_do_not_change_results():
+    plain = tiny_model(seed=4)
+    flagged = tiny_model(seed=4)
+    flagged.model.cfg.use_split_qkv_input = True
+    flagged.model.cfg.use_attn_result = True
+    pairs = random_pairs()
+    nodes = [Node.parse("a1.h0"), Node.parse("a0.h1<k>")]
+    assert torch.allclose(patch_nodes(plain, pairs, nodes).per_pair, patch_nodes(flagged, pairs, nodes).per_pair)
+
+
+def test_zoo_models_load_in_eval_mode_with_their_vocabulary(zoo_ioi, zoo_induction):
+    assert not zoo_ioi.model.training
+    assert zoo_ioi.tokenizer.encode("BOS Alice GAVE TO") == [0, 4, 2, 3]
+    assert zoo_induction.shape.attn_only and zoo_induction.card["task"] == "induction"
+
+
+def test_dtype_and_device_options():
+    adapter = load_model("zoo:dup", dtype="float64")
+    assert adapter.dtype == torch.float64
+    with pytest.raises(ModelError, match="unknown dtype"):
+        load_model("zoo:dup", dtype="float8")
