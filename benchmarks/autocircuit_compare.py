@@ -134,7 +134,7 @@ def compare(case: Case) -> dict[str, Any]:
         "max_abs_score": float(scale), "max_abs_diff": float(diff.max()),
         "max_diff_over_max_score": float(diff.max() / scale),
         "max_rel_diff": float((diff[big] / b[big].abs()).max()),
-        "logit_max_abs_diff": float((logits - torch.tensor(theirs["clean_logits"])).abs().max()),
+        "logit_max_abs_diff": float((logits - torch.tensor(theirs["clean_logits"], dtype=torch.float64)).abs().max()),
     }
 
 

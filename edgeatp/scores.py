@@ -41,9 +41,9 @@ def _stderr(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sign_agreement(x: torch.Tensor) -> torch.Tensor:
-    """Share of pairs whose estimate has the majority sign (zeros count for neither)."""
-    pos, neg = (x > 0).double().mean(0), (x < 0).double().mean(0)
-    return torch.maximum(pos, neg)
+    """Among pairs with a non-zero estimate, the share with the majority sign (1 if all are zero)."""
+    pos, neg = (x > 0).double().sum(0), (x < 0).double().sum(0)
+    return torch.where(pos + neg > 0, torch.maximum(pos, neg) / (pos + neg).clamp(min=1), torch.ones_like(pos))
 
 
 @dataclass(frozen=True, eq=False)

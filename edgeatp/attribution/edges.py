@@ -31,7 +31,7 @@ from ..scores import Cost, EdgeScores
 from ..tasks.pairs import Direction, PromptPairs
 from .nodes import check_gradient_metric
 from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
-from .qk_fix import key_fix, query_fix
+from .qk_fix import joint_fix, key_fix, query_fix
 
 EdgeMethod = Literal["atp", "atp-qk", "atp-gd", "atp*", "ig", "exact"]
 EDGE_METHODS: dict[str, tuple[bool, bool]] = {  # name -> (qk fix, graddrop)
@@ -253,7 +253,10 @@ def attribute_edges(
                         _qk_edges(adapter, run, delta, group, chunk, out, work_dtype, P)
             rows = batch.index.cpu()
             signed[rows] = out[0]
-            magnitude[rows] = (out[1:].abs().sum(0) / norm) if units else out[0].abs()
+            if units:
+                magnitude[rows] = torch.where(norm > 0, out[1:].abs().sum(0) / norm.clamp(min=1), out[0].abs())
+            else:
+                magnitude[rows] = out[0].abs()
     mask = graph.mask
     signed *= mask
     magnitude *= mask
@@ -294,7 +297,9 @@ def _qk_edges(adapter: ModelAdapter, run: GradRun, delta: torch.Tensor, group: _
     for ws, shift in _qk_shift_chunks(adapter, run, delta, group, chunk, dtype):
         for p, G in enumerate(Gs):
             if group.kind == "q":
-                est = query_fix(S, S + shift, A, G)  # [b, c, n, T(query)]
+                est = query_fix(S, S + shift, A, G)  # [b, c, n, T(query)]: rows are independent
+            elif P is None:
+                est = joint_fix(S, S + shift, A, G)[..., None]  # all key positions at once: not additive
             else:
                 est = key_fix(S, shift, G)  # [b, c, n, T(key)]
             if P is None:

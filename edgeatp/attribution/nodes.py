@@ -154,7 +154,9 @@ def attribute_nodes(
     ``method``: ``atp`` (plain), ``atp-qk`` (QK fix), ``atp-gd`` (GradDrop) or ``atp*``
     (QK fix inside every GradDrop term). GradDrop's score is ``Σ_l |Î_l| / n_terms`` where
     ``n_terms`` excludes the one identically zero term of a node inside a dropped unit
-    (``L − 1`` for layer nodes, ``L`` for the embedding).
+    (``L − 1`` for layer nodes, ``L`` for the embedding); a node with no non-trivial term
+    (a one-layer model) keeps its plain ``|estimate|``. In a two-layer model the only
+    non-trivial term of a layer-0 node drops every indirect path through layer 1.
     """
     if method not in NODE_METHODS:
         raise EdgeatpError(f"unknown node method {method!r}; choose from {', '.join(NODE_METHODS)}")
@@ -182,7 +184,8 @@ def attribute_nodes(
             rows = batch.index.cpu()
             signed[rows] = values[0]
             if use_gd:
-                magnitude[rows] = torch.stack(values[1:]).abs().sum(0) / norm
+                terms = torch.stack(values[1:]).abs().sum(0) / norm.clamp(min=1)
+                magnitude[rows] = torch.where(norm > 0, terms, values[0].abs())
             else:
                 magnitude[rows] = values[0].abs()
     cost = Cost(forwards=2 + int(metric_obj.needs_reference), backwards=1 + len(units))
