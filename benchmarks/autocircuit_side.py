@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
@@ -47,7 +47,7 @@ def _reset_peak() -> bool:
 def measure(fn: Callable[[], Any]) -> tuple[float, float]:
     """``(seconds, peak RSS growth in MB)`` of one call."""
     _reset_peak()
-    start_rss = _rss_mb()
+    start_rss = rss_mb()
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
