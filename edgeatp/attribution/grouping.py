@@ -1,0 +1,356 @@
+"""Coarser nodes: groups of fine nodes patched together, and a coarse-to-fine pass.
+
+A :class:`Group` is a named set of fine nodes (a whole attention layer, a set of heads, an MLP
+layer, a span of positions, any user-defined set). First-order group scores add the members'
+estimates **per prompt pair** before ``|·|`` (exact for linear AtP); queries and keys of a
+group are recomputed *jointly* through the softmax (rows are independent, columns are not);
+GradDrop adds members per term and normalises by the group's non-trivial terms. Exact group
+patching patches all members in one forward. :func:`coarse_to_fine` scores layers first and
+refines only the groups that matter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import EdgeatpError
+from ..graph import ModelShape, Node, NodeIndex, NodeKind, check_nodes, node_set
+from ..metrics import Metric, get_metric
+from ..model import ModelAdapter, Site, load_model
+from ..patching import PatchEffects, patch_nodes
+from ..scores import Cost, _Result
+from ..tasks.pairs import Direction, PromptPairs
+from .nodes import NODE_METHODS, _linear, _LINEAR_SITE, check_gradient_metric
+from .passes import GradDropMode, gradient_run, graddrop_units
+from .qk_fix import joint_fix
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named set of fine nodes that is patched, and scored, as one."""
+
+    name: str
+    members: tuple[Node, ...]
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise EdgeatpError(f"group {self.name!r} has no members")
+
+
+@dataclass(frozen=True, eq=False)
+class GroupScores(_Result):
+    """Per-group scores: ``per_pair`` is ``[pairs, groups]``."""
+
+    groups: tuple[Group, ...] = field(default=())
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.scores[self._index(name)])
+
+    def _index(self, name: str) -> int:
+        for i, g in enumerate(self.groups):
+            if g.name == name:
+                return i
+        raise KeyError(f"no group named {name!r}")
+
+    def top(self, k: int | None = None) -> list[tuple[Group, float, float]]:
+        order = torch.sort(self.scores, descending=True, stable=True).indices[: k or len(self.groups)]
+        return [(self.groups[i], float(self.scores[i]), float(self.signed[i])) for i in order.tolist()]
+
+    def to_table(self, k: int | None = None) -> list[dict]:
+        se = self.stderr
+        return [{"group": g.name, "size": len(g.members), "score": s, "signed": m,
+                 "stderr": float(se[self._index(g.name)])} for g, s, m in self.top(k)]
+
+
+# ------------------------------------------------------------------------------------ building groups
+def layer_groups(shape: ModelShape, positions: int | None = None) -> list[Group]:
+    """One group per attention layer (all head outputs) and per MLP layer."""
+    out = []
+    for layer in range(shape.n_layers):
+        heads = [Node(NodeKind.HEAD, layer, h) for h in range(shape.n_heads)]
+        out.append(Group(f"a{layer}", tuple(_at(heads, positions))))
+        if shape.has_mlp:
+            out.append(Group(f"m{layer}", tuple(_at([Node(NodeKind.MLP, layer)], positions))))
+    return out
+
+
+def head_groups(shape: ModelShape, families: Sequence[str] = ("head", "q", "k", "v"),
+                positions: int | None = None) -> list[Group]:
+    """One group per head holding the given families of that head (e.g. its output and q/k/v)."""
+    out = []
+    for layer in range(shape.n_layers):
+        for h in range(shape.n_heads):
+            members = [Node(NodeKind(f), layer, h) for f in families]
+            out.append(Group(f"a{layer}.h{h}", tuple(_at(members, positions))))
+    return out
+
+
+def span_groups(nodes: Iterable[Node], spans: Sequence[tuple[int, int]]) -> list[Group]:
+    """Each component over each position span ``[start, end]`` (inclusive): e.g. ``a1.h2@3-5``."""
+    out = []
+    for comp in dict.fromkeys(n.component for n in nodes):
+        for start, end in spans:
+            if start > end or start < 0:
+                raise EdgeatpError(f"bad position span {start}-{end}")
+            out.append(Group(f"{comp.name}@{start}-{end}", tuple(comp.at(p) for p in range(start, end + 1))))
+    return out
+
+
+def _at(nodes: list[Node], positions: int | None) -> list[Node]:
+    return nodes if positions is None else [n.at(p) for n in nodes for p in range(positions)]
+
+
+def parse_groups(spec: str, shape: ModelShape, n_positions: int) -> list[Group]:
+    """Groups from a CLI spec: ``layer``, ``head``, ``span:0-3,4-9`` (head outputs and MLPs over
+    position spans) or a JSON file ``{"group name": ["a0.h1", "a0.h2@3", ...], ...}``."""
+    if spec == "layer":
+        return layer_groups(shape)
+    if spec == "head":
+        return head_groups(shape)
+    if spec.startswith("span:"):
+        spans = []
+        for part in spec[5:].split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+            if m is None:
+                raise EdgeatpError(f"--group {spec!r}: write spans as start-end, e.g. span:0-3,4-9")
+            spans.append((int(m[1]), int(m[2])))
+        if max(e for _, e in spans) >= n_positions:
+            raise EdgeatpError(f"--group {spec!r}: the prompts have positions 0..{n_positions - 1}")
+        fams = ["head", "mlp"] if shape.has_mlp else ["head"]
+        return span_groups(node_set(shape, fams), spans)
+    path = Path(spec)
+    if not path.exists():
+        raise EdgeatpError(f"--group {spec!r}: use layer, head, span:a-b,... or a JSON file of named node lists")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgeatpError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise EdgeatpError(f"{path}: expected an object mapping group names to lists of node names")
+    groups = []
+    for name, members in raw.items():
+        try:
+            nodes = tuple(Node.parse(str(m)) for m in members)
+        except ValueError as exc:
+            raise EdgeatpError(f"{path}, group {name!r}: {exc}") from None
+        groups.append(Group(name, nodes))
+    return groups
+
+
+# ------------------------------------------------------------------------------------ scoring
+def patch_groups(model: ModelAdapter | object, pairs: PromptPairs, groups: Sequence[Group],
+                 metric: str | Metric = "logit_diff", direction: Direction | str = Direction.NOISING,
+                 batch_size: int = 64, progress: bool = False) -> PatchEffects:
+    """Exact effect of patching each group's members jointly (one forward per group and batch)."""
+    adapter = load_model(model)
+    eff = patch_nodes(adapter, pairs, [list(g.members) for g in groups], metric, direction, batch_size, progress)
+    return PatchEffects(tuple(g.name for g in groups), eff.per_pair, eff.base_metric, eff.direction, eff.metric,
+                        eff.n_forwards)
+
+
+def attribute_groups(
+    model: ModelAdapter | object,
+    pairs: PromptPairs,
+    groups: Sequence[Group],
+    method: str = "atp",
+    metric: str | Metric = "logit_diff",
+    direction: Direction | str = Direction.NOISING,
+    batch_size: int = 32,
+    graddrop: GradDropMode = "block",
+    progress: bool = False,
+) -> GroupScores:
+    """First-order scores of groups of nodes (see the module docstring for how members combine)."""
+    if method not in NODE_METHODS:
+        raise EdgeatpError(f"unknown node method {method!r}; choose from {', '.join(NODE_METHODS)}")
+    if not groups:
+        raise EdgeatpError("no groups to score")
+    adapter = load_model(model)
+    metric_obj, direction = get_metric(metric), Direction(direction)
+    check_gradient_metric(metric_obj, direction)
+    qk_fix, use_gd = NODE_METHODS[method]
+    T = pairs.n_positions
+    for g in groups:
+        check_nodes(adapter.shape, g.members)
+        for n in g.members:
+            if n.position is not None and n.position >= T:
+                raise EdgeatpError(f"group {g.name}: node {n.name} is beyond the prompts' {T} positions")
+    keys = {(n.kind, n.layer if n.layer is not None else 0) for g in groups for n in g.members}
+    act, grad, base = [], [], []
+    for kind, layer in sorted(keys, key=lambda k: (k[1], k[0].value)):
+        if qk_fix and kind in (NodeKind.Q, NodeKind.K):
+            act += [Site("rot_q", layer), Site("rot_k", layer)]
+            base += [Site("scores", layer), Site("pattern", layer)]
+            grad.append(Site("pattern", layer))
+        else:
+            act.append(Site(_LINEAR_SITE[kind], layer))
+            grad.append(Site(_LINEAR_SITE[kind], layer))
+    units = graddrop_units(adapter, graddrop) if use_gd else []
+    norm = torch.tensor([_group_terms(adapter, g, units) for g in groups], dtype=torch.float64)
+    signed = torch.zeros(len(pairs), len(groups), dtype=torch.float64)
+    magnitude = torch.zeros_like(signed)
+    masks = [_member_masks(g, T, adapter.shape) for g in groups]
+    with adapter.session():
+        for batch in tqdm(list(pairs.batches(batch_size, direction, same_length=not adapter.causal)),
+                          disable=not progress, desc=f"group {method}", leave=False):
+            batch = batch.to(adapter.device)
+            run = gradient_run(adapter, batch, metric_obj, list(dict.fromkeys(act)), list(dict.fromkeys(grad)),
+                               graddrop if use_gd else None, list(dict.fromkeys(base)))
+            with torch.no_grad():
+                shifts = _qk_shifts(adapter, run, keys) if qk_fix else {}
+                values = []
+                for g_pass in run.grads:
+                    lin = {k: _pad(_linear(run, g_pass, *k).double(), T) for k in keys
+                           if not (qk_fix and k[0] in (NodeKind.Q, NodeKind.K))}
+                    values.append(torch.stack([_group_value(m, lin, shifts, run, g_pass) for m in masks], 1))
+            rows = batch.index.cpu()
+            signed[rows] = values[0].cpu()
+            if use_gd:
+                terms = torch.stack(values[1:]).abs().sum(0).cpu() / norm.clamp(min=1)
+                magnitude[rows] = torch.where(norm > 0, terms, values[0].abs().cpu())
+            else:
+                magnitude[rows] = values[0].abs().cpu()
+    cost = Cost(forwards=2 + int(metric_obj.needs_reference), backwards=1 + len(units))
+    return GroupScores(signed, magnitude, method, direction, metric_obj.name, cost,
+                       {"model": adapter.name, "graddrop": graddrop if use_gd else None}, tuple(groups))
+
+
+def _pad(x: torch.Tensor, T: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) if x.shape[1] < T else x
+
+
+def _member_masks(group: Group, T: int, shape: ModelShape) -> dict[tuple[NodeKind, int], torch.Tensor]:
+    """Per (family, layer), a ``[T, n]`` mask of the group's members (all positions if unpositioned)."""
+    out: dict[tuple[NodeKind, int], torch.Tensor] = {}
+    for n in group.members:
+        key = (n.kind, n.layer if n.layer is not None else 0)
+        width = shape.n_heads if n.is_attention else (shape.d_mlp if n.kind is NodeKind.NEURON else 1)
+        m = out.setdefault(key, torch.zeros(T, width or 1, dtype=torch.bool))
+        j = n.head if n.is_attention else (n.neuron if n.kind is NodeKind.NEURON else 0)
+        m[slice(None) if n.position is None else n.position, j] = True
+    return out
+
+
+def _qk_shifts(adapter: ModelAdapter, run, keys: set[tuple[NodeKind, int]]) -> dict:
+    """Per query/key family and layer, the clean scores, probabilities and score shifts of patching."""
+    out = {}
+    for kind, layer in keys:
+        if kind not in (NodeKind.Q, NodeKind.K):
+            continue
+        Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
+        F0 = adapter.attention_score_fn(layer, Q, K)
+        if kind is NodeKind.Q:
+            shift = adapter.attention_score_fn(layer, run.source[Site("rot_q", layer)], K) - F0
+        else:
+            shift = adapter.attention_score_fn(layer, Q, run.source[Site("rot_k", layer)]) - F0
+        out[(kind, layer)] = (run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(),
+                              shift.double())
+    return out
+
+
+def _group_value(masks: dict, lin: dict, shifts: dict, run, g_pass: dict) -> torch.Tensor:
+    """``[b]`` first-order estimate of one group for one gradient pass."""
+    total = None
+    for key, m in masks.items():
+        if key in shifts:
+            S, A, shift = shifts[key]
+            G = g_pass[Site("pattern", key[1])].double()
+            Tb = S.shape[-1]
+            mm = m[:Tb].to(S.device)  # [T, H]
+            if key[0] is NodeKind.Q:
+                sel = mm.T[None, :, :, None]  # patched query rows
+            else:
+                sel = mm.T[None, :, None, :]  # patched key columns
+            v = joint_fix(S, S + shift * sel, A, G).sum(-1)
+        else:
+            x = lin[key]  # [b, T, n]
+            v = (x * m.to(x.device)).sum((1, 2))
+        total = v if total is None else total + v
+    return total  # type: ignore[return-value]
+
+
+def _group_terms(adapter: ModelAdapter, group: Group, units: list[tuple[str, int]]) -> float:
+    """GradDrop terms not identically zero for a group: a term is zero only if every member lives in its unit."""
+    if not units:
+        return 1.0
+    blocks = {adapter.shape.block_of(n) for n in group.members}
+    if None in blocks:
+        return float(len(units))
+    unit_of = {("block", b[1]) if units[0][0] == "block" else b for b in blocks}  # type: ignore[index]
+    return float(len(units) - (1 if len(unit_of) == 1 and next(iter(unit_of)) in units else 0))
+
+
+# ------------------------------------------------------------------------------------ coarse to fine
+@dataclass(frozen=True)
+class CoarseToFine:
+    """What a coarse-to-fine pass scored at each level and the fine nodes it ended with."""
+
+    levels: tuple[GroupScores, ...]
+    kept: tuple[tuple[str, ...], ...]  # names of the groups refined at each level
+    final: GroupScores  # finest level: one group per fine node
+    cost: Cost
+
+
+def coarse_to_fine(
+    model: ModelAdapter | object,
+    pairs: PromptPairs,
+    method: str = "atp-qk",
+    keep: float = 0.5,
+    positions: bool = True,
+    metric: str | Metric = "logit_diff",
+    direction: Direction | str = Direction.NOISING,
+    batch_size: int = 32,
+) -> CoarseToFine:
+    """Score layers, then the heads/MLPs of the layers holding ``keep`` of the total score,
+    then (``positions``) their positions — refining only what matters at each level."""
+    if not 0 < keep <= 1:
+        raise EdgeatpError("keep must be a share in (0, 1]")
+    adapter = load_model(model)
+    shape, T = adapter.shape, pairs.n_positions
+    levels, kept_names = [], []
+    cost = Cost()
+    current = layer_groups(shape)
+    refine = [_split_layer, *([_split_positions] if positions else [])]
+    for step in range(len(refine) + 1):
+        scores = attribute_groups(adapter, pairs, current, method, metric, direction, batch_size)
+        levels.append(scores)
+        cost = cost + scores.cost
+        if step == len(refine):
+            break
+        chosen = _top_share(scores, keep)
+        kept_names.append(tuple(g.name for g in chosen))
+        current = [child for g in chosen for child in refine[step](g, shape, T)]
+    return CoarseToFine(tuple(levels), tuple(kept_names), levels[-1], cost)
+
+
+def _top_share(scores: GroupScores, keep: float) -> list[Group]:
+    """The best groups whose scores add up to ``keep`` of the level's total."""
+    ranked = scores.top()
+    total = sum(s for _, s, _ in ranked) or 1.0
+    out, acc = [], 0.0
+    for g, s, _ in ranked:
+        out.append(g)
+        acc += s
+        if acc >= keep * total:
+            break
+    return out
+
+
+def _split_layer(group: Group, shape: ModelShape, T: int) -> list[Group]:
+    """A layer group → one group per head (its output, query, key and value) or the MLP itself."""
+    if all(n.kind is NodeKind.MLP for n in group.members):
+        return [Group(group.name, group.members)]
+    layer = group.members[0].layer
+    return [Group(f"a{layer}.h{h}", tuple(Node(NodeKind(f), layer, h) for f in ("head", "q", "k", "v")))
+            for h in range(shape.n_heads)]
+
+
+def _split_positions(group: Group, shape: ModelShape, T: int) -> list[Group]:
+    """A component group → one group per position."""
+    return [Group(f"{group.name}@{p}", tuple(n.at(p) for n in group.members)) for p in range(T)]
