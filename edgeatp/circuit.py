@@ -127,7 +127,7 @@ def connected(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ circuits
 @dataclass(frozen=True)
 class EdgeCheck:
-    """One verified edge: its signed estimate and exact effect (means over pairs)."""
+    """One verified edge (or node, in node-level circuits): signed estimate and exact effect, means over pairs."""
 
     edge: str
     estimate: float
@@ -362,13 +362,6 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
     eff = patch_edges(adapter, pairs, scores.graph, todo, scores.metric, scores.direction, batch_size)
     exact = eff.mean.tolist()
     checks = tuple(EdgeCheck(e.name, scores.signed_of(e), x, scores[e], _in(circuit, e)) for e, x in zip(todo, exact))
-    head = checks[: len(ranked)]
-    est_abs = [abs(c.estimate) for c in head]
-    ex_abs = [abs(c.exact) for c in head]
-    rho = float(spearmanr(est_abs, ex_abs).correlation) if len(head) > 2 else float("nan")
-    signs = sum(1 for c in head if (c.estimate > 0) == (c.exact > 0) or c.exact == 0) / max(len(head), 1)
-    miss = max(checks, key=lambda c: abs(c.estimate - c.exact))
-    below = [abs(c.exact) for c in checks[len(ranked):]]
     theta = None
     forwards = eff.n_forwards
     if bound:
@@ -381,8 +374,37 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
                                            seed=seed, batch_size=batch_size)
         theta = result.theta
         forwards += result.n_forwards
+    return _summarise(checks, len(ranked), theta, alpha if bound else None, forwards)
+
+
+def _summarise(checks: tuple[EdgeCheck, ...], n_ranked: int, theta: float | None, alpha: float | None,
+               forwards: int) -> Verification:
+    """Agreement of estimates and exact effects over the ranked checks; the sample below the cut."""
+    head = checks[:n_ranked]
+    rho = float(spearmanr([abs(c.estimate) for c in head], [abs(c.exact) for c in head]).correlation) \
+        if len(head) > 2 else float("nan")
+    signs = sum(1 for c in head if (c.estimate > 0) == (c.exact > 0) or c.exact == 0) / max(len(head), 1)
+    miss = max(checks, key=lambda c: abs(c.estimate - c.exact))
+    below = [abs(c.exact) for c in checks[n_ranked:]]
     return Verification(checks, rho, signs, miss.edge, abs(miss.estimate - miss.exact), max(below, default=0.0),
-                        theta, alpha if bound else None, forwards)
+                        theta, alpha, forwards)
+
+
+def verify_nodes(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: NodeScores, *, top: int = 20,
+                 sample_below: int = 20, seed: int = 0, batch_size: int = 64) -> Verification:
+    """Node-level verification: exact patches of the ``top`` best nodes and a random sample of the rest."""
+    ranked = [n for n, *_ in scores.top(top)]
+    rest = [n for n in scores.nodes if n not in set(ranked)]
+    gen = torch.Generator().manual_seed(seed)
+    sample = [rest[i] for i in torch.randperm(len(rest), generator=gen)[: min(sample_below, len(rest))].tolist()]
+    todo = ranked + sample
+    if not todo:
+        raise EdgeatpError("nothing to verify: no nodes were scored")
+    eff = patch_nodes(adapter, pairs, todo, scores.metric, scores.direction, batch_size)
+    kept = set(circuit.node_scores)
+    checks = tuple(EdgeCheck(n.name, scores.signed_of(n), x, scores[n], _component(n.component).name in kept)
+                   for n, x in zip(todo, eff.mean.tolist()))
+    return _summarise(checks, len(ranked), None, None, eff.n_forwards)
 
 
 def _in(circuit: Circuit, edge: Edge) -> bool:

@@ -1,0 +1,304 @@
+"""The discover pipeline behind ``edgeatp discover``: load, attribute, select, verify, export.
+
+Kept apart from the CLI so scripts can run exactly what the command runs::
+
+    result = run_discover(DiscoverConfig(model="zoo:ioi"))
+    result.write(Path("out"), ["json", "svg", "md"])
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .attribution.edges import attribute_edges
+from .attribution.grouping import attribute_groups, parse_groups, patch_groups
+from .attribution.nodes import NODE_METHODS, attribute_nodes
+from .circuit import (Circuit, Faithfulness, circuit_faithfulness, faithfulness_curve, node_circuit, prune, verify,
+                      verify_nodes)
+from .errors import EdgeatpError
+from .graph import EdgeGraph, node_set
+from .model import ModelAdapter, load_model
+from .patching import patch_nodes
+from .scores import NodeScores
+from .tasks import PromptPairs, load_pairs, make_task
+
+CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """Everything ``edgeatp discover`` was asked for (recorded in the circuit for re-verification)."""
+
+    model: str = "zoo:ioi"
+    task: str | None = None
+    data: str | None = None
+    n_pairs: int = 64
+    metric: str = "logit_diff"
+    method: str = "atp-qk"
+    level: str = "edge"
+    positions: bool = False
+    group: str | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+    cumulative: float | None = None
+    greedy: int | None = None
+    target: float = 0.8
+    n_verify: int = 20
+    sample_below: int = 20
+    bound: bool = False
+    direction: str = "noising"
+    device: str = "cpu"
+    dtype: str | None = None
+    batch_size: int = 32
+    seed: int = 0
+    allow_download: bool = False
+
+
+def load_inputs(cfg: DiscoverConfig) -> tuple[ModelAdapter, PromptPairs, str]:
+    """The model and prompt pairs a config names, plus a label for the data."""
+    if cfg.task and cfg.data:
+        raise EdgeatpError("give either --task or --data, not both")
+    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    if cfg.data:
+        pairs = load_pairs(cfg.data, adapter.tokenizer, prepend_bos=adapter.prepend_bos, n_ctx=adapter.n_ctx)
+        return adapter, pairs, f"file {cfg.data}"
+    task = cfg.task or adapter.card.get("task") or "ioi"
+    pairs = make_task(task, adapter.tokenizer, cfg.n_pairs, seed=cfg.seed, prepend_bos=adapter.prepend_bos)
+    if pairs.n_positions > adapter.n_ctx:
+        raise EdgeatpError(f"task {task}: prompts of {pairs.n_positions} tokens exceed the model's context of {adapter.n_ctx}")
+    return adapter, pairs, f"task {task} ({cfg.n_pairs} pairs, seed {cfg.seed})"
+
+
+@dataclass
+class DiscoverResult:
+    """A discovered circuit with what produced it."""
+
+    circuit: Circuit
+    config: DiscoverConfig
+    data_label: str
+    n_pairs: int
+
+    def summary(self) -> dict[str, Any]:
+        """Short JSON-able summary for scripts (``--json``)."""
+        c = self.circuit
+        v = c.verification
+        out: dict[str, Any] = {
+            "model": self.config.model, "data": self.data_label, "n_pairs": self.n_pairs, "method": c.method,
+            "level": c.level, "direction": c.direction.value, "metric": c.metric, "n_edges": c.n_edges,
+            "n_nodes": len(c.nodes()), "faithfulness": c.meta.get("faithfulness"),
+            "necessity": c.meta.get("necessity"), "sign_convention": c.sign_convention,
+        }
+        if v is not None:
+            out["verification"] = {"n_checked": len(v.checks), "rank_correlation": v.rank_correlation,
+                                   "sign_agreement": v.sign_agreement, "largest_miss": v.largest_miss,
+                                   "largest_miss_size": v.largest_miss_size, "below_cut_max": v.below_cut_max,
+                                   "bound": v.below_cut_bound}
+        if "groups" in c.meta:
+            out["groups"] = c.meta["groups"][:10]
+        return out
+
+    def describe(self) -> str:
+        """A few human-readable lines."""
+        s = self.summary()
+        lines = [f"{s['model']} on {s['data']}: {s['level']} circuit by {s['method']} ({s['direction']}, {s['metric']})",
+                 f"  {s['n_edges']} edges, {s['n_nodes']} components; faithfulness {_fmt(s['faithfulness'])}, "
+                 f"necessity {_fmt(s['necessity'])} (1 = full clean behaviour, 0 = corrupt)"]
+        v = s.get("verification")
+        if v:
+            lines.append(f"  verified {v['n_checked']} exactly: rank correlation {_fmt(v['rank_correlation'])}, "
+                         f"sign agreement {_fmt(v['sign_agreement'])}, largest miss {v['largest_miss']} "
+                         f"({_fmt(v['largest_miss_size'])}), largest effect below the cut {_fmt(v['below_cut_max'])}"
+                         + (f", bound {_fmt(v['bound'])}" if v["bound"] is not None else ""))
+        top = self.circuit.edges()[:5] if self.circuit.level == "edge" else []
+        if top:
+            lines.append("  top edges: " + ", ".join(e.name for e in top))
+        elif self.circuit.node_scores:
+            lines.append("  top nodes: " + ", ".join(list(self.circuit.node_scores)[:5]))
+        for g in s.get("groups", [])[:5]:
+            lines.append(f"  group {g['group']}: estimate {_fmt(g['score'])}, exact {_fmt(g['exact'])}")
+        return "\n".join(lines)
+
+    def write(self, folder: Path, formats: Sequence[str], stem: str = "circuit") -> dict[str, Path]:
+        return write_circuit(self.circuit, folder, formats, stem=stem)
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+
+
+def _curve_sizes(n: int, extra: Sequence[int] = ()) -> list[int]:
+    return sorted({k for k in (*CURVE_SIZES, *extra) if 0 < k <= n} | {n})
+
+
+def _auto_size(curve: Faithfulness, requested: Sequence[int], target: float) -> int:
+    """Smallest requested size whose circuit reaches ``target``; else the most faithful one."""
+    for k, f in zip(requested, curve.faithfulness):
+        if f >= target:
+            return k
+    return requested[max(range(len(requested)), key=lambda i: curve.faithfulness[i])]
+
+
+def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> DiscoverResult:
+    """Attribute, select, verify: the whole ``discover`` command as a function."""
+    adapter, pairs, label = load_inputs(cfg)
+    log(f"{adapter.name}: {adapter.shape.n_layers} layers x {adapter.shape.n_heads} heads; {label}")
+    rules = [r for r in ("top_k", "threshold", "cumulative", "greedy") if getattr(cfg, r) is not None]
+    if len(rules) > 1:
+        raise EdgeatpError("choose one of --top-k, --threshold, --cumulative and --greedy")
+    common = dict(metric=cfg.metric, direction=cfg.direction, batch_size=cfg.batch_size)
+    meta: dict[str, Any] = {"model": adapter.describe(), "model_spec": cfg.model, "data": label,
+                            "n_pairs": len(pairs), "config": asdict(cfg), "edgeatp_version": __version__,
+                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if cfg.level == "edge":
+        circuit = _edge_circuit(adapter, pairs, cfg, rules, common, progress, log)
+    else:
+        circuit = _node_circuit(adapter, pairs, cfg, rules, common, progress, log)
+    if cfg.group:
+        circuit = circuit.with_(meta={**circuit.meta, "groups": _groups(adapter, pairs, cfg, common, progress)})
+    return DiscoverResult(circuit.with_(meta={**circuit.meta, **meta}), cfg, label, len(pairs))
+
+
+def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
+                  progress: bool, log: Callable[[str], None]) -> Circuit:
+    scores = attribute_edges(adapter, pairs, cfg.method, positions=cfg.positions, progress=progress, **common)
+    log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
+    sizes = _curve_sizes(scores.graph.n_edges)
+    curve = faithfulness_curve(adapter, pairs, scores, sizes, cfg.batch_size)
+    if rules:
+        circuit = prune(scores, **{rules[0]: getattr(cfg, rules[0])})
+    else:
+        k = _auto_size(curve, sizes, cfg.target)
+        circuit = prune(scores, top_k=k)
+        circuit = circuit.with_(meta={**circuit.meta, "rule": f"smallest top-k reaching faithfulness {cfg.target}"})
+    own = circuit_faithfulness(adapter, pairs, circuit, cfg.batch_size)
+    log(f"kept {circuit.n_edges} edges; faithfulness {own.faithfulness[0]:.3f}")
+    checked = verify(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
+                     bound=cfg.bound, batch_size=max(cfg.batch_size, 64)) if cfg.n_verify or cfg.sample_below else None
+    return circuit.with_(verification=checked, faithfulness=curve,
+                         meta={**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
+                               "clean_metric": own.clean_metric, "corrupt_metric": own.corrupt_metric,
+                               "stderr": scores.stderr.tolist(), "sign_agreement": scores.sign_agreement.tolist()})
+
+
+def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
+                  progress: bool, log: Callable[[str], None]) -> Circuit:
+    if rules and rules[0] != "top_k":
+        raise EdgeatpError(f"--{rules[0].replace('_', '-')} works on edges; node and neuron circuits use --top-k")
+    fams = ["head", "q", "k", "v"] + (["neuron"] if cfg.level == "neuron" else ["mlp"])
+    if adapter.shape.attn_only:
+        if cfg.level == "neuron":
+            raise EdgeatpError("--level neuron needs a model with MLPs")
+        fams = fams[:4]
+    nodes = node_set(adapter.shape, fams, pairs.n_positions if cfg.positions else None)
+    if cfg.method == "exact":
+        eff = patch_nodes(adapter, pairs, list(nodes), progress=progress, **common)
+        scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric, meta={}, nodes=nodes)
+    elif cfg.method in NODE_METHODS:
+        scores = attribute_nodes(adapter, pairs, cfg.method, nodes=nodes, positions=cfg.positions, progress=progress,
+                                 **common)
+    else:
+        raise EdgeatpError(f"--method {cfg.method} is edge-only; node levels take atp, atp-qk, atp-gd, atp* or exact")
+    graph = EdgeGraph.from_shape(adapter.shape, neurons=cfg.level == "neuron")
+    n_comp = len({n.component.head_node for n in nodes})
+    sizes = [k for k in _curve_sizes(n_comp) if k <= 64] if not rules else [cfg.top_k]  # type: ignore[list-item]
+    circuits = [node_circuit(scores, graph, top_k=k) for k in sizes]
+    faith = [circuit_faithfulness(adapter, pairs, c, cfg.batch_size) for c in circuits]
+    curve = Faithfulness(tuple(sizes), tuple(f.faithfulness[0] for f in faith), tuple(f.necessity[0] for f in faith),
+                         faith[0].clean_metric, faith[0].corrupt_metric)
+    pick = 0 if rules else next((i for i, f in enumerate(curve.faithfulness) if f >= cfg.target),
+                                max(range(len(sizes)), key=lambda i: curve.faithfulness[i]))
+    circuit = circuits[pick]
+    log(f"kept {len(circuit.node_scores)} components; faithfulness {curve.faithfulness[pick]:.3f}")
+    checked = verify_nodes(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below,
+                           seed=cfg.seed, batch_size=max(cfg.batch_size, 64)) if cfg.n_verify or cfg.sample_below else None
+    return circuit.with_(verification=checked, faithfulness=curve,
+                         meta={**circuit.meta, "faithfulness": curve.faithfulness[pick],
+                               "necessity": curve.necessity[pick], "clean_metric": curve.clean_metric,
+                               "corrupt_metric": curve.corrupt_metric})
+
+
+def _groups(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, common: dict, progress: bool) -> list[dict]:
+    """Estimated and exact effects of the requested node groups."""
+    groups = parse_groups(cfg.group, adapter.shape, pairs.n_positions)  # type: ignore[arg-type]
+    method = cfg.method if cfg.method in NODE_METHODS else "atp-qk"
+    est = attribute_groups(adapter, pairs, groups, method, progress=progress, **common)
+    exact = patch_groups(adapter, pairs, groups, **common)
+    exact_of = dict(zip(exact.labels, exact.mean.tolist()))
+    return [{**row, "exact": exact_of[row["group"]]} for row in est.to_table()]
+
+
+def reverify(path: Path, *, model: str | None = None, task: str | None = None, data: str | None = None,
+             n_pairs: int | None = None, n_verify: int = 20, sample_below: int = 20, bound: bool = False,
+             batch_size: int = 32, seed: int | None = None, allow_download: bool = False,
+             progress: bool = False) -> DiscoverResult:
+    """Verify a saved circuit again (on its own data unless told otherwise)."""
+    circuit = Circuit.from_json(str(path))
+    recorded = dict(circuit.meta.get("config") or {})
+    if not recorded and model is None:
+        raise EdgeatpError(f"{path} does not record its model; pass --model (and --task or --data)")
+    cfg = DiscoverConfig(**{**recorded, "batch_size": batch_size, "allow_download": allow_download,
+                            "n_verify": n_verify, "sample_below": sample_below, "bound": bound})
+    overrides = {k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed}.items() if v is not None}
+    if task or data:
+        overrides.update(task=task, data=data)
+    cfg = DiscoverConfig(**{**asdict(cfg), **overrides})
+    adapter, pairs, label = load_inputs(cfg)
+    if circuit.graph.shape != adapter.shape:
+        raise EdgeatpError(f"{path} was found on a model of another shape than {adapter.name}")
+    own = circuit_faithfulness(adapter, pairs, circuit, batch_size)
+    meta = {**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
+            "reverified": {"data": label, "n_pairs": len(pairs)}}
+    if circuit.level == "edge":
+        scores_like = _stored_scores(circuit, len(pairs))
+        checked = verify(adapter, pairs, circuit, scores_like, top=n_verify, sample_below=sample_below,
+                         seed=cfg.seed, bound=bound, batch_size=max(batch_size, 64))
+    else:
+        checked = circuit.verification
+    return DiscoverResult(circuit.with_(verification=checked, meta=meta), cfg, label, len(pairs))
+
+
+def _stored_scores(circuit: Circuit, n_pairs: int):
+    """An :class:`EdgeScores` view of a saved circuit's mean estimates (one pseudo-pair)."""
+    from .scores import EdgeScores
+
+    return EdgeScores(circuit.signed[None].double(), circuit.score[None].double(), circuit.method, circuit.direction,
+                      circuit.metric, meta={"stored": True, "n_pairs": n_pairs}, graph=circuit.graph)
+
+
+def write_circuit(circuit: Circuit, folder: Path, formats: Sequence[str], stem: str = "circuit",
+                  skip_existing_json: bool = False) -> dict[str, Path]:
+    """Write the requested formats of a circuit into ``folder``; returns ``{format: path}``."""
+    from .export import dot_available, render, to_dot, to_networkx, write_json, write_report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if "json" in formats and not skip_existing_json:
+        paths["json"] = write_json(circuit, folder / f"{stem}.json")
+    if "mib" in formats:
+        paths["mib"] = write_json(circuit, folder / f"{stem}.mib.json", mode="mib")
+    if "networkx" in formats:
+        import networkx as nx
+
+        p = folder / f"{stem}.networkx.json"
+        p.write_text(json.dumps(nx.node_link_data(to_networkx(circuit), edges="edges"), indent=1, default=str))
+        paths["networkx"] = p
+    drawings = [f for f in ("svg", "png", "pdf") if f in formats]
+    if "dot" in formats or drawings or {"md", "html"} & set(formats):
+        dot_text = to_dot(circuit)
+        p = folder / f"{stem}.dot"
+        p.write_text(dot_text)
+        paths["dot"] = p
+        if drawings and not dot_available():
+            raise EdgeatpError(f"graphviz's dot is not installed, so {', '.join(drawings)} cannot be drawn; "
+                               "install it (apt-get install graphviz) or use --format json,dot,md")
+        for f in drawings:
+            paths[f] = render(dot_text, folder / f"{stem}.{f}", f)
+    for f in ("md", "html"):
+        if f in formats:
+            paths[f] = write_report(circuit, folder, fmt=f, stem=stem)
+    return paths

@@ -1,0 +1,112 @@
+"""The edgeatp command line (click's CliRunner), end to end on the zoo."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgeatp.circuit import Circuit
+from edgeatp.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    res = run("discover", "--out", str(out), "--n-pairs", "24", "--format", "json,dot,svg,md,mib,networkx", "--quiet")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_discover_with_no_arguments_writes_a_verified_circuit(discovered):
+    names = {p.name for p in discovered.iterdir()}
+    assert {"circuit.json", "circuit.dot", "circuit.svg", "circuit.md", "circuit.mib.json",
+            "circuit.networkx.json"} <= names
+    circuit = Circuit.from_json(str(discovered / "circuit.json"))
+    assert circuit.n_edges > 0 and circuit.verification is not None
+    assert circuit.meta["faithfulness"] >= 0.8
+    assert circuit.meta["config"]["model"] == "zoo:ioi"
+    assert "<svg" in (discovered / "circuit.svg").read_text()
+
+
+def test_discover_json_summary_and_text_summary(tmp_path):
+    res = run("discover", "--model", "zoo:induction", "--n-pairs", "16", "--out", str(tmp_path), "--json",
+              "--format", "json", "--verify", "5", "--sample-below", "3")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["model"] == "zoo:induction" and summary["n_edges"] > 0
+    assert summary["verification"]["n_checked"] == 8
+    assert "noising" in summary["sign_convention"]
+    text = run("discover", "--model", "zoo:dup", "--n-pairs", "16", "--out", str(tmp_path), "--format", "json",
+               "--top-k", "30", "--method", "atp")
+    assert text.exit_code == 0 and "edge circuit by atp" in text.output and "faithfulness" in text.output
+
+
+@pytest.mark.parametrize("level", ["node", "neuron"])
+def test_node_and_neuron_levels(tmp_path, level):
+    res = run("discover", "--level", level, "--n-pairs", "16", "--out", str(tmp_path), "--format", "json,md",
+              "--quiet")
+    assert res.exit_code == 0, res.output
+    circuit = Circuit.from_json(str(tmp_path / "circuit.json"))
+    assert circuit.level == level and circuit.node_scores
+
+
+def test_groups_and_user_data(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"clean": f"BOS Alice AND Bob f{i} Bob GAVE TO",
+                                          "corrupt": f"BOS Alice AND Bob f{i} Carol GAVE TO",
+                                          "answer": "Alice", "wrong": "Bob"}) for i in range(8)) + "\n")
+    res = run("discover", "--data", str(data), "--group", "layer", "--out", str(tmp_path), "--format", "json", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["n_pairs"] == 8 and {g["group"] for g in summary["groups"]} == {"a0", "a1", "m0", "m1"}
+
+
+def test_verify_render_and_export_saved_circuits(discovered, tmp_path):
+    res = run("verify", str(discovered / "circuit.json"), "--out", str(tmp_path / "re.json"), "--verify", "4",
+              "--sample-below", "2", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["verification"]["n_checked"] == 6
+    res = run("render", str(discovered / "circuit.json"), "--format", "svg,png", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "circuit.png").read_bytes()[:4] == b"\x89PNG"
+    res = run("export", str(discovered / "circuit.json"), "--format", "mib,html", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    mib = json.loads((tmp_path / "circuit.mib.json").read_text())
+    assert set(mib) >= {"cfg", "nodes", "edges"}
+
+
+def test_listings():
+    res = run("models")
+    assert res.exit_code == 0 and "zoo:ioi" in res.output and "zoo:induction" in res.output
+    assert "dup" in run("tasks").output
+    assert json.loads(run("models", "--json").output)[0]["name"].startswith("zoo:")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["discover", "--model", "gpt2"], "not in the local Hugging Face cache"),
+    (["discover", "--task", "nope"], "unknown task 'nope'"),
+    (["discover", "--data", "missing.jsonl"], "no such file"),
+    (["discover", "--task", "ioi", "--data", "x.jsonl"], "either --task or --data"),
+    (["discover", "--top-k", "3", "--threshold", "0.1"], "choose one of --top-k"),
+    (["discover", "--format", "json,gif"], "unknown format"),
+    (["discover", "--metric", "kl"], "zero gradient at the clean run"),
+    (["discover", "--level", "node", "--method", "ig"], "edge-only"),
+    (["discover", "--model", "zoo:dup", "--task", "factual"], "natural-language tokenizer"),
+    (["render", "README.md"], "not valid JSON"),
+])
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)] if args[0] == "discover" else args)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="unknown task"):
+        CliRunner().invoke(main, ["discover", "--task", "nope", "--debug", "--out", str(tmp_path)],
+                           catch_exceptions=False)
