@@ -1,0 +1,408 @@
+"""Circuits as JSON: a versioned edgeatp format that round-trips exactly, and the EAP-IG/MIB format.
+
+**edgeatp format, version 1** (``mode="edgeatp"``; JSON Schema in ``circuit.schema.json``)::
+
+    {"format": "edgeatp.circuit", "version": 1,
+     "level": "edge" | "node" | "neuron", "method": "atp-qk", "direction": "noising" | "denoising",
+     "metric": "logit_diff", "sign_convention": "...",          # informational, ignored on read
+     "shape": {"n_layers", "n_heads", "d_model", "d_head", "d_mlp", "attn_only", "parallel_attn_mlp"},
+     "graph": {"writers": ["input", "a0.h0", ...], "readers": ["a0.h0<q>", ..., "logits"],
+               "n_positions": null | T},
+     "dtype": {"score": "float64", "signed": "float64"},
+     "n_edges": 16,                                              # kept edges, checked on read
+     "edges": {"name": ["input->a0.h0<q>", ...],  "position": [null | p, ...],
+               "score": [...], "signed": [...], "in_graph": [true, ...]},
+     "node_scores": {"a1.h3": 0.8, ...},
+     "verification": null | {"checks": [{"edge", "estimate", "exact", "score", "in_circuit"}, ...],
+                             "rank_correlation", "sign_agreement", "largest_miss", "largest_miss_size",
+                             "below_cut_max", "below_cut_bound", "bound_alpha", "n_forwards"},
+     "faithfulness": null | {"sizes", "faithfulness", "necessity", "clean_metric", "corrupt_metric"},
+     "meta": {...}}
+
+``edges`` is columnar (one entry per edge, ``pandas.DataFrame(data["edges"])`` gives a table) and
+lists every existing edge of the graph in canonical order (positions outermost), kept or not;
+``circuit_to_json(..., all_edges=False)`` lists only kept edges, and on reading, unlisted edges
+get score 0 and stay out of the circuit. Positional edge names carry ``@p``. Entries of the dense
+tensors for edges that do not exist are 0 (as in every edgeatp score tensor). ``score`` is the
+non-negative ranking score (mean over prompt pairs of per-pair ``|estimate|``), ``signed`` the
+signed mean estimate. A real number is a JSON number or, when not finite, one of the strings
+``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (the output is strict JSON); ``null`` means "none".
+Floats are written with Python's shortest round-trip repr, so tensors come back bit-identical.
+``meta`` must hold JSON-able values: tuples come back as lists, enums as their values, tensors as
+lists, non-finite floats as the strings above and other objects as ``str(obj)``.
+
+**MIB mode** (``mode="mib"``): the EAP-IG ``Graph.to_json`` / MIB circuit-track format,
+``{"cfg": {n_layers, n_heads, parallel_attn_mlp, d_model}, "nodes": {name: {"in_graph", "score"?}},
+"edges": {"a0.h0->a1.h2<q>": {"score", "in_graph"}}}``. Conventions:
+
+* edge ``score`` is edgeatp's non-negative ranking score, so MIB tools ranking by ``|score|``
+  reproduce edgeatp's order; the signed estimate is kept in an extra ``signed`` key per edge
+  (EAP-IG ignores unknown keys). Reading a file without ``signed`` (written by EAP-IG) takes its
+  signed ``score`` as the estimate and ``|score|`` as the ranking score.
+* MIB has no positions: a position-resolved circuit is reduced per edge with
+  ``position_reduce="sum"`` (scores and signed estimates summed over positions; the signed sum is
+  the position-aggregated first-order estimate) or ``"max"`` (the position with the largest
+  score, its signed estimate); an edge is in the graph if it is kept at any position.
+* neuron writers ``m{l}.n{i}`` are merged into their MLP ``m{l}`` (scores summed, kept if any
+  neuron edge is kept), as MIB neurons are a different thing (``d_model`` output dimensions).
+* nodes: every component of the model; ``in_graph`` = touched by a kept edge (``logits`` always
+  true, as in EAP-IG); ``score`` only for node- and neuron-level circuits (neuron scores summed
+  into their MLP; components that were not scored get 0, so MIB's node ranking puts them last).
+* ``cfg`` also carries ``d_head``, ``d_mlp`` and ``attn_only``, and a top-level ``edgeatp`` block
+  carries level, method, direction, metric, ``n_positions``, ``position_reduce`` and meta;
+  EAP-IG ignores both. When reading a file without them: ``d_head = d_model // n_heads``,
+  ``d_mlp = 4 * d_model``, ``attn_only = false``, method ``"mib"``, direction noising (EAP-IG
+  patches corrupt activations into the clean run), metric ``logit_diff``, level ``edge``. A
+  neuron-level circuit reads back as ``level="node"`` on MLP-level nodes. Node scores of 0 or
+  NaN (EAP-IG's "unscored") read back as absent. Verification and faithfulness are not stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..circuit import Circuit, EdgeCheck, Faithfulness, Verification
+from ..errors import EdgeatpError
+from ..graph import EdgeGraph, ModelShape, Node, NodeKind
+from ..tasks.pairs import Direction
+
+FORMAT = "edgeatp.circuit"
+SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
+MIB_EXTENSION = "edgeatp.circuit.mib"
+VERSION = 1
+MODES = ("edgeatp", "mib")
+LEVELS = ("edge", "node", "neuron")
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+PositionReduce = Literal["sum", "max"]
+
+
+# ------------------------------------------------------------------------------------ values
+def encode_real(x: float) -> float | str:
+    """A float as strict JSON: itself when finite, else ``"NaN"``/``"Infinity"``/``"-Infinity"``."""
+    if math.isfinite(x):
+        return x
+    return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
+
+
+def decode_real(value: Any, where: str) -> float:
+    """Inverse of :func:`encode_real`, with an error naming the field when the value is no real."""
+    if isinstance(value, str) and value in NON_FINITE:
+        return NON_FINITE[value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise EdgeatpError(f"{where}: expected a number (or 'NaN', 'Infinity', '-Infinity'), got {value!r}")
+
+
+def _optional_real(value: Any, where: str) -> float | None:
+    """A real that may be ``null``."""
+    return None if value is None else decode_real(value, where)
+
+
+def _reals(values: list[float]) -> list[float | str]:
+    """A list of floats as strict JSON reals (fast path when all are finite)."""
+    return values if all(math.isfinite(v) for v in values) else [encode_real(v) for v in values]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data (see the module docstring for what changes on the way)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return jsonable(value.value)
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        return encode_real(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    """``torch.float64`` → ``"float64"``."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    """Inverse of :func:`_dtype_name`, restricted to floating dtypes."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise EdgeatpError(f"unknown score dtype {name!r}; expected e.g. 'float64' or 'float32'")
+    return dtype
+
+
+def _edge_lookup(graph: EdgeGraph) -> dict[str, tuple[int, int]]:
+    """``"writer->reader"`` edge name → (writer, reader) index, for every existing edge."""
+    return {f"{graph.writers[w].name}->{graph.readers[r].name}": (w, r) for w, r in graph.edge_coords.tolist()}
+
+
+# ------------------------------------------------------------------------------------ edgeatp format
+def _native(circuit: Circuit, all_edges: bool) -> dict[str, Any]:
+    """The edgeatp-format dictionary of a circuit."""
+    g = circuit.graph
+    exists = g.mask.expand_as(circuit.in_graph)
+    coords = (exists if all_edges else exists & circuit.in_graph).nonzero()
+    idx = tuple(coords.T)
+    wn, rn = [w.name for w in g.writers], [r.name for r in g.readers]
+    c = coords.tolist()
+    if g.n_positions is None:
+        names, positions = [f"{wn[w]}->{rn[r]}" for w, r in c], [None] * len(c)
+    else:
+        names, positions = [f"{wn[w]}->{rn[r]}@{p}" for p, w, r in c], [p for p, _, _ in c]
+    return {
+        "format": FORMAT, "version": VERSION, "level": circuit.level, "method": circuit.method,
+        "direction": circuit.direction.value, "metric": circuit.metric, "sign_convention": circuit.sign_convention,
+        "shape": asdict(g.shape),
+        "graph": {"writers": wn, "readers": rn, "n_positions": g.n_positions},
+        "dtype": {"score": _dtype_name(circuit.score), "signed": _dtype_name(circuit.signed)},
+        "n_edges": circuit.n_edges,
+        "edges": {"name": names, "position": positions,
+                  "score": _reals(circuit.score[idx].tolist()), "signed": _reals(circuit.signed[idx].tolist()),
+                  "in_graph": circuit.in_graph[idx].tolist()},
+        "node_scores": {k: encode_real(float(v)) for k, v in circuit.node_scores.items()},
+        "verification": None if circuit.verification is None else jsonable(asdict(circuit.verification)),
+        "faithfulness": None if circuit.faithfulness is None else jsonable(asdict(circuit.faithfulness)),
+        "meta": jsonable(circuit.meta),
+    }
+
+
+def _verification_from(d: dict[str, Any]) -> Verification:
+    """Rebuild :class:`Verification` from its JSON data."""
+    checks = tuple(EdgeCheck(str(c["edge"]), decode_real(c["estimate"], "verification.checks.estimate"),
+                             decode_real(c["exact"], "verification.checks.exact"),
+                             decode_real(c["score"], "verification.checks.score"), bool(c["in_circuit"]))
+                   for c in d["checks"])
+    return Verification(
+        checks, decode_real(d["rank_correlation"], "verification.rank_correlation"),
+        decode_real(d["sign_agreement"], "verification.sign_agreement"), str(d["largest_miss"]),
+        decode_real(d["largest_miss_size"], "verification.largest_miss_size"),
+        decode_real(d["below_cut_max"], "verification.below_cut_max"),
+        _optional_real(d["below_cut_bound"], "verification.below_cut_bound"),
+        _optional_real(d["bound_alpha"], "verification.bound_alpha"), int(d["n_forwards"]))
+
+
+def _faithfulness_from(d: dict[str, Any]) -> Faithfulness:
+    """Rebuild :class:`Faithfulness` from its JSON data."""
+    return Faithfulness(tuple(int(s) for s in d["sizes"]),
+                        tuple(decode_real(x, "faithfulness.faithfulness") for x in d["faithfulness"]),
+                        tuple(decode_real(x, "faithfulness.necessity") for x in d["necessity"]),
+                        decode_real(d["clean_metric"], "faithfulness.clean_metric"),
+                        decode_real(d["corrupt_metric"], "faithfulness.corrupt_metric"))
+
+
+def _edge_coords(graph: EdgeGraph, names: list[str], positions: list[int | None]) -> torch.Tensor:
+    """Dense coordinates ``[n, 2 or 3]`` of listed edges, with clear errors for unknown ones."""
+    lookup = _edge_lookup(graph)
+    P = graph.n_positions
+    out = []
+    for name, pos in zip(names, positions):
+        base, at, suffix = name.partition("@")
+        if base not in lookup:
+            raise EdgeatpError(f"edge {name!r} is not an edge of the graph described in the file")
+        if P is None:
+            if at or pos is not None:
+                raise EdgeatpError(f"edge {name!r} has a position but the graph is position-aggregated")
+            out.append(lookup[base])
+        else:
+            if not isinstance(pos, int) or not 0 <= pos < P or suffix != str(pos):
+                raise EdgeatpError(f"edge {name!r}: position {pos!r} must match its '@p' suffix and lie in 0..{P - 1}")
+            out.append((pos, *lookup[base]))
+    return torch.tensor(out, dtype=torch.long).reshape(len(out), 2 if P is None else 3)
+
+
+def _from_native(d: dict[str, Any]) -> Circuit:
+    """Rebuild a circuit from edgeatp-format data."""
+    if d["format"] != FORMAT:
+        raise EdgeatpError(f"not an edgeatp circuit: format is {d['format']!r}, expected {FORMAT!r}")
+    if not isinstance(d["version"], int) or d["version"] > VERSION or d["version"] < 1:
+        raise EdgeatpError(f"circuit file version {d['version']!r} is not supported (this edgeatp reads "
+                           f"version 1 to {VERSION}); upgrade edgeatp")
+    if d["level"] not in LEVELS:
+        raise EdgeatpError(f"unknown circuit level {d['level']!r}; expected one of {', '.join(LEVELS)}")
+    gd = d["graph"]
+    graph = EdgeGraph.from_shape(ModelShape(**d["shape"]), n_positions=gd["n_positions"],
+                                 writers=[Node.parse(n) for n in gd["writers"]],
+                                 readers=[Node.parse(n) for n in gd["readers"]])
+    lead = (graph.n_positions,) if graph.n_positions else ()
+    dims = (*lead, graph.n_writers, graph.n_readers)
+    e = d["edges"]
+    n = len(e["name"])
+    if any(len(e[k]) != n for k in ("position", "score", "signed", "in_graph")):
+        raise EdgeatpError("edges: the name, position, score, signed and in_graph lists must have equal lengths")
+    idx = tuple(_edge_coords(graph, e["name"], e["position"]).T)
+    score = torch.zeros(dims, dtype=_dtype(d["dtype"]["score"]))
+    signed = torch.zeros(dims, dtype=_dtype(d["dtype"]["signed"]))
+    in_graph = torch.zeros(dims, dtype=torch.bool)
+    score[idx] = torch.tensor([decode_real(x, "edges.score") for x in e["score"]], dtype=torch.float64).to(score.dtype)
+    signed[idx] = torch.tensor([decode_real(x, "edges.signed") for x in e["signed"]],
+                               dtype=torch.float64).to(signed.dtype)
+    if not all(isinstance(b, bool) for b in e["in_graph"]):
+        raise EdgeatpError("edges.in_graph must hold true/false values")
+    in_graph[idx] = torch.tensor(e["in_graph"], dtype=torch.bool)
+    if int(in_graph.sum()) != d["n_edges"]:
+        raise EdgeatpError(f"the file says n_edges={d['n_edges']} but {int(in_graph.sum())} edges are in_graph")
+    return Circuit(graph, in_graph, score, signed, d["level"], str(d["method"]), Direction(d["direction"]),
+                   str(d["metric"]), {str(k): decode_real(v, f"node_scores.{k}") for k, v in d["node_scores"].items()},
+                   None if d["verification"] is None else _verification_from(d["verification"]),
+                   None if d["faithfulness"] is None else _faithfulness_from(d["faithfulness"]), dict(d["meta"]))
+
+
+# ------------------------------------------------------------------------------------ MIB format
+def _mib_name(node: Node) -> str:
+    """The EAP-IG name of a writer: neurons become their MLP."""
+    return f"m{node.layer}" if node.kind is NodeKind.NEURON else node.name
+
+
+def _reduce_positions(circuit: Circuit, how: PositionReduce) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[W, R]`` score, signed and kept of a circuit, positions reduced by ``how``."""
+    kept = circuit.in_graph & circuit.graph.mask.expand_as(circuit.in_graph)
+    score, signed = circuit.score.double(), circuit.signed.double()
+    if circuit.graph.n_positions is None:
+        return score, signed, kept
+    if how == "sum":
+        return score.sum(0), signed.sum(0), kept.any(0)
+    if how == "max":
+        at = score.argmax(0, keepdim=True)
+        return score.gather(0, at)[0], signed.gather(0, at)[0], kept.any(0)
+    raise EdgeatpError(f"position_reduce must be 'sum' or 'max', got {how!r}")
+
+
+def _mib(circuit: Circuit, position_reduce: PositionReduce) -> dict[str, Any]:
+    """The EAP-IG/MIB dictionary of a circuit (conventions in the module docstring)."""
+    g, shape = circuit.graph, circuit.graph.shape
+    score, signed, kept = _reduce_positions(circuit, position_reduce)
+    names = list(dict.fromkeys(_mib_name(w) for w in g.writers))
+    group = torch.tensor([names.index(_mib_name(w)) for w in g.writers])
+    dims = (len(names), g.n_readers)
+    score_m = torch.zeros(dims, dtype=torch.float64).index_add_(0, group, score)
+    signed_m = torch.zeros(dims, dtype=torch.float64).index_add_(0, group, signed)
+    kept_m = torch.zeros(dims, dtype=torch.long).index_add_(0, group, kept.long()) > 0
+    exists = torch.zeros(dims, dtype=torch.long).index_add_(0, group, g.mask.long()) > 0
+    edges: dict[str, dict[str, Any]] = {}
+    touched = {"logits"}
+    coords = exists.nonzero()
+    idx = tuple(coords.T)
+    for (w, r), s, k, x in zip(coords.tolist(), score_m[idx].tolist(), kept_m[idx].tolist(), signed_m[idx].tolist()):
+        reader = g.readers[r]
+        edges[f"{names[w]}->{reader.name}"] = {"score": encode_real(s), "in_graph": k, "signed": encode_real(x)}
+        if k:
+            touched |= {names[w], _mib_name(reader.head_node)}
+    node_scores: dict[str, float] = {}
+    for name, value in circuit.node_scores.items():
+        key = _mib_name(Node.parse(name))
+        node_scores[key] = node_scores.get(key, 0.0) + float(value)
+    nodes: dict[str, dict[str, Any]] = {}
+    for name in ["input", *(f"a{layer}.h{h}" for layer in range(shape.n_layers) for h in range(shape.n_heads)),
+                 *(f"m{layer}" for layer in range(shape.n_layers) if shape.has_mlp)]:
+        nodes[name] = {"in_graph": name in touched}
+        if circuit.level != "edge":
+            nodes[name]["score"] = encode_real(node_scores.get(name, 0.0))
+    nodes["logits"] = {"in_graph": True}
+    return {
+        "cfg": {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "parallel_attn_mlp": shape.parallel_attn_mlp,
+                "d_model": shape.d_model, "d_head": shape.d_head, "d_mlp": shape.d_mlp, "attn_only": shape.attn_only},
+        "nodes": nodes, "edges": edges,
+        "edgeatp": {"format": MIB_EXTENSION, "version": VERSION, "level": circuit.level, "method": circuit.method,
+                    "direction": circuit.direction.value, "metric": circuit.metric,
+                    "n_positions": g.n_positions, "position_reduce": position_reduce, "meta": jsonable(circuit.meta)},
+    }
+
+
+def _from_mib(d: dict[str, Any]) -> Circuit:
+    """Rebuild a (position-aggregated, full-graph) circuit from EAP-IG/MIB data."""
+    cfg = d["cfg"]
+    n_layers, n_heads, d_model = int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg["d_model"])
+    attn_only = bool(cfg.get("attn_only", False))
+    shape = ModelShape(n_layers, n_heads, d_model, int(cfg.get("d_head") or d_model // n_heads),
+                       None if attn_only else int(cfg.get("d_mlp") or 4 * d_model), attn_only,
+                       bool(cfg.get("parallel_attn_mlp", False)))
+    graph = EdgeGraph.from_shape(shape)
+    lookup = _edge_lookup(graph)
+    score = torch.zeros(graph.mask.shape, dtype=torch.float64)
+    signed = torch.zeros(graph.mask.shape, dtype=torch.float64)
+    in_graph = torch.zeros(graph.mask.shape, dtype=torch.bool)
+    for name, entry in d["edges"].items():
+        if name not in lookup:
+            raise EdgeatpError(f"MIB edge {name!r} does not exist in a model with cfg {cfg}")
+        w, r = lookup[name]
+        value = decode_real(entry["score"], f"edges[{name!r}].score")
+        signed[w, r] = decode_real(entry["signed"], f"edges[{name!r}].signed") if "signed" in entry else value
+        score[w, r] = value if "signed" in entry else abs(value)
+        in_graph[w, r] = bool(entry["in_graph"])
+    node_scores = {}
+    for name, entry in d["nodes"].items():
+        value = decode_real(entry["score"], f"nodes[{name!r}].score") if "score" in entry else 0.0
+        if name != "logits" and value == value and value != 0.0:
+            node_scores[name] = value
+    ext = d.get("edgeatp") or {}
+    level = "node" if ext.get("level") == "neuron" else ext.get("level", "edge")
+    return Circuit(graph, in_graph, score, signed, level, str(ext.get("method", "mib")),
+                   Direction(ext.get("direction", "noising")), str(ext.get("metric", "logit_diff")), node_scores,
+                   meta={**ext.get("meta", {}), "imported_from": "mib"})
+
+
+# ------------------------------------------------------------------------------------ public API
+def circuit_to_json(circuit: Circuit, mode: str = "edgeatp", *, all_edges: bool = True,
+                    position_reduce: PositionReduce = "sum") -> dict[str, Any]:
+    """A circuit as strict-JSON data: ``mode="edgeatp"`` (exact, versioned) or ``"mib"`` (EAP-IG/MIB)."""
+    if mode == "edgeatp":
+        return _native(circuit, all_edges)
+    if mode == "mib":
+        return _mib(circuit, position_reduce)
+    raise EdgeatpError(f"unknown JSON mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def load_json_data(data: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """A parsed JSON object from a dict, a JSON string (starting with ``{``) or a file path."""
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, str) and data.lstrip().startswith("{"):
+        text, where = data, "the JSON text"
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise EdgeatpError(f"circuit file {str(path)!r} does not exist")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EdgeatpError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise EdgeatpError(f"{where} holds a JSON {type(parsed).__name__}, not an object")
+    return parsed
+
+
+def circuit_from_json(data: dict[str, Any] | str | Path) -> Circuit:
+    """Rebuild a circuit from either format, given as a dict, a JSON string or a file path."""
+    d = load_json_data(data)
+    try:
+        if "format" in d:
+            return _from_native(d)
+        if {"cfg", "nodes", "edges"} <= d.keys():
+            return _from_mib(d)
+    except EdgeatpError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise EdgeatpError(f"malformed circuit JSON: {detail}") from None
+    raise EdgeatpError("not a circuit: expected an edgeatp file (with 'format') or an MIB file "
+                       "(with 'cfg', 'nodes' and 'edges')")
+
+
+def write_json(circuit: Circuit, path: str | Path, mode: str = "edgeatp", *, indent: int | None = None,
+               all_edges: bool = True, position_reduce: PositionReduce = "sum") -> Path:
+    """Write :func:`circuit_to_json` to ``path`` as strict JSON (UTF-8); returns the path."""
+    data = circuit_to_json(circuit, mode, all_edges=all_edges, position_reduce=position_reduce)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=indent, allow_nan=False, ensure_ascii=False), encoding="utf-8")
+    return out

@@ -1,0 +1,570 @@
+"""Exports: networkx, DOT (checked by Graphviz), JSON round trips (edgeatp and MIB), schema, report."""
+
+import html
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from edgeatp.circuit import Circuit, EdgeCheck, Faithfulness, Verification, node_circuit, prune
+from edgeatp.errors import EdgeatpError
+from edgeatp.export import (circuit_from_json, circuit_to_json, dot_available, export_all, render, to_dot,
+                            to_networkx, write_json, write_report)
+from edgeatp.export.chart import faithfulness_svg, nice_ticks
+from edgeatp.export.dot import NEGATIVE, POSITIVE, quote
+from edgeatp.export.json_io import SCHEMA_PATH
+from edgeatp.graph import EdgeGraph, ModelShape, Node, NodeKind, node_set
+from edgeatp.model import ModelAdapter
+from edgeatp.scores import EdgeScores, NodeScores
+from edgeatp.tasks.pairs import Direction
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHAPE = ModelShape(n_layers=2, n_heads=2, d_model=8, d_head=4, d_mlp=16)
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed")
+
+
+# ------------------------------------------------------------------------------------ builders
+def edge_scores(graph: EdgeGraph, seed: int = 0, dtype: torch.dtype = torch.float64,
+                direction: Direction = Direction.NOISING) -> EdgeScores:
+    """Random per-pair estimates on ``graph`` (zero where edges do not exist)."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = (graph.n_positions,) if graph.n_positions else ()
+    per = torch.randn((3, *lead, graph.n_writers, graph.n_readers), generator=gen, dtype=torch.float64)
+    per = (per * graph.mask).to(dtype)
+    return EdgeScores(per, per.abs(), "atp-qk", direction, "logit_diff", meta={"model": "toy"}, graph=graph)
+
+
+def verified(c: Circuit) -> Circuit:
+    """The circuit with a hand-made verification (NaN rank correlation, no bound) and faithfulness curve."""
+    top = c.edges()[:3]
+    checks = tuple(EdgeCheck(e.name, -0.5 - i, -0.75 - i, 0.5 + i, True) for i, e in enumerate(top))
+    v = Verification(checks, math.nan, 1.0, top[0].name, 0.25, 0.0125, None, None, 7)
+    f = Faithfulness((2, 4, 8), (0.1, math.nan, 0.9), (0.8, 0.3, 0.05), 2.0, -1.0)
+    return c.with_(verification=v, faithfulness=f)
+
+
+def edge_circuit(dtype: torch.dtype = torch.float64) -> Circuit:
+    """The top 12 edges of random scores on the toy model, verified by hand."""
+    return verified(prune(edge_scores(EdgeGraph.from_shape(SHAPE), dtype=dtype), top_k=12, cleanup=False))
+
+
+def positional_circuit() -> Circuit:
+    """The top 10 of random position-resolved scores over 3 positions, verified by hand."""
+    return verified(prune(edge_scores(EdgeGraph.from_shape(SHAPE, n_positions=3), seed=1), top_k=10, cleanup=False))
+
+
+def the_node_circuit() -> Circuit:
+    """A node-level circuit of the 3 best components of random node scores (denoising)."""
+    nodes = node_set(SHAPE)
+    per = torch.randn((4, len(nodes)), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ns = NodeScores(per, per.abs(), "atp*", Direction.DENOISING, "logit_diff", nodes=nodes)
+    return node_circuit(ns, EdgeGraph.from_shape(SHAPE), top_k=3)
+
+
+def qk_circuit() -> Circuit:
+    """Kept: input→a1.h0<q>, input→a1.h0<k> (parallel edges into one head) and a1.h0→logits."""
+    c = prune(edge_scores(EdgeGraph.from_shape(SHAPE)), top_k=1)
+    g = c.graph
+    mask = torch.zeros_like(g.mask)
+    for name in ("input->a1.h0<q>", "input->a1.h0<k>", "a1.h0->logits"):
+        mask[g.index_of(name)] = True
+    return c.with_(in_graph=mask)
+
+
+def nan_equal(a: object, b: object) -> bool:
+    """Deep equality of dataclasses, tuples and floats with NaN equal to NaN."""
+    if is_dataclass(a):
+        return type(a) is type(b) and all(nan_equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, type(a)) and len(a) == len(b) and all(nan_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+def assert_same(a: Circuit, b: Circuit) -> None:
+    """Everything a circuit holds is reproduced exactly."""
+    assert a.graph.shape == b.graph.shape
+    assert a.graph.writers == b.graph.writers and a.graph.readers == b.graph.readers
+    assert a.graph.n_positions == b.graph.n_positions
+    for name in ("in_graph", "score", "signed"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert (a.level, a.method, a.direction, a.metric) == (b.level, b.method, b.direction, b.metric)
+    assert a.node_scores == b.node_scores and a.meta == b.meta
+    assert nan_equal(a.verification, b.verification) and nan_equal(a.faithfulness, b.faithfulness)
+
+
+# ------------------------------------------------------------------------------------ networkx
+def test_networkx_edges_carry_the_circuit_numbers() -> None:
+    c = edge_circuit()
+    G = to_networkx(c)
+    assert G.number_of_edges() == c.n_edges == 12
+    assert {d["name"] for *_, d in G.edges(data=True)} == {e.name for e in c.edges()}
+    exact = {ch.edge: ch.exact for ch in c.verification.checks}
+    for u, v, key, d in G.edges(keys=True, data=True):
+        e = c.graph.edge(*c.graph.index_of(d["name"]))
+        w, r = c.graph.index_of(e)
+        assert (u, v) == (e.writer.name, e.reader.head_node.name)
+        assert key == d["reader"] == e.reader.kind.value
+        assert d["score"] == float(c.score[w, r]) and d["signed"] == float(c.signed[w, r])
+        assert d["exact"] == exact.get(d["name"]) and d["in_graph"] is True and d["position"] is None
+    assert sum(d["exact"] is not None for *_, d in G.edges(data=True)) == 3
+
+
+def test_networkx_node_scores_and_attributes() -> None:
+    c = edge_circuit()
+    G = to_networkx(c)
+    rows = [(e, float(c.score[c.graph.index_of(e)])) for e in c.edges()]
+    for node in G.nodes:
+        touching = sum(s for e, s in rows if node in (e.writer.name, e.reader.head_node.name))
+        assert G.nodes[node]["score"] == pytest.approx(touching, rel=1e-12)
+        assert G.nodes[node]["in_graph"] is True
+    assert set(G.nodes) == {n.name for n in c.nodes()}
+    some_head = next(n for n in G.nodes if n.startswith("a"))
+    parsed = Node.parse(some_head)
+    assert G.nodes[some_head]["kind"] == "head"
+    assert (G.nodes[some_head]["layer"], G.nodes[some_head]["head"]) == (parsed.layer, parsed.head)
+    assert G.graph["direction"] == "noising" and G.graph["model"] == "toy" and G.graph["method"] == "atp-qk"
+
+
+def test_networkx_keeps_parallel_qkv_edges() -> None:
+    G = to_networkx(qk_circuit())
+    assert G.number_of_edges("input", "a1.h0") == 2
+    assert set(G["input"]["a1.h0"]) == {"q", "k"}
+    assert G.edges["input", "a1.h0", "k"]["name"] == "input->a1.h0<k>"
+
+
+def test_networkx_include_all_marks_kept_edges() -> None:
+    c = qk_circuit()
+    G = to_networkx(c, include_all=True)
+    assert G.number_of_edges() == c.graph.n_edges == 46
+    assert sum(d["in_graph"] for *_, d in G.edges(data=True)) == c.n_edges == 3
+    for n in G.nodes:
+        kept = sum(d["score"] for u, v, d in G.edges(data=True) if d["in_graph"] and n in (u, v))
+        assert G.nodes[n]["score"] == pytest.approx(kept, rel=1e-12, abs=0)
+        assert G.nodes[n]["in_graph"] == (n in {"input", "a1.h0", "logits"})
+    assert G.nodes["m0"]["score"] == 0.0 and G.degree("m0") > 0
+
+
+def test_networkx_positional_nodes_are_per_position() -> None:
+    c = positional_circuit()
+    G = to_networkx(c)
+    assert G.number_of_edges() == c.n_edges
+    for u, v, d in G.edges(data=True):
+        p = d["position"]
+        assert u.endswith(f"@{p}") and v.endswith(f"@{p}") and d["name"].endswith(f"@{p}")
+        assert G.nodes[u]["position"] == p and G.nodes[u]["component"] == u.split("@")[0]
+    assert G.graph["n_positions"] == 3
+
+
+def test_networkx_node_circuit_uses_node_scores() -> None:
+    c = the_node_circuit()
+    G = to_networkx(c)
+    for n, d in G.nodes(data=True):
+        assert d["score"] == c.node_scores.get(n)
+    assert G.nodes["input"]["score"] is None and G.nodes["logits"]["score"] is None
+    assert any(d["score"] is not None for _, d in G.nodes(data=True))
+
+
+# ------------------------------------------------------------------------------------ DOT
+def edge_attrs(dot: str) -> dict[str, dict[str, str]]:
+    """Attributes of every DOT edge statement, by edge id."""
+    out = {}
+    for line in dot.splitlines():
+        if " -> " in line and "id=" in line:
+            a = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|[\d.]+)', line))
+            out[a["id"].strip('"')] = {k: v.strip('"') for k, v in a.items()}
+    return out
+
+
+def run_dot(text: str, fmt: str = "svg") -> str:
+    """Graphviz output for DOT text; fails the test on any error or warning."""
+    done = subprocess.run(["dot", f"-T{fmt}"], input=text.encode(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert not done.stderr.strip(), done.stderr.decode()
+    return done.stdout.decode()
+
+
+@needs_dot
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, qk_circuit])
+def test_graphviz_accepts_the_dot(make: Callable[[], Circuit]) -> None:
+    c = make()
+    svg = run_dot(to_dot(c))
+    ids = {html.unescape(i) for i in re.findall(r'<g id="([^"]+)" class="edge">', svg)}
+    assert ids == {e.name for e in c.edges()} and len(ids) == c.n_edges
+
+
+@needs_dot
+def test_dot_draws_layers_top_to_bottom() -> None:
+    plain = run_dot(to_dot(edge_circuit()), "plain")
+    y = {parts[1].strip('"'): float(parts[3]) for parts in (line.split() for line in plain.splitlines())
+         if parts[0] == "node"}
+    heads = {n: v for n, v in y.items() if n.startswith("a")}
+    assert y["input"] > max(heads.values()) and min(heads.values()) > y["logits"]
+    assert all(y[f"a0.h{h}"] > y[f"a1.h{k}"] for h in (0, 1) for k in (0, 1) if f"a0.h{h}" in y and f"a1.h{k}" in y)
+    if "m0" in y and "m1" in y:
+        assert y["m0"] > y["m1"]
+
+
+def test_dot_colour_is_the_sign_and_width_the_score() -> None:
+    c = edge_circuit()
+    attrs = edge_attrs(to_dot(c, min_penwidth=1.0, max_penwidth=5.0))
+    assert set(attrs) == {e.name for e in c.edges()}
+    widths = []
+    for e in c.edges():
+        a, idx = attrs[e.name], c.graph.index_of(e)
+        assert a["color"] == (POSITIVE if c.signed[idx] > 0 else NEGATIVE)
+        widths.append((float(c.score[idx]), float(a["penwidth"])))
+    assert max(w for _, w in widths) == 5.0
+    by_score = [w for _, w in sorted(widths)]
+    assert by_score == sorted(by_score) and by_score[0] < by_score[-1]
+    assert {a["color"] for a in attrs.values()} == {POSITIVE, NEGATIVE}
+
+
+def test_dot_marks_qkv_edges() -> None:
+    attrs = edge_attrs(to_dot(qk_circuit()))
+    q, k, out = attrs["input->a1.h0<q>"], attrs["input->a1.h0<k>"], attrs["a1.h0->logits"]
+    assert (q["style"], q["label"]) == ("solid", "q")
+    assert (k["style"], k["arrowhead"], k["label"]) == ("dashed", "empty", "k")
+    assert "label" not in out
+
+
+def test_dot_title_has_the_run_and_is_escaped() -> None:
+    c = edge_circuit().with_(meta={"model": 'my "odd" \\ model'})
+    text = to_dot(c)
+    assert 'my \\"odd\\" \\\\ model' in text
+    for needle in ("atp-qk", "noising", "logit_diff", "sign convention", "red"):
+        assert needle in text
+    assert quote('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+    if shutil.which("dot"):
+        assert "my &quot;odd&quot; \\ model" in run_dot(text)
+
+
+# ------------------------------------------------------------------------------------ render
+@needs_dot
+@pytest.mark.parametrize("fmt, magic", [("svg", b"<?xml"), ("png", b"\x89PNG"), ("pdf", b"%PDF")])
+def test_render_writes_pictures(tmp_path: Path, fmt: str, magic: bytes) -> None:
+    path = render(to_dot(edge_circuit()), tmp_path / f"c.{fmt}")
+    assert path.read_bytes().startswith(magic)
+
+
+def test_render_rejects_unknown_formats(tmp_path: Path) -> None:
+    with pytest.raises(EdgeatpError, match="svg, png, pdf"):
+        render("digraph {}", tmp_path / "c.gif")
+
+
+def test_missing_dot_gives_an_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert not dot_available()
+    with pytest.raises(EdgeatpError, match=r"apt-get install graphviz.*brew install graphviz"):
+        render(to_dot(edge_circuit()), tmp_path / "c.svg")
+    with pytest.raises(EdgeatpError, match="apt-get install graphviz"):
+        export_all(edge_circuit(), tmp_path / "out", ("json", "svg"))
+    assert not (tmp_path / "out").exists()
+    report = write_report(edge_circuit(), tmp_path / "rep", "md").read_text()
+    assert "was not found" in report and "`circuit.dot`" in report
+    assert (tmp_path / "rep" / "circuit.dot").is_file() and not (tmp_path / "rep" / "circuit.svg").exists()
+
+
+# ------------------------------------------------------------------------------------ JSON
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit,
+                                  lambda: edge_circuit(torch.float32)])
+def test_json_round_trip_is_exact(make: Callable[[], Circuit], tmp_path: Path) -> None:
+    c = make()
+    data = c.to_json()
+    text = json.dumps(data, allow_nan=False)
+    assert_same(c, Circuit.from_json(text))
+    assert_same(c, circuit_from_json(json.loads(text)))
+    assert_same(c, Circuit.from_json(str(write_json(c, tmp_path / "c.json"))))
+
+
+def test_json_lists_every_edge_with_names_and_positions() -> None:
+    c = positional_circuit()
+    e = c.to_json()["edges"]
+    assert len(e["name"]) == c.graph.n_edges == 46 * 3
+    assert sum(e["in_graph"]) == c.n_edges
+    assert e["name"][46] == "input->a0.h0<q>@1" and e["position"][46] == 1
+    first = Circuit.from_json(circuit_to_json(c, all_edges=False))
+    assert torch.equal(first.in_graph, c.in_graph) and torch.equal(first.score, c.score * c.in_graph)
+
+
+def test_json_non_finite_numbers_are_strings() -> None:
+    data = edge_circuit().to_json()
+    assert data["verification"]["rank_correlation"] == "NaN"
+    assert data["faithfulness"]["faithfulness"][1] == "NaN" and data["verification"]["below_cut_bound"] is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format="other"), "not an edgeatp circuit"),
+    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d["edges"]["name"].__setitem__(0, "m1->a0.h0<q>"), "not an edge of the graph"),
+    (lambda d: d.update(n_edges=99), "n_edges=99"),
+    (lambda d: d.pop("shape"), "missing key 'shape'"),
+    (lambda d: d["edges"]["score"].__setitem__(0, "big"), "edges.score"),
+])
+def test_json_errors_are_clear(edit: Callable[[dict], Any], message: str) -> None:
+    data = edge_circuit().to_json()
+    edit(data)
+    with pytest.raises(EdgeatpError, match=message):
+        Circuit.from_json(data)
+
+
+def test_json_reading_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(EdgeatpError, match="does not exist"):
+        circuit_from_json(str(tmp_path / "nope.json"))
+    with pytest.raises(EdgeatpError, match="not valid JSON"):
+        circuit_from_json("{not json")
+    with pytest.raises(EdgeatpError, match="not a circuit"):
+        circuit_from_json({"hello": 1})
+    with pytest.raises(EdgeatpError, match="unknown JSON mode"):
+        edge_circuit().to_json("graphml")
+
+
+# ------------------------------------------------------------------------------------ MIB
+def mib_edge_names(n_layers: int, n_heads: int) -> set[str]:
+    """EAP-IG's edge names for a sequential model, from its topology rules."""
+    names, upstream = set(), ["input"]
+    for layer in range(n_layers):
+        heads = [f"a{layer}.h{h}" for h in range(n_heads)]
+        names |= {f"{u}->{h}<{x}>" for u in upstream for h in heads for x in "qkv"}
+        upstream += heads
+        names |= {f"{u}->m{layer}" for u in upstream}
+        upstream.append(f"m{layer}")
+    return names | {f"{u}->logits" for u in upstream}
+
+
+def test_mib_mode_matches_the_eap_ig_format() -> None:
+    c = edge_circuit()
+    m = c.to_json("mib")
+    assert {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8}.items() <= m["cfg"].items()
+    assert set(m["edges"]) == mib_edge_names(2, 2)
+    assert set(m["nodes"]) == {"input", "a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1", "logits"}
+    assert m["nodes"]["logits"] == {"in_graph": True}
+    assert all(set(v) == {"score", "in_graph", "signed"} for v in m["edges"].values())
+    kept = {k for k, v in m["edges"].items() if v["in_graph"]}
+    assert kept == {e.name for e in c.edges()}
+    assert {k for k, v in m["nodes"].items() if v["in_graph"]} == {n.name for n in c.nodes()} | {"logits"}
+    back = Circuit.from_json(json.dumps(m))
+    assert torch.equal(back.in_graph, c.in_graph) and torch.equal(back.score, c.score)
+    assert torch.equal(back.signed, c.signed) and back.direction is c.direction and back.method == c.method
+
+
+def test_mib_reads_files_written_by_eap_ig() -> None:
+    data = {"cfg": {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8},
+            "nodes": {"input": {"in_graph": True}, "logits": {"in_graph": True}},
+            "edges": {"input->a1.h0<k>": {"score": -0.25, "in_graph": True},
+                      "a1.h0->logits": {"score": 0.5, "in_graph": True}}}
+    c = Circuit.from_json(data)
+    assert c.graph.shape == ModelShape(2, 2, 8, 4, 32)
+    g = c.graph
+    assert float(c.signed[g.index_of("input->a1.h0<k>")]) == -0.25
+    assert float(c.score[g.index_of("input->a1.h0<k>")]) == 0.25
+    assert c.n_edges == 2 and c.method == "mib" and c.direction is Direction.NOISING
+    data["edges"]["m1->a0.h0<q>"] = {"score": 1.0, "in_graph": False}
+    with pytest.raises(EdgeatpError, match="does not exist"):
+        Circuit.from_json(data)
+
+
+def test_mib_reduces_positions_by_sum_or_max() -> None:
+    c = positional_circuit()
+    name = c.edges()[0].name.split("@")[0]
+    w, r = c.graph.index_of(name)
+    total = c.to_json("mib")["edges"][name]
+    assert total["score"] == pytest.approx(float(c.score[:, w, r].sum()), rel=1e-12)
+    assert total["signed"] == pytest.approx(float(c.signed[:, w, r].sum()), rel=1e-12) and total["in_graph"]
+    best = circuit_to_json(c, "mib", position_reduce="max")["edges"][name]
+    p = int(c.score[:, w, r].argmax())
+    assert (best["score"], best["signed"]) == (float(c.score[p, w, r]), float(c.signed[p, w, r]))
+    back = Circuit.from_json(c.to_json("mib"))
+    assert back.graph.n_positions is None and torch.equal(back.in_graph, c.in_graph.any(0))
+
+
+def test_mib_merges_neurons_into_their_mlp() -> None:
+    c = prune(edge_scores(EdgeGraph.from_shape(SHAPE, neurons=True), seed=3), top_k=200, cleanup=False)
+    m = c.to_json("mib")
+    assert set(m["edges"]) == mib_edge_names(2, 2)
+    g = c.graph
+    neurons = [i for i, w in enumerate(g.writers) if w.kind is NodeKind.NEURON and w.layer == 0]
+    r = g.reader_index[Node(NodeKind.LOGITS)]
+    assert m["edges"]["m0->logits"]["score"] == pytest.approx(float(c.score[neurons, r].sum()), rel=1e-12)
+    assert m["edges"]["m0->logits"]["in_graph"] == bool(c.in_graph[neurons, r].any())
+
+
+def test_mib_node_scores_for_node_circuits() -> None:
+    c = the_node_circuit()
+    m = c.to_json("mib")
+    for name, score in c.node_scores.items():
+        assert m["nodes"][name]["score"] == score
+    assert sum(v.get("score", 0.0) != 0.0 for v in m["nodes"].values()) == len(c.node_scores)
+    back = Circuit.from_json(m)
+    assert back.node_scores == c.node_scores and back.level == "node" and back.direction is Direction.DENOISING
+    assert torch.equal(back.in_graph, c.in_graph)
+
+
+# ------------------------------------------------------------------------------------ schema
+def resolve(schema: dict, root: dict) -> dict:
+    """Follow a local ``$ref`` to its definition."""
+    return resolve(root["$defs"][schema["$ref"].split("/")[-1]], root) if "$ref" in schema else schema
+
+
+def violations(value: object, schema: dict, root: dict, where: str = "$") -> list[str]:
+    """A small JSON Schema checker (type, const, enum, required, properties, additionalProperties,
+    items, minimum, anyOf, local $ref): the list of problems found."""
+    schema = resolve(schema, root)
+    if "anyOf" in schema:
+        return [] if any(not violations(value, s, root, where) for s in schema["anyOf"]) else [f"{where}: no anyOf"]
+    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    if "type" in schema:
+        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        ok = any((t == "integer" and isinstance(value, int) and not isinstance(value, bool))
+                 or (t == "number" and isinstance(value, (int, float)) and not isinstance(value, bool))
+                 or (t in types and isinstance(value, types[t])) for t in allowed)
+        if not ok:
+            return [f"{where}: {value!r} is not {allowed}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{where}: expected {schema['const']!r}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{where}: {value!r} not in {schema['enum']}"]
+    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
+        return [f"{where}: below minimum"]
+    out = []
+    if isinstance(value, dict):
+        out += [f"{where}: missing {k}" for k in schema.get("required", []) if k not in value]
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for k, v in value.items():
+            if k in props:
+                out += violations(v, props[k], root, f"{where}.{k}")
+            elif extra is False:
+                out.append(f"{where}: unexpected key {k}")
+            elif isinstance(extra, dict):
+                out += violations(v, extra, root, f"{where}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            out += violations(v, schema["items"], root, f"{where}[{i}]")
+    return out
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    """The shipped JSON Schema."""
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit])
+def test_written_json_follows_the_schema(schema: dict, make: Callable[[], Circuit]) -> None:
+    data = json.loads(json.dumps(make().to_json(), allow_nan=False))
+    assert violations(data, schema, schema) == []
+    assert set(schema["required"]) == set(data) - {"sign_convention"}
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.pop("edges"),
+    lambda d: d.update(version=2),
+    lambda d: d["edges"]["in_graph"].__setitem__(0, "yes"),
+    lambda d: d["edges"]["score"].__setitem__(0, "nan"),
+    lambda d: d["verification"].pop("checks"),
+    lambda d: d["shape"].update(n_layers=0),
+    lambda d: d.update(extra=1),
+])
+def test_the_schema_rejects_broken_files(schema: dict, edit: Callable[[dict], Any]) -> None:
+    data = json.loads(json.dumps(edge_circuit().to_json(), allow_nan=False))
+    edit(data)
+    assert violations(data, schema, schema) != []
+
+
+# ------------------------------------------------------------------------------------ chart and report
+def polyline_points(svg: str, cls: str) -> list[list[tuple[float, float]]]:
+    """The points of every polyline segment of one chart series."""
+    return [[tuple(map(float, p.split(","))) for p in pts.split()]
+            for pts in re.findall(rf'<polyline class="{cls}" points="([^"]+)"', svg)]
+
+
+def test_chart_plots_the_curves() -> None:
+    f = Faithfulness((2, 5, 10, 20), (0.2, 0.6, math.nan, 1.1), (0.9, 0.5, 0.3, -0.1), 1.0, 0.0)
+    svg = faithfulness_svg(f)
+    faith = polyline_points(svg, "faithfulness")
+    assert [len(s) for s in faith] == [2, 1]
+    assert faith[0][0][1] > faith[0][1][1] > faith[1][0][1]
+    xs = [x for s in faith for x, _ in s]
+    assert xs == sorted(xs) and len(polyline_points(svg, "necessity")[0]) == 4
+    for text in ("faithfulness", "necessity", "circuit size (edges)", "normalised metric", ">20<", ">0.5<"):
+        assert text in svg
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert "log scale" in faithfulness_svg(Faithfulness((1, 100), (0.1, 0.9), (0.9, 0.1), 1.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def ioi(zoo_ioi: ModelAdapter) -> tuple[Circuit, EdgeScores]:
+    """A real verified circuit with a faithfulness curve, from the IOI zoo model."""
+    import edgeatp as ea
+    from edgeatp.circuit import faithfulness_curve, verify
+
+    pairs = ea.make_task("ioi", zoo_ioi.tokenizer, 8)
+    sc = ea.attribute_edges(zoo_ioi, pairs, "atp-qk")
+    c = prune(sc, top_k=12)
+    c = c.with_(verification=verify(zoo_ioi, pairs, c, sc, top=6, sample_below=3),
+                faithfulness=faithfulness_curve(zoo_ioi, pairs, sc, [4, 8, 16]))
+    return c, sc
+
+
+def test_markdown_report_has_the_tables(ioi: tuple[Circuit, EdgeScores], tmp_path: Path) -> None:
+    c, sc = ioi
+    path = write_report(c, tmp_path, "md", task="ioi (8 pairs)", scores=sc, top=5)
+    text = path.read_text()
+    assert path.name == "circuit.md"
+    for needle in ("`zoo:ioi`", "`ioi (8 pairs)`", "`atp-qk`", "noising", "`logit_diff`", c.sign_convention,
+                   "## Top edges (5 of 12 kept)",
+                   "| # | edge | reader | score | signed estimate | stderr | exact effect |",
+                   "## Verification", "rank correlation", f"{c.verification.rank_correlation:.4g}",
+                   "below-cut max", "not run", "## Faithfulness", "(circuit_faithfulness.svg)"):
+        assert needle in text, needle
+    top = c.edges()[0]
+    idx = c.graph.index_of(top)
+    row = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert f"`{top.name}`" in row and f"{float(sc.stderr[idx]):.4g}" in row
+    assert sum(line.startswith("| ") for line in text.split("## Verification")[1].split("## Faithfulness")[0]
+               .splitlines()) == 1 + len(c.verification.checks)
+    chart = (tmp_path / "circuit_faithfulness.svg").read_text()
+    assert chart.startswith("<svg") and len(polyline_points(chart, "faithfulness")[0]) == 3
+    if dot_available():
+        assert "(circuit.svg)" in text and (tmp_path / "circuit.svg").is_file()
+
+
+def test_html_report_embeds_the_pictures(ioi: tuple[Circuit, EdgeScores], tmp_path: Path) -> None:
+    c, _ = ioi
+    text = write_report(c, tmp_path, "html").read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert f"<td><code>{html.escape(c.edges()[0].name)}</code></td>" in text
+    assert text.count("<svg") == (2 if dot_available() else 1)
+    assert '<polyline class="faithfulness"' in text and "<th>rank correlation" in text
+    assert "<?xml" not in text
+
+
+def test_export_all_writes_each_format(tmp_path: Path) -> None:
+    formats = ("json", "mib", "dot", "md") + (("svg",) if dot_available() else ())
+    paths = export_all(edge_circuit(), tmp_path, formats)
+    assert set(paths) == set(formats)
+    assert paths["mib"].name == "circuit.mib.json" and all(p.is_file() for p in paths.values())
+    assert_same(edge_circuit(), Circuit.from_json(paths["json"]))
+    with pytest.raises(EdgeatpError, match="unknown export format"):
+        export_all(edge_circuit(), tmp_path, ("gif",))
+
+
+def test_node_circuit_report_ranks_components(tmp_path: Path) -> None:
+    c = the_node_circuit()
+    text = write_report(c, tmp_path, "md").read_text()
+    best = max(c.node_scores, key=c.node_scores.get)
+    assert f"## Top components (3 of 3 scored)\n\n| # | component | score |\n|---|---|---|\n| 1 | `{best}` |" in text
+    assert text.index("## Top components") < text.index("## Edges among the kept components")
+    assert "Not verified" in text and "No faithfulness curve" in text
