@@ -65,6 +65,7 @@ class Ranking:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Reject orders that are not a permutation of the candidates, and misshapen scores."""
         n = len(self.nodes)
         if self.order.shape != (n,) or not torch.equal(torch.sort(self.order).values, torch.arange(n)):
             raise EdgeatpError(f"{self.method}: the order must be a permutation of the {n} candidate nodes")
@@ -72,6 +73,7 @@ class Ranking:
             raise EdgeatpError(f"{self.method}: scores must have one entry per candidate node ({n})")
 
     def __len__(self) -> int:
+        """Number of candidate nodes."""
         return len(self.nodes)
 
     @property
@@ -136,7 +138,7 @@ class HierarchicalResult(Ranking):
     """Hierarchical's emission order and the patches made up to each emission."""
 
     emission_cost: torch.Tensor  # [n] float64 per node (index order): units spent when it was emitted
-    patches: int  # joint and single patches made by the search (before any budget stop)
+    patches: int  # joint and single patches made by the search (leftover verification units excluded)
 
     def verification_costs(self) -> torch.Tensor:
         """Units spent when each node was emitted (search patches, then one unit per leftover node)."""
@@ -265,7 +267,7 @@ def subsampling(
         if design.dim() != 2 or design.shape[1] != n:
             raise EdgeatpError(f"the design must be a [subsets, {n}] bool mask over the candidate nodes")
         included = design.bool()
-        m = int(included.shape[0])
+        m, p = int(included.shape[0]), float(included.double().mean())
     else:
         if not 0.0 < p < 1.0:
             raise EdgeatpError(f"inclusion probability p={p} must lie strictly between 0 and 1")
@@ -291,7 +293,7 @@ def blocks(
     model: ModelAdapter | object,
     pairs: PromptPairs,
     nodes: NodesArg = None,
-    block_size: int = 16,
+    block_size: int = 8,
     partition: Literal["contiguous", "random"] = "contiguous",
     seed: int = 0,
     metric: str | Metric = "logit_diff",
@@ -338,6 +340,7 @@ class Group:
 
     @property
     def is_leaf(self) -> bool:
+        """A single node: popping it emits (verifies) that node."""
         return len(self.members) == 1
 
 
@@ -381,7 +384,7 @@ def _branching_group(members: list[int], branching: int) -> Group:
 
 
 def group_tree(index: NodeIndex, tree: Literal["structure", "branching"] = "structure", branching: int = 4,
-               max_children: int = 16) -> Group:
+               max_children: int = 4) -> Group:
     """The search tree over a node index: ``structure`` (layer → family → head/neuron groups →
     component → position, fan-out capped at ``max_children``) or ``branching`` (``b``-ary over
     the canonical order)."""
@@ -401,7 +404,7 @@ def hierarchical(
     nodes: NodesArg = None,
     tree: Literal["structure", "branching"] = "structure",
     branching: int = 4,
-    max_children: int = 16,
+    max_children: int = 4,
     metric: str | Metric = "logit_diff",
     direction: Direction | str = Direction.NOISING,
     effect: EffectKind = "signed_mean",
@@ -432,6 +435,7 @@ def hierarchical(
     patches = group_patches = 0
 
     def patch(groups: Sequence[Group]) -> None:
+        """Patch each group jointly (1 unit each) and queue it by its |effect|."""
         nonlocal patches, group_patches
         per_pair = joint_effects(adapter, pairs, [[index[i] for i in g.members] for g in groups], metric,
                                  direction, batch_size)
@@ -441,6 +445,7 @@ def hierarchical(
             heapq.heappush(heap, (-value, next(counter), g))
 
     def emit(i: int, cost: float, value: float) -> None:
+        """Record node ``i`` as verified at ``cost`` units with priority ``value``."""
         order.append(i)
         emission_cost[i], priority[i] = cost, value
         if waiting is not None:
