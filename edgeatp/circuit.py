@@ -346,7 +346,7 @@ def circuit_faithfulness(adapter: ModelAdapter, pairs: PromptPairs, circuit: Cir
 
 def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: EdgeScores, *, top: int = 20,
            sample_below: int = 20, seed: int = 0, bound: bool = False, alpha: float = 0.05,
-           bound_samples: int = 64, batch_size: int = 64) -> Verification:
+           bound_samples: int = 256, bound_p: float = 0.05, batch_size: int = 64) -> Verification:
     """Exactly patch the ``top`` best edges and ``sample_below`` random edges outside the circuit;
     compare with the estimates. ``bound`` adds the AtP* false-negative diagnostic over all
     unverified edges (subsampling + Welch test; see :mod:`edgeatp.diagnostics`)."""
@@ -370,8 +370,8 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
         verified = {c.edge for c in checks}
         unverified = [e for e in outside + [e for e in ranked if not _in(circuit, e)] if e.name not in verified]
         result = edge_false_negative_bound(adapter, pairs, scores.graph, unverified, metric=scores.metric,
-                                           direction=scores.direction, samples=bound_samples, alpha=alpha,
-                                           seed=seed, batch_size=batch_size)
+                                           direction=scores.direction, samples=bound_samples, p=bound_p,
+                                           alpha=alpha, seed=seed, batch_size=batch_size)
         theta = result.theta
         forwards += result.n_forwards
     return _summarise(checks, len(ranked), theta, alpha if bound else None, forwards)

@@ -100,6 +100,10 @@ def main() -> None:
 @click.option("--sample-below", type=click.IntRange(0), default=20, show_default=True,
               help="Exactly patch this many random edges outside the circuit.")
 @click.option("--bound", is_flag=True, help="Add the AtP* diagnostic bound on missed edges (subsampling + Welch).")
+@click.option("--bound-samples", type=click.IntRange(2), default=256, show_default=True,
+              help="Random edge subsets patched for --bound.")
+@click.option("--bound-p", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Inclusion probability of each unverified edge in a --bound subset (small = weak interactions).")
 @click.option("--direction", type=click.Choice(["noising", "denoising"]), default="noising", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default=None)
@@ -114,7 +118,8 @@ def main() -> None:
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
-             greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, direction: str,
+             greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
+             bound_p: float, direction: str,
              device: str, dtype: str | None, batch_size: int, seed: int, out: str, fmt: str, allow_download: bool,
              quiet: bool, as_json: bool, debug: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
@@ -125,7 +130,8 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
     cfg = DiscoverConfig(model=model_spec, task=task, data=data, n_pairs=n_pairs, metric=metric, method=method,
                          level=level, positions=positions, group=group, top_k=top_k, threshold=threshold,
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
-                         sample_below=sample_below, bound=bound, direction=direction, device=device, dtype=dtype,
+                         sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
+                         direction=direction, device=device, dtype=dtype,
                          batch_size=batch_size, seed=seed, allow_download=allow_download)
     t0 = time.time()
     result = run_discover(cfg, progress=not quiet_text, log=lambda s: _say(quiet_text, s))
@@ -210,7 +216,7 @@ def _export_file(path: Path, formats: list[str], out: str | None, quiet: bool) -
     circuit = Circuit.from_json(str(path))
     folder = Path(out) if out else path.parent
     stem = path.stem
-    paths = write_circuit(circuit, folder, formats, stem=stem, skip_existing_json=folder == path.parent)
+    paths = write_circuit(circuit, folder, formats, stem=stem, skip_existing_json=folder.resolve() == path.parent.resolve())
     _say(quiet, "wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -9,7 +9,6 @@ Kept apart from the CLI so scripts can run exactly what the command runs::
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +23,7 @@ from .errors import EdgeatpError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
 from .patching import patch_nodes
-from .scores import NodeScores
+from .scores import EdgeScores, NodeScores
 from .tasks import PromptPairs, load_pairs, make_task
 
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -51,6 +50,8 @@ class DiscoverConfig:
     n_verify: int = 20
     sample_below: int = 20
     bound: bool = False
+    bound_samples: int = 256
+    bound_p: float = 0.05
     direction: str = "noising"
     device: str = "cpu"
     dtype: str | None = None
@@ -82,6 +83,7 @@ class DiscoverResult:
     config: DiscoverConfig
     data_label: str
     n_pairs: int
+    scores: EdgeScores | None = None  # the edge estimates the circuit was cut from (for stderr in reports)
 
     def summary(self) -> dict[str, Any]:
         """Short JSON-able summary for scripts (``--json``)."""
@@ -124,7 +126,7 @@ class DiscoverResult:
         return "\n".join(lines)
 
     def write(self, folder: Path, formats: Sequence[str], stem: str = "circuit") -> dict[str, Path]:
-        return write_circuit(self.circuit, folder, formats, stem=stem)
+        return write_circuit(self.circuit, folder, formats, stem=stem, scores=self.scores)
 
 
 def _fmt(x: Any) -> str:
@@ -145,26 +147,31 @@ def _auto_size(curve: Faithfulness, requested: Sequence[int], target: float) -> 
 
 def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> DiscoverResult:
     """Attribute, select, verify: the whole ``discover`` command as a function."""
-    adapter, pairs, label = load_inputs(cfg)
-    log(f"{adapter.name}: {adapter.shape.n_layers} layers x {adapter.shape.n_heads} heads; {label}")
     rules = [r for r in ("top_k", "threshold", "cumulative", "greedy") if getattr(cfg, r) is not None]
     if len(rules) > 1:
         raise EdgeatpError("choose one of --top-k, --threshold, --cumulative and --greedy")
+    if cfg.level != "edge" and rules and rules[0] != "top_k":
+        raise EdgeatpError(f"--{rules[0].replace('_', '-')} works on edges; node and neuron circuits use --top-k")
+    if cfg.level != "edge" and cfg.method not in (*NODE_METHODS, "exact"):
+        raise EdgeatpError(f"--method {cfg.method} is edge-only; node levels take atp, atp-qk, atp-gd, atp* or exact")
+    adapter, pairs, label = load_inputs(cfg)
+    log(f"{adapter.name}: {adapter.shape.n_layers} layers x {adapter.shape.n_heads} heads; {label}")
     common = dict(metric=cfg.metric, direction=cfg.direction, batch_size=cfg.batch_size)
     meta: dict[str, Any] = {"model": adapter.describe(), "model_spec": cfg.model, "data": label,
                             "n_pairs": len(pairs), "config": asdict(cfg), "edgeatp_version": __version__,
                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    scores = None
     if cfg.level == "edge":
-        circuit = _edge_circuit(adapter, pairs, cfg, rules, common, progress, log)
+        circuit, scores = _edge_circuit(adapter, pairs, cfg, rules, common, progress, log)
     else:
         circuit = _node_circuit(adapter, pairs, cfg, rules, common, progress, log)
     if cfg.group:
         circuit = circuit.with_(meta={**circuit.meta, "groups": _groups(adapter, pairs, cfg, common, progress)})
-    return DiscoverResult(circuit.with_(meta={**circuit.meta, **meta}), cfg, label, len(pairs))
+    return DiscoverResult(circuit.with_(meta={**circuit.meta, **meta}), cfg, label, len(pairs), scores)
 
 
 def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
-                  progress: bool, log: Callable[[str], None]) -> Circuit:
+                  progress: bool, log: Callable[[str], None]) -> tuple[Circuit, EdgeScores]:
     scores = attribute_edges(adapter, pairs, cfg.method, positions=cfg.positions, progress=progress, **common)
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
     sizes = _curve_sizes(scores.graph.n_edges)
@@ -178,17 +185,15 @@ def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
     own = circuit_faithfulness(adapter, pairs, circuit, cfg.batch_size)
     log(f"kept {circuit.n_edges} edges; faithfulness {own.faithfulness[0]:.3f}")
     checked = verify(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
-                     bound=cfg.bound, batch_size=max(cfg.batch_size, 64)) if cfg.n_verify or cfg.sample_below else None
+                     bound=cfg.bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p,
+                     batch_size=max(cfg.batch_size, 64)) if cfg.n_verify or cfg.sample_below else None
     return circuit.with_(verification=checked, faithfulness=curve,
                          meta={**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
-                               "clean_metric": own.clean_metric, "corrupt_metric": own.corrupt_metric,
-                               "stderr": scores.stderr.tolist(), "sign_agreement": scores.sign_agreement.tolist()})
+                               "clean_metric": own.clean_metric, "corrupt_metric": own.corrupt_metric}), scores
 
 
 def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
                   progress: bool, log: Callable[[str], None]) -> Circuit:
-    if rules and rules[0] != "top_k":
-        raise EdgeatpError(f"--{rules[0].replace('_', '-')} works on edges; node and neuron circuits use --top-k")
     fams = ["head", "q", "k", "v"] + (["neuron"] if cfg.level == "neuron" else ["mlp"])
     if adapter.shape.attn_only:
         if cfg.level == "neuron":
@@ -198,11 +203,9 @@ def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
     if cfg.method == "exact":
         eff = patch_nodes(adapter, pairs, list(nodes), progress=progress, **common)
         scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric, meta={}, nodes=nodes)
-    elif cfg.method in NODE_METHODS:
+    else:
         scores = attribute_nodes(adapter, pairs, cfg.method, nodes=nodes, positions=cfg.positions, progress=progress,
                                  **common)
-    else:
-        raise EdgeatpError(f"--method {cfg.method} is edge-only; node levels take atp, atp-qk, atp-gd, atp* or exact")
     graph = EdgeGraph.from_shape(adapter.shape, neurons=cfg.level == "neuron")
     n_comp = len({n.component.head_node for n in nodes})
     sizes = [k for k in _curve_sizes(n_comp) if k <= 64] if not rules else [cfg.top_k]  # type: ignore[list-item]
@@ -256,49 +259,24 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
     if circuit.level == "edge":
         scores_like = _stored_scores(circuit, len(pairs))
         checked = verify(adapter, pairs, circuit, scores_like, top=n_verify, sample_below=sample_below,
-                         seed=cfg.seed, bound=bound, batch_size=max(batch_size, 64))
+                         seed=cfg.seed, bound=bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p,
+                         batch_size=max(batch_size, 64))
     else:
         checked = circuit.verification
     return DiscoverResult(circuit.with_(verification=checked, meta=meta), cfg, label, len(pairs))
 
 
-def _stored_scores(circuit: Circuit, n_pairs: int):
+def _stored_scores(circuit: Circuit, n_pairs: int) -> EdgeScores:
     """An :class:`EdgeScores` view of a saved circuit's mean estimates (one pseudo-pair)."""
-    from .scores import EdgeScores
-
     return EdgeScores(circuit.signed[None].double(), circuit.score[None].double(), circuit.method, circuit.direction,
                       circuit.metric, meta={"stored": True, "n_pairs": n_pairs}, graph=circuit.graph)
 
 
 def write_circuit(circuit: Circuit, folder: Path, formats: Sequence[str], stem: str = "circuit",
-                  skip_existing_json: bool = False) -> dict[str, Path]:
-    """Write the requested formats of a circuit into ``folder``; returns ``{format: path}``."""
-    from .export import dot_available, render, to_dot, to_networkx, write_json, write_report
+                  skip_existing_json: bool = False, scores: EdgeScores | None = None) -> dict[str, Path]:
+    """Write the requested formats of a circuit into ``folder`` (``skip_existing_json`` leaves the
+    circuit's own JSON alone when converting a saved file); returns ``{format: path}``."""
+    from .export import export_all
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    if "json" in formats and not skip_existing_json:
-        paths["json"] = write_json(circuit, folder / f"{stem}.json")
-    if "mib" in formats:
-        paths["mib"] = write_json(circuit, folder / f"{stem}.mib.json", mode="mib")
-    if "networkx" in formats:
-        import networkx as nx
-
-        p = folder / f"{stem}.networkx.json"
-        p.write_text(json.dumps(nx.node_link_data(to_networkx(circuit), edges="edges"), indent=1, default=str))
-        paths["networkx"] = p
-    drawings = [f for f in ("svg", "png", "pdf") if f in formats]
-    if "dot" in formats or drawings or {"md", "html"} & set(formats):
-        dot_text = to_dot(circuit)
-        p = folder / f"{stem}.dot"
-        p.write_text(dot_text)
-        paths["dot"] = p
-        if drawings and not dot_available():
-            raise EdgeatpError(f"graphviz's dot is not installed, so {', '.join(drawings)} cannot be drawn; "
-                               "install it (apt-get install graphviz) or use --format json,dot,md")
-        for f in drawings:
-            paths[f] = render(dot_text, folder / f"{stem}.{f}", f)
-    for f in ("md", "html"):
-        if f in formats:
-            paths[f] = write_report(circuit, folder, fmt=f, stem=stem)
-    return paths
+    wanted = [f for f in formats if not (skip_existing_json and f == "json")]
+    return export_all(circuit, folder, wanted, name=stem, task=circuit.meta.get("data"), scores=scores)

@@ -39,7 +39,7 @@ def test_discover_json_summary_and_text_summary(tmp_path):
     summary = json.loads(res.output)
     assert summary["model"] == "zoo:induction" and summary["n_edges"] > 0
     assert summary["verification"]["n_checked"] == 8
-    assert "noising" in summary["sign_convention"]
+    assert summary["direction"] == "noising" and "clean run with corrupt values" in summary["sign_convention"]
     text = run("discover", "--model", "zoo:dup", "--n-pairs", "16", "--out", str(tmp_path), "--format", "json",
                "--top-k", "30", "--method", "atp")
     assert text.exit_code == 0 and "edge circuit by atp" in text.output and "faithfulness" in text.output
@@ -101,8 +101,8 @@ def test_listings():
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)] if args[0] == "discover" else args)
     assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and res.output.strip().endswith(errors[0]), res.output
     assert "Traceback" not in res.output
 
 

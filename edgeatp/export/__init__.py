@@ -5,8 +5,11 @@ rendering pictures calls the ``dot`` program.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
+
+import networkx as nx
 
 from ..circuit import Circuit
 from ..errors import EdgeatpError
@@ -17,14 +20,15 @@ from .json_io import SCHEMA_PATH, circuit_from_json, circuit_to_json, write_json
 from .networkx_io import to_networkx
 from .report import ReportFormat, write_report
 
-EXPORT_FORMATS = ("json", "mib", "dot", *PICTURE_FORMATS, "md", "html")
+EXPORT_FORMATS = ("json", "mib", "dot", *PICTURE_FORMATS, "md", "html", "networkx")
 
 
 def export_all(circuit: Circuit, out_dir: str | Path, formats: Sequence[str] = ("json", "dot", "svg"), *,
                name: str = "circuit", task: str | None = None, scores: EdgeScores | None = None) -> dict[str, Path]:
-    """Write the circuit in each of ``formats`` (json, mib, dot, svg, png, pdf, md, html) into
-    ``out_dir`` as ``<name>.<ext>`` (MIB: ``<name>.mib.json``); returns format → path. Checks
-    the formats and Graphviz before writing anything."""
+    """Write the circuit in each of ``formats`` (json, mib, dot, svg, png, pdf, md, html, networkx)
+    into ``out_dir`` as ``<name>.<ext>`` (MIB: ``<name>.mib.json``, networkx node-link data:
+    ``<name>.networkx.json``); returns format → path. Checks the formats and Graphviz before
+    writing anything."""
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise EdgeatpError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
@@ -42,6 +46,10 @@ def export_all(circuit: Circuit, out_dir: str | Path, formats: Sequence[str] = (
             written[fmt] = write_json(circuit, out / f"{name}.json")
         elif fmt == "mib":
             written[fmt] = write_json(circuit, out / f"{name}.mib.json", "mib")
+        elif fmt == "networkx":
+            data = nx.node_link_data(to_networkx(circuit), edges="edges")
+            written[fmt] = out / f"{name}.networkx.json"
+            written[fmt].write_text(json.dumps(data, indent=1), encoding="utf-8")
         elif fmt == "dot":
             written[fmt] = out / f"{name}.dot"
             written[fmt].write_text(dot_text, encoding="utf-8")
