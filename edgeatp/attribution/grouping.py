@@ -21,14 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import EdgeatpError
-from ..graph import ModelShape, Node, NodeIndex, NodeKind, check_nodes, node_set
+from ..graph import ModelShape, Node, NodeKind, check_nodes, node_set
 from ..metrics import Metric, get_metric
 from ..model import ModelAdapter, Site, load_model
 from ..patching import PatchEffects, patch_nodes
 from ..scores import Cost, _Result
 from ..tasks.pairs import Direction, PromptPairs
-from .nodes import NODE_METHODS, _linear, _LINEAR_SITE, check_gradient_metric
-from .passes import GradDropMode, gradient_run, graddrop_units
+from .nodes import NODE_METHODS, _linear, _Need, _sites, check_gradient_metric, qk_score_shift
+from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
 from .qk_fix import joint_fix
 
 
@@ -182,15 +182,7 @@ def attribute_groups(
             if n.position is not None and n.position >= T:
                 raise EdgeatpError(f"group {g.name}: node {n.name} is beyond the prompts' {T} positions")
     keys = {(n.kind, n.layer if n.layer is not None else 0) for g in groups for n in g.members}
-    act, grad, base = [], [], []
-    for kind, layer in sorted(keys, key=lambda k: (k[1], k[0].value)):
-        if qk_fix and kind in (NodeKind.Q, NodeKind.K):
-            act += [Site("rot_q", layer), Site("rot_k", layer)]
-            base += [Site("scores", layer), Site("pattern", layer)]
-            grad.append(Site("pattern", layer))
-        else:
-            act.append(Site(_LINEAR_SITE[kind], layer))
-            grad.append(Site(_LINEAR_SITE[kind], layer))
+    act, grad, base = _sites(_Need(frozenset(), frozenset(keys)), qk_fix)
     units = graddrop_units(adapter, graddrop) if use_gd else []
     norm = torch.tensor([_group_terms(adapter, g, units) for g in groups], dtype=torch.float64)
     signed = torch.zeros(len(pairs), len(groups), dtype=torch.float64)
@@ -200,8 +192,7 @@ def attribute_groups(
         for batch in tqdm(list(pairs.batches(batch_size, direction, same_length=not adapter.causal)),
                           disable=not progress, desc=f"group {method}", leave=False):
             batch = batch.to(adapter.device)
-            run = gradient_run(adapter, batch, metric_obj, list(dict.fromkeys(act)), list(dict.fromkeys(grad)),
-                               graddrop if use_gd else None, list(dict.fromkeys(base)))
+            run = gradient_run(adapter, batch, metric_obj, act, grad, graddrop if use_gd else None, base)
             with torch.no_grad():
                 shifts = _qk_shifts(adapter, run, keys) if qk_fix else {}
                 values = []
@@ -237,21 +228,10 @@ def _member_masks(group: Group, T: int, shape: ModelShape) -> dict[tuple[NodeKin
     return out
 
 
-def _qk_shifts(adapter: ModelAdapter, run, keys: set[tuple[NodeKind, int]]) -> dict:
-    """Per query/key family and layer, the clean scores, probabilities and score shifts of patching."""
-    out = {}
-    for kind, layer in keys:
-        if kind not in (NodeKind.Q, NodeKind.K):
-            continue
-        Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
-        F0 = adapter.attention_score_fn(layer, Q, K)
-        if kind is NodeKind.Q:
-            shift = adapter.attention_score_fn(layer, run.source[Site("rot_q", layer)], K) - F0
-        else:
-            shift = adapter.attention_score_fn(layer, Q, run.source[Site("rot_k", layer)]) - F0
-        out[(kind, layer)] = (run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(),
-                              shift.double())
-    return out
+def _qk_shifts(adapter: ModelAdapter, run: GradRun, keys: set[tuple[NodeKind, int]]) -> dict:
+    """Per query/key family and layer: base scores, probabilities and the score shift of patching."""
+    return {(kind, layer): qk_score_shift(adapter, run, kind, layer)
+            for kind, layer in keys if kind in (NodeKind.Q, NodeKind.K)}
 
 
 def _group_value(masks: dict, lin: dict, shifts: dict, run, g_pass: dict) -> torch.Tensor:

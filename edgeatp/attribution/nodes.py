@@ -109,20 +109,27 @@ def _linear(run: GradRun, g: dict[Site, torch.Tensor], kind: NodeKind, layer: in
     return prod.sum(-1, keepdim=True)
 
 
+def qk_score_shift(adapter: ModelAdapter, run: GradRun, kind: NodeKind, layer: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Base scores, base probabilities and the score change when the layer's queries (or keys)
+    take their source values, all ``[b, H, T, T]`` float64 (masked scores stay ``-inf``)."""
+    Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
+    F0 = adapter.attention_score_fn(layer, Q, K)
+    if kind is NodeKind.Q:
+        shift = adapter.attention_score_fn(layer, run.source[Site("rot_q", layer)], K) - F0
+    else:
+        shift = adapter.attention_score_fn(layer, Q, run.source[Site("rot_k", layer)]) - F0
+    return run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(), shift.double()
+
+
 def _qk(adapter: ModelAdapter, run: GradRun, g: dict[Site, torch.Tensor], kind: NodeKind, layer: int,
         per_pos: bool, agg: bool, cache: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """QK-fixed estimates for query or key nodes: ``[b, T, H]`` per position and ``[b, H]`` aggregated."""
     key = (kind, layer)
     if key not in cache:
-        Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
-        S, A = run.base[Site("scores", layer)], run.base[Site("pattern", layer)]
-        F0 = adapter.attention_score_fn(layer, Q, K)
-        if kind is NodeKind.Q:
-            shift = adapter.attention_score_fn(layer, run.source[Site("rot_q", layer)], K) - F0
-        else:
-            shift = adapter.attention_score_fn(layer, Q, run.source[Site("rot_k", layer)]) - F0
-        cache[key] = (S.double(), (S + shift).double(), A.double(), shift.double())
-    S, S_new, A, shift = cache[key]
+        cache[key] = qk_score_shift(adapter, run, kind, layer)
+    S, A, shift = cache[key]
+    S_new = S + shift
     G = g[Site("pattern", layer)].double()
     pp = ag = None
     if kind is NodeKind.Q:
