@@ -1,0 +1,114 @@
+"""Pruning, connectivity, verification against exact patching, faithfulness on the zoo."""
+
+import pytest
+import torch
+
+import edgeatp as ea
+from edgeatp.circuit import (circuit_faithfulness, connected, faithfulness_curve, node_circuit, prune, select_cumulative,
+                             select_greedy, select_threshold, select_top_k, verify, verify_nodes)
+from edgeatp.errors import EdgeatpError
+from edgeatp.graph import Edge, EdgeGraph, ModelShape, Node
+from edgeatp.scores import EdgeScores
+from edgeatp.tasks.pairs import Direction
+
+SHAPE = ModelShape(2, 2, 8, 4, 16)
+
+
+def fake_scores(values: dict[str, float]) -> EdgeScores:
+    g = EdgeGraph.from_shape(SHAPE)
+    t = torch.zeros(1, g.n_writers, g.n_readers, dtype=torch.float64)
+    for name, v in values.items():
+        w, r = g.index_of(name)
+        t[0, w, r] = v
+    return EdgeScores(t, t.abs(), "test", Direction.NOISING, "logit_diff", graph=g)
+
+
+CHAIN = {"input->a0.h0<v>": -3.0, "a0.h0->a1.h1<k>": 2.0, "a1.h1->logits": -1.5, "m0->logits": 0.5,
+         "a0.h1->m1": 4.0, "input->m0": 0.25}
+
+
+def names(mask: torch.Tensor, scores: EdgeScores) -> set[str]:
+    return {scores.graph.edge(w, r).name for w, r in mask.nonzero().tolist()}
+
+
+def test_selection_rules():
+    s = fake_scores(CHAIN)
+    assert names(select_top_k(s, 2), s) == {"a0.h1->m1", "input->a0.h0<v>"}
+    assert names(select_threshold(s, 1.5), s) == {"a0.h1->m1", "input->a0.h0<v>", "a0.h0->a1.h1<k>", "a1.h1->logits"}
+    total = sum(abs(v) for v in CHAIN.values())
+    assert names(select_cumulative(s, 7.0 / total), s) == {"a0.h1->m1", "input->a0.h0<v>"}
+    assert names(select_greedy(s, 3), s) == {"a1.h1->logits", "a0.h0->a1.h1<k>", "input->a0.h0<v>"}
+    with pytest.raises(EdgeatpError, match="exactly one of"):
+        prune(s, top_k=2, threshold=1.0)
+    with pytest.raises(EdgeatpError, match="non-negative"):
+        select_threshold(s, -1)
+
+
+def test_connectivity_keeps_only_input_to_logits_paths():
+    s = fake_scores(CHAIN)
+    kept = names(connected(s.graph, select_top_k(s, 6)), s)
+    assert kept == {"input->a0.h0<v>", "a0.h0->a1.h1<k>", "a1.h1->logits", "m0->logits", "input->m0"}
+    assert "a0.h1->m1" not in kept  # a0.h1 is fed by nothing and m1 feeds nothing
+    c = prune(s, top_k=6)
+    assert [e.name for e in c.edges()][0] == "input->a0.h0<v>"
+    assert {n.name for n in c.nodes()} == {"input", "a0.h0", "m0", "a1.h1", "logits"}
+
+
+def test_verification_numbers_equal_exact_patching(zoo_ioi):
+    pairs = ea.make_task("ioi", zoo_ioi.tokenizer, 16, seed=4)
+    scores = ea.attribute_edges(zoo_ioi, pairs, "atp-qk")
+    circuit = prune(scores, top_k=10)
+    v = verify(zoo_ioi, pairs, circuit, scores, top=6, sample_below=5, seed=1)
+    exact = ea.patch_edges(zoo_ioi, pairs, scores.graph, [Edge.parse(c.edge) for c in v.checks])
+    assert [c.exact for c in v.checks] == pytest.approx(exact.mean.tolist(), abs=1e-9)
+    assert [c.estimate for c in v.checks[:6]] == pytest.approx([scores.signed_of(e) for e, *_ in scores.top(6)])
+    assert v.largest_miss_size == pytest.approx(max(abs(c.estimate - c.exact) for c in v.checks))
+    assert v.below_cut_max == pytest.approx(max(abs(c.exact) for c in v.checks[6:]))
+    assert all(not c.in_circuit for c in v.checks[6:])
+    nodes = ea.attribute_nodes(zoo_ioi, pairs, "atp-qk")
+    nc = node_circuit(nodes, scores.graph, top_k=3)
+    vn = verify_nodes(zoo_ioi, pairs, nc, nodes, top=4, sample_below=2)
+    exact_n = ea.patch_nodes(zoo_ioi, pairs, [Node.parse(c.edge) for c in vn.checks])
+    assert [c.exact for c in vn.checks] == pytest.approx(exact_n.mean.tolist(), abs=1e-9)
+
+
+def test_edge_bound_runs_and_reports(zoo_induction):
+    pairs = ea.make_task("induction", zoo_induction.tokenizer, 16, seed=4)
+    scores = ea.attribute_edges(zoo_induction, pairs, "atp-qk")
+    circuit = prune(scores, top_k=8)
+    v = verify(zoo_induction, pairs, circuit, scores, top=8, sample_below=4, bound=True, bound_samples=300,
+               bound_p=0.05)
+    assert v.below_cut_bound is not None and v.below_cut_bound >= v.below_cut_max - 1e-9
+    assert v.bound_alpha == 0.05
+
+
+# The sizes stated in the README's zoo table: faithfulness >= 0.8 and the known mechanism inside.
+ZOO_BAR = {"induction": (8, {"a0.h1->a1.h0<k>", "a0.h1->a1.h1<k>", "input->a0.h1<v>"}),
+           "ioi": (16, {"input->a0.h1<v>", "input->a0.h3<v>", "m0->logits", "m1->logits"}),
+           "dup": (48, {"a1.h1->logits", "a1.h0->logits"})}
+
+
+@pytest.mark.parametrize("name", list(ZOO_BAR))
+def test_zoo_circuits_are_faithful_and_contain_the_known_mechanism(name):
+    model = ea.load_model(f"zoo:{name}")
+    pairs = ea.make_task(model.card["task"], model.tokenizer, 64, seed=0)
+    scores = ea.attribute_edges(model, pairs, "atp-qk")
+    size, mechanism = ZOO_BAR[name]
+    circuit = prune(scores, top_k=size)
+    f = circuit_faithfulness(model, pairs, circuit)
+    assert f.faithfulness[0] >= 0.8, f
+    assert f.necessity[0] < 0.5
+    assert mechanism <= {e.name for e in circuit.edges()}
+    curve = faithfulness_curve(model, pairs, scores, [size])
+    assert curve.faithfulness[0] == pytest.approx(f.faithfulness[0], abs=1e-6)
+
+
+def test_denoising_faithfulness_uses_the_same_circuit_semantics(zoo_ioi):
+    pairs = ea.make_task("ioi", zoo_ioi.tokenizer, 16, seed=5)
+    s_noise = ea.attribute_edges(zoo_ioi, pairs, "atp")
+    full = prune(s_noise, top_k=s_noise.graph.n_edges, cleanup=False)
+    assert circuit_faithfulness(zoo_ioi, pairs, full).faithfulness[0] == pytest.approx(1.0, abs=1e-6)
+    s_denoise = ea.attribute_edges(zoo_ioi, pairs, "atp", direction="denoising")
+    full_d = prune(s_denoise, top_k=s_denoise.graph.n_edges, cleanup=False)
+    f = circuit_faithfulness(zoo_ioi, pairs, full_d)
+    assert f.faithfulness[0] == pytest.approx(1.0, abs=1e-6) and f.necessity[0] == pytest.approx(0.0, abs=1e-6)
