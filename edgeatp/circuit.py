@@ -290,13 +290,34 @@ def _clean_corrupt(adapter: ModelAdapter, pairs: PromptPairs, metric: Metric, ba
     return totals[0] / len(pairs), totals[1] / len(pairs)
 
 
+def top_k_circuits(scores: EdgeScores, sizes: Sequence[int], cleanup: bool = True) -> list[tuple[int, Circuit]]:
+    """``(k, circuit)`` for increasing top-``k``, skipping sizes whose cleaned circuit is empty or
+    repeats the previous one (cleanup can make several ``k`` give the same circuit)."""
+    out: list[tuple[int, Circuit]] = []
+    for k in sorted(set(sizes)):
+        c = circuit_from_edges(scores, select_top_k(scores, k), cleanup, {"rule": "top_k", "value": k})
+        if c.n_edges == 0 or (out and torch.equal(c.in_graph, out[-1][1].in_graph)):
+            continue
+        out.append((k, c))
+    return out
+
+
 def faithfulness_curve(adapter: ModelAdapter, pairs: PromptPairs, scores: EdgeScores, sizes: Sequence[int],
                        batch_size: int = 32, cleanup: bool = True) -> Faithfulness:
-    """Faithfulness and necessity of the top-``k`` circuits for each ``k`` in ``sizes``."""
-    metric = get_metric(scores.metric)
-    masks = [circuit_from_edges(scores, select_top_k(scores, k), cleanup).in_graph for k in sizes]
-    return _faithfulness(adapter, pairs, scores.graph, torch.stack(masks), metric, scores.direction, batch_size,
-                         [int(m.sum()) for m in masks])
+    """Faithfulness and necessity of the distinct top-``k`` circuits for ``k`` in ``sizes`` (sizes
+    reported as kept edge counts, after cleanup)."""
+    circuits = [c for _, c in top_k_circuits(scores, sizes, cleanup)]
+    return circuits_faithfulness(adapter, pairs, circuits, batch_size)
+
+
+def circuits_faithfulness(adapter: ModelAdapter, pairs: PromptPairs, circuits: Sequence[Circuit],
+                          batch_size: int = 32) -> Faithfulness:
+    """Faithfulness and necessity of several edge circuits of one graph, in one sweep."""
+    if not circuits:
+        raise EdgeatpError("no circuit to evaluate: every requested size leaves no edge after cleanup; try larger sizes")
+    first = circuits[0]
+    return _faithfulness(adapter, pairs, first.graph, torch.stack([c.in_graph for c in circuits]),
+                         get_metric(first.metric), first.direction, batch_size, [c.n_edges for c in circuits])
 
 
 def _faithfulness(adapter: ModelAdapter, pairs: PromptPairs, graph: EdgeGraph, masks: torch.Tensor, metric: Metric,
@@ -369,11 +390,13 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
 
         verified = {c.edge for c in checks}
         unverified = [e for e in outside + [e for e in ranked if not _in(circuit, e)] if e.name not in verified]
-        result = edge_false_negative_bound(adapter, pairs, scores.graph, unverified, metric=scores.metric,
-                                           direction=scores.direction, samples=bound_samples, p=bound_p,
-                                           alpha=alpha, seed=seed, batch_size=batch_size)
-        theta = result.theta
-        forwards += result.n_forwards
+        theta = 0.0  # every edge outside the circuit was patched exactly: nothing is left to bound
+        if unverified:
+            result = edge_false_negative_bound(adapter, pairs, scores.graph, unverified, metric=scores.metric,
+                                               direction=scores.direction, samples=bound_samples, p=bound_p,
+                                               alpha=alpha, seed=seed, batch_size=batch_size)
+            theta = result.theta
+            forwards += result.n_forwards
     return _summarise(checks, len(ranked), theta, alpha if bound else None, forwards)
 
 

@@ -17,8 +17,8 @@ from . import __version__
 from .attribution.edges import attribute_edges
 from .attribution.grouping import attribute_groups, parse_groups, patch_groups
 from .attribution.nodes import NODE_METHODS, attribute_nodes
-from .circuit import (Circuit, Faithfulness, circuit_faithfulness, faithfulness_curve, node_circuit, prune, verify,
-                      verify_nodes)
+from .circuit import (Circuit, Faithfulness, circuit_faithfulness, circuits_faithfulness, node_circuit, prune,
+                      top_k_circuits, verify, verify_nodes)
 from .errors import EdgeatpError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
@@ -137,14 +137,6 @@ def _curve_sizes(n: int, extra: Sequence[int] = ()) -> list[int]:
     return sorted({k for k in (*CURVE_SIZES, *extra) if 0 < k <= n} | {n})
 
 
-def _auto_size(curve: Faithfulness, requested: Sequence[int], target: float) -> int:
-    """Smallest requested size whose circuit reaches ``target``; else the most faithful one."""
-    for k, f in zip(requested, curve.faithfulness):
-        if f >= target:
-            return k
-    return requested[max(range(len(requested)), key=lambda i: curve.faithfulness[i])]
-
-
 def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> DiscoverResult:
     """Attribute, select, verify: the whole ``discover`` command as a function."""
     rules = [r for r in ("top_k", "threshold", "cumulative", "greedy") if getattr(cfg, r) is not None]
@@ -157,7 +149,7 @@ def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str
     adapter, pairs, label = load_inputs(cfg)
     log(f"{adapter.name}: {adapter.shape.n_layers} layers x {adapter.shape.n_heads} heads; {label}")
     common = dict(metric=cfg.metric, direction=cfg.direction, batch_size=cfg.batch_size)
-    meta: dict[str, Any] = {"model": adapter.describe(), "model_spec": cfg.model, "data": label,
+    meta: dict[str, Any] = {"model": adapter.name, "model_info": adapter.describe(), "data": label,
                             "n_pairs": len(pairs), "config": asdict(cfg), "edgeatp_version": __version__,
                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     scores = None
@@ -174,14 +166,16 @@ def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
                   progress: bool, log: Callable[[str], None]) -> tuple[Circuit, EdgeScores]:
     scores = attribute_edges(adapter, pairs, cfg.method, positions=cfg.positions, progress=progress, **common)
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
-    sizes = _curve_sizes(scores.graph.n_edges)
-    curve = faithfulness_curve(adapter, pairs, scores, sizes, cfg.batch_size)
+    candidates = top_k_circuits(scores, _curve_sizes(scores.graph.n_edges))
+    curve = circuits_faithfulness(adapter, pairs, [c for _, c in candidates], cfg.batch_size)
     if rules:
         circuit = prune(scores, **{rules[0]: getattr(cfg, rules[0])})
     else:
-        k = _auto_size(curve, sizes, cfg.target)
-        circuit = prune(scores, top_k=k)
-        circuit = circuit.with_(meta={**circuit.meta, "rule": f"smallest top-k reaching faithfulness {cfg.target}"})
+        reach = [i for i, f in enumerate(curve.faithfulness) if f >= cfg.target]
+        pick = reach[0] if reach else max(range(len(candidates)), key=lambda i: curve.faithfulness[i])
+        k, circuit = candidates[pick]
+        circuit = circuit.with_(meta={**circuit.meta, "rule": f"smallest top-k reaching faithfulness {cfg.target}",
+                                      "value": k})
     own = circuit_faithfulness(adapter, pairs, circuit, cfg.batch_size)
     log(f"kept {circuit.n_edges} edges; faithfulness {own.faithfulness[0]:.3f}")
     checked = verify(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
