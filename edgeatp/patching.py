@@ -170,7 +170,7 @@ class NodePatch:
     adapter: ModelAdapter
     sets: Sequence[Sequence[Node]]
     n_positions: int
-    _entries: dict[Site, list[tuple[int, int | None, int | None]]] = field(init=False, default_factory=dict)
+    _entries: dict[Site, dict[int, list[tuple[int | None, int | None]]]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.n_sets = len(self.sets)
@@ -181,7 +181,7 @@ class NodePatch:
                     raise ValueError(f"{node.name}: position {node.position} is beyond the prompts' "
                                      f"{self.n_positions} tokens")
                 site, index = node_site(node)
-                self._entries.setdefault(site, []).append((j, node.position, index))
+                self._entries.setdefault(site, {}).setdefault(j, []).append((node.position, index))
 
     def source_sites(self) -> list[Site]:
         return list(self._entries)
@@ -189,22 +189,26 @@ class NodePatch:
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         out = []
-        for site, entries in self._entries.items():
+        for site, by_set in self._entries.items():
             src = source[site][pair_rows]
-            mask = self._mask(site, entries, set_rows, src)
+            mask = self._mask(site, by_set, set_rows, src)
             if mask is not None:
                 out.append((site, _replace(mask, src)))
         return out
 
-    def _mask(self, site: Site, entries: list[tuple[int, int | None, int | None]], set_rows: torch.Tensor,
+    def _mask(self, site: Site, by_set: dict[int, list[tuple[int | None, int | None]]], set_rows: torch.Tensor,
               src: torch.Tensor) -> torch.Tensor | None:
-        """Bool mask shaped like the site's leading axes (``[R, T]`` or ``[R, T, heads|neurons]``)."""
+        """Bool mask shaped like the site's leading axes (``[R, T]`` or ``[R, T, heads|neurons]``),
+        built only for the sets in this forward."""
         per_set = site.kind not in ("mlp_out", "resid_pre")
         width = src.shape[2] if per_set else 1
-        table = torch.zeros(self.n_sets, src.shape[1], width, dtype=torch.bool, device=src.device)
-        for j, pos, index in entries:
-            table[j, slice(None) if pos is None else pos, 0 if index is None else index] = True
-        mask = table[set_rows]
+        mask = torch.zeros(len(set_rows), src.shape[1], width, dtype=torch.bool, device=src.device)
+        rows_of = {}
+        for r, j in enumerate(set_rows.tolist()):
+            rows_of.setdefault(j, []).append(r)
+        for j, rows in rows_of.items():
+            for pos, index in by_set.get(j, ()):
+                mask[rows, slice(None) if pos is None else pos, 0 if index is None else index] = True
         if not bool(mask.any()):
             return None
         return mask if per_set else mask[:, :, 0]
