@@ -197,10 +197,12 @@ class ModelAdapter:
             with self.model.hooks(fwd_hooks=[(self.hook_name(s), wrap(f)) for s, f in fwd]):
                 yield
 
-    def forward(self, tokens: torch.Tensor, fwd: Sequence[tuple[Site, FwdHook]] = ()) -> torch.Tensor:
-        """Logits ``[batch, pos, vocab]`` of a batch of token ids, with optional site hooks."""
+    def forward(self, tokens: torch.Tensor, fwd: Sequence[tuple[Site, FwdHook]] = (), logits: bool = True
+                ) -> torch.Tensor | None:
+        """Logits ``[batch, pos, vocab]`` of a batch of token ids, with optional site hooks
+        (``logits=False`` skips the unembedding when only hooked activations are wanted)."""
         with self.hooks(fwd):
-            return self.model(tokens.to(self.device), return_type="logits")
+            return self.model(tokens.to(self.device), return_type="logits" if logits else None)
 
     # ------------------------------------------------------------------ math on weights
     def _block(self, layer: int) -> Any:

@@ -76,8 +76,9 @@ class Intervention(Protocol):
         """Hooks for a forward whose row ``i`` is pair ``pair_rows[i]`` of the batch under set ``set_rows[i]``."""
 
 
-def capture(adapter: ModelAdapter, tokens: torch.Tensor, sites: Sequence[Site]) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
-    """Logits and the values at ``sites`` of one forward (no gradient)."""
+def capture(adapter: ModelAdapter, tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True
+            ) -> tuple[torch.Tensor | None, dict[Site, torch.Tensor]]:
+    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient)."""
     cache: dict[Site, torch.Tensor] = {}
 
     def keep(site: Site) -> FwdHook:
@@ -86,8 +87,8 @@ def capture(adapter: ModelAdapter, tokens: torch.Tensor, sites: Sequence[Site]) 
         return fn
 
     with torch.no_grad():
-        logits = adapter.forward(tokens, [(s, keep(s)) for s in dict.fromkeys(sites)])
-    return logits, cache
+        out = adapter.forward(tokens, [(s, keep(s)) for s in dict.fromkeys(sites)], logits=logits)
+    return out, cache
 
 
 def reference_logprobs(adapter: ModelAdapter, batch: PairBatch, metric: Metric) -> torch.Tensor | None:
@@ -130,7 +131,7 @@ def sweep(
             base_logits = capture(adapter, batch.base, [])[0]
             base = metric_obj(base_logits, batch, ref)
             base_metric[batch.index] = base.double().cpu()
-            _, source = capture(adapter, batch.source, intervention.source_sites())
+            _, source = capture(adapter, batch.source, intervention.source_sites(), logits=False)
             forwards += 2
             for start in range(0, s, chunk):
                 sets = torch.arange(start, min(s, start + chunk), device=adapter.device)

@@ -52,6 +52,14 @@ class _ReaderGroup:
         self.readers = torch.tensor(readers, dtype=torch.long)
         self.heads = torch.tensor(heads, dtype=torch.long)
         self.writers = writers  # upstream writer indices
+        self.w_sel, self.r_sel = _selector(self.writers), _selector(self.readers)
+
+
+def _selector(idx: torch.Tensor) -> slice | torch.Tensor:
+    """A slice when the indices are one contiguous run (views instead of copies), else the indices."""
+    if len(idx) and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + len(idx))).all()):
+        return slice(int(idx[0]), int(idx[0]) + len(idx))
+    return idx
 
 
 def _reader_groups(graph: EdgeGraph) -> list[_ReaderGroup]:
@@ -241,13 +249,14 @@ def attribute_edges(
                 run = gradient_run(adapter, batch, metric_obj, act, grad, gd_mode, base)
                 with torch.no_grad():
                     delta = _deltas(layout, run.source, run.base, graph.n_writers).to(work_dtype)
+                    flat = _flat_deltas(delta) if P is None else delta
                     cache: dict = {}
                     for p, g in enumerate(run.grads):
                         for group in groups:
                             if qk_on and (group.kind, group.layer) in qk_keys and allowed is None:
                                 continue
                             gin = _reader_grads(adapter, run, g, group, cache).to(work_dtype)
-                            _contract(out[p], delta, gin, group, P)
+                            _contract(out[p], delta, flat, gin, group, P)
                         cache.clear()
                     for group in qk_groups:
                         _qk_edges(adapter, run, delta, group, chunk, out, work_dtype, P)
@@ -275,16 +284,27 @@ def _cost(method: str, metric: Metric, n_units: int, ig_steps: int) -> Cost:
     return Cost(forwards=2 + extra, backwards=1 + n_units)
 
 
-def _contract(out: torch.Tensor, delta: torch.Tensor, gin: torch.Tensor, group: _ReaderGroup, P: int | None) -> None:
+def _flat_deltas(delta: torch.Tensor) -> torch.Tensor:
+    """``[b, W, T·d]`` contiguous copy of the writer differences, so each reader layer's
+    contraction is one batched matrix product over a view."""
+    b, T, W, d = delta.shape
+    return delta.permute(0, 2, 1, 3).reshape(b, W, T * d)
+
+
+def _contract(out: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor, gin: torch.Tensor, group: _ReaderGroup,
+              P: int | None) -> None:
     """Add ``Δw · g_r`` for the group's readers into ``out`` ``[b, (T,) W, R]``."""
-    D = delta[:, :, group.writers]  # [b, T, w, d]
-    T = D.shape[1]
+    T = delta.shape[1]
     if P is None:
-        vals = torch.einsum("btwd,btrd->bwr", D, gin)
-        out[:, group.writers[:, None], group.readers[None, :]] += vals.double()
+        b, _, r, d = gin.shape
+        vals = torch.bmm(flat[:, group.w_sel], gin.permute(0, 1, 3, 2).reshape(b, T * d, r)).double()
     else:
-        vals = torch.einsum("btwd,btrd->btwr", D, gin)
-        out[:, :T, group.writers[:, None], group.readers[None, :]] += vals.double()
+        vals = torch.einsum("btwd,btrd->btwr", delta[:, :, group.w_sel], gin).double()
+    target = out if P is None else out[:, :T]
+    if isinstance(group.w_sel, slice) and isinstance(group.r_sel, slice):
+        target[..., group.w_sel, group.r_sel] += vals
+    else:
+        target[..., group.writers[:, None], group.readers[None, :]] += vals
 
 
 def _qk_edges(adapter: ModelAdapter, run: GradRun, delta: torch.Tensor, group: _ReaderGroup, chunk: int,
@@ -313,8 +333,8 @@ def _ig_batch(adapter: ModelAdapter, batch, metric: Metric, layout: WriterLayout
               act: list[Site], grad: list[Site], base: list[Site], steps: int, out: torch.Tensor,
               graph: EdgeGraph) -> None:
     """Integrated gradients: Δw · mean over α of reader gradients, with the embedding at base + α·Δ."""
-    _, source = capture(adapter, batch.source, [*act, Site("resid_pre", 0)])
-    _, base_acts = capture(adapter, batch.base, act)
+    _, source = capture(adapter, batch.source, [*act, Site("resid_pre", 0)], logits=False)
+    _, base_acts = capture(adapter, batch.base, act, logits=False)
     delta = _deltas(layout, source, base_acts, graph.n_writers)
     mean_g: dict[int, torch.Tensor] = {}
     for k in range(steps):
@@ -326,8 +346,9 @@ def _ig_batch(adapter: ModelAdapter, batch, metric: Metric, layout: WriterLayout
                 gin = _reader_grads(adapter, run, run.grads[0], group, cache)
                 mean_g[i] = mean_g.get(i, 0) + gin / steps
     with torch.no_grad():
+        flat = _flat_deltas(delta) if graph.n_positions is None else delta
         for i, group in enumerate(groups):
-            _contract(out, delta, mean_g[i], group, graph.n_positions)
+            _contract(out, delta, flat, mean_g[i], group, graph.n_positions)
 
 
 def _exact(adapter: ModelAdapter, pairs: PromptPairs, graph: EdgeGraph, metric: Metric, direction: Direction,

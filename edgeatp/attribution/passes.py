@@ -95,7 +95,8 @@ def gradient_run(
     """
     ref = reference_logprobs(adapter, batch, metric)
     if source is None:
-        _, source = capture(adapter, batch.source, [*act_sites, Site("resid_pre", 0)] if alpha else act_sites)
+        _, source = capture(adapter, batch.source, [*act_sites, Site("resid_pre", 0)] if alpha else act_sites,
+                            logits=False)
     kept: dict[Site, torch.Tensor] = {}
     state = _Drop()
 
