@@ -109,6 +109,8 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
 @click.option("--out", type=click.Path(file_okay=False), default="edgeatp-out", show_default=True)
 @click.option("--format", "fmt", default=DEFAULT_FORMATS, show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
@@ -120,7 +122,8 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
              bound_p: float, direction: str,
-             device: str, dtype: str | None, batch_size: int, seed: int, out: str, fmt: str, allow_download: bool,
+             device: str, dtype: str | None, batch_size: int, seed: int, threads: int | None, out: str, fmt: str,
+             allow_download: bool,
              quiet: bool, as_json: bool, debug: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     from .pipeline import DiscoverConfig, run_discover
@@ -132,7 +135,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
                          direction=direction, device=device, dtype=dtype,
-                         batch_size=batch_size, seed=seed, allow_download=allow_download)
+                         batch_size=batch_size, seed=seed, allow_download=allow_download, threads=threads)
     t0 = time.time()
     result = run_discover(cfg, progress=not quiet_text, log=lambda s: _say(quiet_text, s))
     paths = result.write(Path(out), formats)

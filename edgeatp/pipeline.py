@@ -9,9 +9,12 @@ Kept apart from the CLI so scripts can run exactly what the command runs::
 from __future__ import annotations
 
 import datetime as _dt
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
 
 from . import __version__
 from .attribution.edges import attribute_edges
@@ -58,13 +61,13 @@ class DiscoverConfig:
     batch_size: int = 32
     seed: int = 0
     allow_download: bool = False
+    threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
 
 
-def load_inputs(cfg: DiscoverConfig) -> tuple[ModelAdapter, PromptPairs, str]:
-    """The model and prompt pairs a config names, plus a label for the data."""
-    if cfg.task and cfg.data:
-        raise EdgeatpError("give either --task or --data, not both")
-    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+def load_inputs(cfg: DiscoverConfig, adapter: ModelAdapter | None = None) -> tuple[ModelAdapter, PromptPairs, str]:
+    """The model (loaded unless given) and prompt pairs a config names, plus a label for the data."""
+    if adapter is None:
+        adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
     if cfg.data:
         pairs = load_pairs(cfg.data, adapter.tokenizer, prepend_bos=adapter.prepend_bos, n_ctx=adapter.n_ctx)
         return adapter, pairs, f"file {cfg.data}"
@@ -137,8 +140,33 @@ def _curve_sizes(n: int, extra: Sequence[int] = ()) -> list[int]:
     return sorted({k for k in (*CURVE_SIZES, *extra) if 0 < k <= n} | {n})
 
 
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads (restored afterwards); ``None`` leaves the setting alone."""
+    if n is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> DiscoverResult:
     """Attribute, select, verify: the whole ``discover`` command as a function."""
+    rules = _check(cfg)
+    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    with torch_threads(_threads(cfg, adapter)):
+        return _run_discover(cfg, adapter, rules, progress, log)
+
+
+def _check(cfg: DiscoverConfig) -> list[str]:
+    """Reject contradictory options before any work; returns the selection rule given (if any)."""
     rules = [r for r in ("top_k", "threshold", "cumulative", "greedy") if getattr(cfg, r) is not None]
     if len(rules) > 1:
         raise EdgeatpError("choose one of --top-k, --threshold, --cumulative and --greedy")
@@ -146,7 +174,23 @@ def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str
         raise EdgeatpError(f"--{rules[0].replace('_', '-')} works on edges; node and neuron circuits use --top-k")
     if cfg.level != "edge" and cfg.method not in (*NODE_METHODS, "exact"):
         raise EdgeatpError(f"--method {cfg.method} is edge-only; node levels take atp, atp-qk, atp-gd, atp* or exact")
-    adapter, pairs, label = load_inputs(cfg)
+    if cfg.task and cfg.data:
+        raise EdgeatpError("give either --task or --data, not both")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise EdgeatpError("--threads must be at least 1")
+    return rules
+
+
+def _threads(cfg: DiscoverConfig, adapter: ModelAdapter) -> int | None:
+    """The thread count to run with: as asked, else one for small models, else torch's default."""
+    if cfg.threads is not None:
+        return cfg.threads
+    return 1 if sum(p.numel() for p in adapter.model.parameters()) < SMALL_MODEL_PARAMS else None
+
+
+def _run_discover(cfg: DiscoverConfig, adapter: ModelAdapter, rules: list[str], progress: bool,
+                  log: Callable[[str], None]) -> DiscoverResult:
+    adapter, pairs, label = load_inputs(cfg, adapter)
     log(f"{adapter.name}: {adapter.shape.n_layers} layers x {adapter.shape.n_heads} heads; {label}")
     common = dict(metric=cfg.metric, direction=cfg.direction, batch_size=cfg.batch_size)
     meta: dict[str, Any] = {"model": adapter.name, "model_info": adapter.describe(), "data": label,
@@ -244,7 +288,15 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
     if task or data:
         overrides.update(task=task, data=data)
     cfg = DiscoverConfig(**{**asdict(cfg), **overrides})
-    adapter, pairs, label = load_inputs(cfg)
+    _check(cfg)
+    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    with torch_threads(_threads(cfg, adapter)):
+        return _reverify(path, circuit, cfg, adapter, n_verify, sample_below, bound, batch_size)
+
+
+def _reverify(path: Path, circuit: Circuit, cfg: DiscoverConfig, adapter: ModelAdapter, n_verify: int,
+              sample_below: int, bound: bool, batch_size: int) -> DiscoverResult:
+    adapter, pairs, label = load_inputs(cfg, adapter)
     if circuit.graph.shape != adapter.shape:
         raise EdgeatpError(f"{path} was found on a model of another shape than {adapter.name}")
     own = circuit_faithfulness(adapter, pairs, circuit, batch_size)
