@@ -266,14 +266,47 @@ def node_circuit(scores: NodeScores, graph: EdgeGraph, *, top_k: int) -> Circuit
         c = _component(node.component)
         comp[c] = max(comp.get(c, 0.0), score)
     kept = sorted(comp, key=lambda n: -comp[n])[:top_k]
-    keep_set = set(kept) | {Node(NodeKind.INPUT), Node(NodeKind.LOGITS)}
+    return _component_circuit(graph, {n: comp[n] for n in kept}, scores.method, scores.direction, scores.metric,
+                              {**scores.meta, "rule": "top_k", "value": top_k})
+
+
+def group_circuit(scores: Any, graph: EdgeGraph, *, top_k: int) -> Circuit:
+    """A circuit over coarse groups: every component of the ``top_k`` best groups of a
+    :class:`~edgeatp.attribution.grouping.GroupScores` (a component scores as its best group)."""
+    kept_groups = scores.top(top_k)
+    comp: dict[Node, float] = {}
+    for group, score, _ in kept_groups:
+        for member in group.members:
+            c = _component(member.component)
+            comp[c] = max(comp.get(c, 0.0), score)
+    meta = {**scores.meta, "rule": "top_k groups", "value": top_k, "groups_kept": [g.name for g, *_ in kept_groups]}
+    return _component_circuit(graph, comp, scores.method, scores.direction, scores.metric, meta)
+
+
+def _component_circuit(graph: EdgeGraph, comp: dict[Node, float], method: str, direction: Direction, metric: str,
+                       meta: dict[str, Any]) -> Circuit:
+    """The edges among kept components (plus input and logits); a kept neuron keeps its MLP's input."""
+    keep_set = set(comp) | {Node(NodeKind.INPUT), Node(NodeKind.LOGITS)}
+    keep_set |= {Node(NodeKind.MLP, n.layer) for n in comp if n.kind is NodeKind.NEURON}
     w_in = torch.tensor([w in keep_set for w in graph.writers])
     r_in = torch.tensor([_component(r) in keep_set for r in graph.readers])
     mask = graph.mask & w_in[:, None] & r_in[None, :]
     zeros = torch.zeros(graph.mask.shape, dtype=torch.float64)
-    level: Level = "neuron" if any(n.kind is NodeKind.NEURON for n in kept) else "node"
-    return Circuit(graph, connected(graph, mask), zeros, zeros, level, scores.method, scores.direction, scores.metric,
-                   node_scores={n.name: comp[n] for n in kept}, meta={**scores.meta, "rule": "top_k", "value": top_k})
+    level: Level = "neuron" if any(n.kind is NodeKind.NEURON for n in comp) else "node"
+    return Circuit(graph, connected(graph, mask), zeros, zeros, level, method, direction, metric,
+                   node_scores={n.name: v for n, v in comp.items()}, meta=meta)
+
+
+def coarse_edge_circuit(coarse: Any, scores: EdgeScores, *, top_k: int, cleanup: bool = True) -> Circuit:
+    """A circuit of the member edges of the ``top_k`` best coarse edges of a
+    :class:`~edgeatp.attribution.grouping.CoarseEdgeScores` (fine scores kept for drawing)."""
+    kept = coarse.top(top_k)
+    index = {n: (i, j) for n, i, j in coarse.names()}
+    mask = torch.zeros_like(scores.graph.mask)
+    for name, *_ in kept:
+        mask |= coarse.members[index[name]]
+    return circuit_from_edges(scores, mask, cleanup, {"rule": "top_k coarse edges", "value": top_k,
+                                                      "coarse_edges_kept": [n for n, *_ in kept]})
 
 
 # ------------------------------------------------------------------------------------ verification
@@ -397,12 +430,13 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
                                                alpha=alpha, seed=seed, batch_size=batch_size)
             theta = result.theta
             forwards += result.n_forwards
-    return _summarise(checks, len(ranked), theta, alpha if bound else None, forwards)
+    return summarise_checks(checks, len(ranked), theta, alpha if bound else None, forwards)
 
 
-def _summarise(checks: tuple[EdgeCheck, ...], n_ranked: int, theta: float | None, alpha: float | None,
+def summarise_checks(checks: tuple[EdgeCheck, ...], n_ranked: int, theta: float | None, alpha: float | None,
                forwards: int) -> Verification:
-    """Agreement of estimates and exact effects over the ranked checks; the sample below the cut."""
+    """Agreement of estimates and exact effects over the first ``n_ranked`` checks; the rest is
+    the sample below the cut."""
     head = checks[:n_ranked]
     rho = float(spearmanr([abs(c.estimate) for c in head], [abs(c.exact) for c in head]).correlation) \
         if len(head) > 2 else float("nan")
@@ -427,7 +461,7 @@ def verify_nodes(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, sc
     kept = set(circuit.node_scores)
     checks = tuple(EdgeCheck(n.name, scores.signed_of(n), x, scores[n], _component(n.component).name in kept)
                    for n, x in zip(todo, eff.mean.tolist()))
-    return _summarise(checks, len(ranked), None, None, eff.n_forwards)
+    return summarise_checks(checks, len(ranked), None, None, eff.n_forwards)
 
 
 def _in(circuit: Circuit, edge: Edge) -> bool:

@@ -18,10 +18,10 @@ import torch
 
 from . import __version__
 from .attribution.edges import attribute_edges
-from .attribution.grouping import attribute_groups, parse_groups, patch_groups
+from .attribution.grouping import attribute_groups, coarse_edges, parse_groups, patch_coarse_edges, patch_groups
 from .attribution.nodes import NODE_METHODS, attribute_nodes
-from .circuit import (Circuit, Faithfulness, circuit_faithfulness, circuits_faithfulness, node_circuit, prune,
-                      top_k_circuits, verify, verify_nodes)
+from .circuit import (Circuit, EdgeCheck, Faithfulness, circuit_faithfulness, circuits_faithfulness, group_circuit,
+                      node_circuit, prune, summarise_checks, top_k_circuits, verify, verify_nodes)
 from .errors import EdgeatpError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
@@ -105,6 +105,8 @@ class DiscoverResult:
                                    "bound": v.below_cut_bound}
         if "groups" in c.meta:
             out["groups"] = c.meta["groups"][:10]
+        if "groups_kept" in c.meta:
+            out["groups_kept"] = c.meta["groups_kept"]
         return out
 
     def describe(self) -> str:
@@ -199,10 +201,11 @@ def _run_discover(cfg: DiscoverConfig, adapter: ModelAdapter, rules: list[str], 
     scores = None
     if cfg.level == "edge":
         circuit, scores = _edge_circuit(adapter, pairs, cfg, rules, common, progress, log)
+        if cfg.group:
+            circuit = circuit.with_(meta={**circuit.meta,
+                                          "groups": _coarse_edges(adapter, pairs, cfg, scores, progress)})
     else:
         circuit = _node_circuit(adapter, pairs, cfg, rules, common, progress, log)
-    if cfg.group:
-        circuit = circuit.with_(meta={**circuit.meta, "groups": _groups(adapter, pairs, cfg, common, progress)})
     return DiscoverResult(circuit.with_(meta={**circuit.meta, **meta}), cfg, label, len(pairs), scores)
 
 
@@ -232,45 +235,72 @@ def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
 
 def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
                   progress: bool, log: Callable[[str], None]) -> Circuit:
+    """Node/neuron circuit (or, with ``--group``, a circuit over the best coarse groups)."""
     fams = ["head", "q", "k", "v"] + (["neuron"] if cfg.level == "neuron" else ["mlp"])
     if adapter.shape.attn_only:
         if cfg.level == "neuron":
             raise EdgeatpError("--level neuron needs a model with MLPs")
         fams = fams[:4]
-    nodes = node_set(adapter.shape, fams, pairs.n_positions if cfg.positions else None)
-    if cfg.method == "exact":
-        eff = patch_nodes(adapter, pairs, list(nodes), progress=progress, **common)
-        scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric, meta={}, nodes=nodes)
-    else:
-        scores = attribute_nodes(adapter, pairs, cfg.method, nodes=nodes, positions=cfg.positions, progress=progress,
-                                 **common)
     graph = EdgeGraph.from_shape(adapter.shape, neurons=cfg.level == "neuron")
-    n_comp = len({n.component.head_node for n in nodes})
-    sizes = [k for k in _curve_sizes(n_comp) if k <= 64] if not rules else [cfg.top_k]  # type: ignore[list-item]
-    circuits = [node_circuit(scores, graph, top_k=k) for k in sizes]
-    faith = [circuit_faithfulness(adapter, pairs, c, cfg.batch_size) for c in circuits]
-    curve = Faithfulness(tuple(sizes), tuple(f.faithfulness[0] for f in faith), tuple(f.necessity[0] for f in faith),
-                         faith[0].clean_metric, faith[0].corrupt_metric)
-    pick = 0 if rules else next((i for i, f in enumerate(curve.faithfulness) if f >= cfg.target),
-                                max(range(len(sizes)), key=lambda i: curve.faithfulness[i]))
-    circuit = circuits[pick]
-    log(f"kept {len(circuit.node_scores)} components; faithfulness {curve.faithfulness[pick]:.3f}")
-    checked = verify_nodes(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below,
-                           seed=cfg.seed, batch_size=max(cfg.batch_size, 64)) if cfg.n_verify or cfg.sample_below else None
+    if cfg.group:
+        groups = parse_groups(cfg.group, adapter.shape, pairs.n_positions)
+        method = "atp-qk" if cfg.method == "exact" else cfg.method
+        est = attribute_groups(adapter, pairs, groups, method, progress=progress, **common)
+        exact = patch_groups(adapter, pairs, groups, progress=progress, **common)
+        circuit, curve, pick = _smallest_faithful(adapter, pairs, cfg, rules, len(groups),
+                                                  lambda k: group_circuit(est, graph, top_k=k))
+        exact_of = dict(zip(exact.labels, exact.mean.tolist()))
+        kept = set(circuit.meta["groups_kept"])
+        checks = tuple(EdgeCheck(g.name, m, exact_of[g.name], s, g.name in kept) for g, s, m in est.top())
+        checked = summarise_checks(checks, len(checks), None, None, exact.n_forwards)
+        log(f"kept {len(kept)} of {len(groups)} groups; faithfulness {curve.faithfulness[pick]:.3f}")
+    else:
+        nodes = node_set(adapter.shape, fams, pairs.n_positions if cfg.positions else None)
+        if cfg.method == "exact":
+            eff = patch_nodes(adapter, pairs, list(nodes), progress=progress, **common)
+            scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric, meta={},
+                                nodes=nodes)
+        else:
+            scores = attribute_nodes(adapter, pairs, cfg.method, nodes=nodes, positions=cfg.positions,
+                                     progress=progress, **common)
+        n_comp = len({n.component.head_node for n in nodes})
+        circuit, curve, pick = _smallest_faithful(adapter, pairs, cfg, rules, n_comp,
+                                                  lambda k: node_circuit(scores, graph, top_k=k))
+        log(f"kept {len(circuit.node_scores)} components; faithfulness {curve.faithfulness[pick]:.3f}")
+        checked = verify_nodes(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below,
+                               seed=cfg.seed, batch_size=max(cfg.batch_size, 64)) \
+            if cfg.n_verify or cfg.sample_below else None
     return circuit.with_(verification=checked, faithfulness=curve,
                          meta={**circuit.meta, "faithfulness": curve.faithfulness[pick],
                                "necessity": curve.necessity[pick], "clean_metric": curve.clean_metric,
                                "corrupt_metric": curve.corrupt_metric})
 
 
-def _groups(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, common: dict, progress: bool) -> list[dict]:
-    """Estimated and exact effects of the requested node groups."""
-    groups = parse_groups(cfg.group, adapter.shape, pairs.n_positions)  # type: ignore[arg-type]
-    method = cfg.method if cfg.method in NODE_METHODS else "atp-qk"
-    est = attribute_groups(adapter, pairs, groups, method, progress=progress, **common)
-    exact = patch_groups(adapter, pairs, groups, **common)
+def _smallest_faithful(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], n_max: int,
+                       build: Callable[[int], Circuit]) -> tuple[Circuit, Faithfulness, int]:
+    """Node-level circuits of growing size, their faithfulness curve, and the one to keep: the
+    ``--top-k`` one, else the smallest reaching ``--target`` (else the most faithful)."""
+    sizes = [cfg.top_k] if rules else [k for k in _curve_sizes(n_max) if k <= 64]  # type: ignore[list-item]
+    circuits = [build(k) for k in sizes]
+    faith = [circuit_faithfulness(adapter, pairs, c, cfg.batch_size) for c in circuits]
+    curve = Faithfulness(tuple(sizes), tuple(f.faithfulness[0] for f in faith), tuple(f.necessity[0] for f in faith),
+                         faith[0].clean_metric, faith[0].corrupt_metric)
+    pick = 0 if rules else next((i for i, f in enumerate(curve.faithfulness) if f >= cfg.target),
+                                max(range(len(sizes)), key=lambda i: curve.faithfulness[i]))
+    return circuits[pick], curve, pick
+
+
+def _coarse_edges(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, scores: EdgeScores,
+                  progress: bool) -> list[dict]:
+    """Estimated and exact effects of the layer-level coarse edges (``--group layer`` on edges)."""
+    if cfg.group != "layer":
+        raise EdgeatpError("at edge level --group takes 'layer' (edges between whole layers); node groups "
+                           "(head, span:..., files) go with --level node")
+    coarse = coarse_edges(scores)
+    exact = patch_coarse_edges(adapter, pairs, coarse, scores.graph, cfg.batch_size, progress)
     exact_of = dict(zip(exact.labels, exact.mean.tolist()))
-    return [{**row, "exact": exact_of[row["group"]]} for row in est.to_table()]
+    return [{"group": row["edge"], "score": row["score"], "signed": row["signed"], "exact": exact_of[row["edge"]]}
+            for row in coarse.to_table()]
 
 
 def reverify(path: Path, *, model: str | None = None, task: str | None = None, data: str | None = None,

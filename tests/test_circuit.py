@@ -112,3 +112,26 @@ def test_denoising_faithfulness_uses_the_same_circuit_semantics(zoo_ioi):
     full_d = prune(s_denoise, top_k=s_denoise.graph.n_edges, cleanup=False)
     f = circuit_faithfulness(zoo_ioi, pairs, full_d)
     assert f.faithfulness[0] == pytest.approx(1.0, abs=1e-6) and f.necessity[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_circuits_over_coarse_groups(zoo_ioi):
+    from edgeatp.attribution.grouping import attribute_groups, coarse_edges, layer_groups
+    from edgeatp.circuit import coarse_edge_circuit, group_circuit
+
+    pairs = ea.make_task("ioi", zoo_ioi.tokenizer, 16, seed=6)
+    groups = attribute_groups(zoo_ioi, pairs, layer_groups(zoo_ioi.shape), "atp-qk")
+    graph = EdgeGraph.from_shape(zoo_ioi.shape)
+    c = group_circuit(groups, graph, top_k=2)
+    best = [g for g, *_ in groups.top(2)]
+    assert c.meta["groups_kept"] == [g.name for g in best]
+    members = {m.head_node.component.name for g in best for m in g.members}
+    assert set(c.node_scores) == members and c.level == "node"
+    assert {n.name for n in c.nodes()} <= members | {"input", "logits"}
+    fine = ea.attribute_edges(zoo_ioi, pairs, "atp-qk")
+    coarse = coarse_edges(fine)
+    ce = coarse_edge_circuit(coarse, fine, top_k=3, cleanup=False)
+    names = dict((n, (i, j)) for n, i, j in coarse.names())
+    union = torch.zeros_like(graph.mask)
+    for name, *_ in coarse.top(3):
+        union |= coarse.members[names[name]]
+    assert torch.equal(ce.in_graph, union) and ce.meta["coarse_edges_kept"] == [n for n, *_ in coarse.top(3)]

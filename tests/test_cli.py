@@ -62,7 +62,18 @@ def test_groups_and_user_data(tmp_path):
     res = run("discover", "--data", str(data), "--group", "layer", "--out", str(tmp_path), "--format", "json", "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
-    assert summary["n_pairs"] == 8 and {g["group"] for g in summary["groups"]} == {"a0", "a1", "m0", "m1"}
+    assert summary["n_pairs"] == 8
+    coarse = {g["group"]: g for g in summary["groups"]}
+    assert "m1->logits" in coarse and "exact" in coarse["m1->logits"]
+    res = run("discover", "--level", "node", "--group", "head", "--n-pairs", "16", "--out", str(tmp_path),
+              "--format", "json", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    kept = summary["groups_kept"]
+    assert kept and all(name.startswith("a") for name in kept) and summary["faithfulness"] is not None
+    circuit = Circuit.from_json(str(tmp_path / "circuit.json"))
+    assert {n for n in circuit.node_scores} >= set(kept)
+    assert circuit.verification.checks[0].edge in {g for g in kept}
 
 
 def test_verify_render_and_export_saved_circuits(discovered, tmp_path):
@@ -97,6 +108,7 @@ def test_listings():
     (["discover", "--level", "node", "--method", "ig"], "edge-only"),
     (["discover", "--model", "zoo:dup", "--task", "factual"], "natural-language tokenizer"),
     (["render", "README.md"], "not valid JSON"),
+    (["discover", "--group", "head"], "at edge level --group takes 'layer'"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)] if args[0] == "discover" else args)

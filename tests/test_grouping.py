@@ -84,3 +84,32 @@ def test_parse_groups(tmp_path):
     with pytest.raises(EdgeatpError, match="has no members"):
         Group("empty", ())
     assert len(head_groups(adapter.shape, ("q", "k"))[0].members) == 2
+
+
+def test_coarse_edges_add_member_edges_per_pair_and_patch_exactly():
+    from edgeatp.attribution.edges import attribute_edges
+    from edgeatp.attribution.grouping import coarse_edges, patch_coarse_edges
+    from edgeatp.graph import EdgeGraph
+
+    adapter = tiny_model(seed=12, attn_only=True, normalization=None, n_layers=2)
+    pairs = random_pairs(n=4)
+    fine = attribute_edges(adapter, pairs, "atp")
+    coarse = coarse_edges(fine)
+    assert [n for n, _, _ in coarse.names()][:3] == ["input->a0<q>", "input->a0<k>", "input->a0<v>"]
+    g = fine.graph
+    i = [wg.name for wg in coarse.writer_groups].index("a0")
+    j = [rg.name for rg in coarse.reader_groups].index("logits")
+    ws = [g.writer_index[Node.parse(f"a0.h{h}")] for h in range(2)]
+    assert torch.allclose(coarse.per_pair[:, i, j], fine.per_pair[:, ws, g.reader_index[Node.parse("logits")]].sum(1))
+    exact = patch_coarse_edges(adapter, pairs, coarse, g)
+    by_name = dict(zip(exact.labels, exact.per_pair.T))
+    # direct edges into the logits and into last-layer values are linear here: first order is exact
+    for name in ("a0->logits", "input->logits", "a0->a1<v>", "input->a1<v>"):
+        n_i, n_j = (coarse.writer_groups.index(next(w for w in coarse.writer_groups if w.name == name.split("->")[0])),
+                    coarse.reader_groups.index(next(r for r in coarse.reader_groups if r.name == name.split("->")[1])))
+        assert torch.allclose(coarse.per_pair[:, n_i, n_j], by_name[name], atol=1e-10), name
+    with pytest.raises(EdgeatpError, match="not a writer of this graph"):
+        coarse_edges(fine, writer_groups=[Group("bad", (Node.parse("a0.h0<q>"),))])
+    with pytest.raises(EdgeatpError, match="drop --positions"):
+        coarse_edges(attribute_edges(adapter, pairs, "atp", positions=True))
+    assert EdgeGraph.from_shape(adapter.shape).n_edges == g.n_edges

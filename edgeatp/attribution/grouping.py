@@ -334,3 +334,89 @@ def _split_layer(group: Group, shape: ModelShape, T: int) -> list[Group]:
 def _split_positions(group: Group, shape: ModelShape, T: int) -> list[Group]:
     """A component group → one group per position."""
     return [Group(f"{group.name}@{p}", tuple(n.at(p) for n in group.members)) for p in range(T)]
+
+
+# ------------------------------------------------------------------------------------ coarse edges
+@dataclass(frozen=True, eq=False)
+class CoarseEdgeScores(_Result):
+    """Scores of edges between groups of writers and groups of readers: ``per_pair`` is
+    ``[pairs, writer groups, reader groups]``; coarse edges with no fine edge inside stay 0."""
+
+    writer_groups: tuple[Group, ...] = ()
+    reader_groups: tuple[Group, ...] = ()
+    members: torch.Tensor = field(default=None)  # type: ignore[assignment]  # [Gw, Gr, W, R] fine-edge masks
+
+    def names(self) -> list[tuple[str, int, int]]:
+        """``(name, writer group, reader group)`` of every coarse edge with a fine edge inside."""
+        out = []
+        for i, wg in enumerate(self.writer_groups):
+            for j, rg in enumerate(self.reader_groups):
+                if bool(self.members[i, j].any()):
+                    out.append((f"{wg.name}->{rg.name}", i, j))
+        return out
+
+    def top(self, k: int | None = None) -> list[tuple[str, float, float]]:
+        """The ``k`` best coarse edges as ``(name, score, signed mean)``."""
+        rows = [(n, float(self.scores[i, j]), float(self.signed[i, j])) for n, i, j in self.names()]
+        return sorted(rows, key=lambda r: -r[1])[: k or len(rows)]
+
+    def to_table(self, k: int | None = None) -> list[dict]:
+        return [{"edge": n, "score": s, "signed": m} for n, s, m in self.top(k)]
+
+
+def layer_writer_groups(shape: ModelShape) -> list[Group]:
+    """The embedding, each attention layer's heads together, each MLP: coarse residual writers."""
+    return [Group("input", (Node(NodeKind.INPUT),)), *layer_groups(shape)]
+
+
+def layer_reader_groups(shape: ModelShape) -> list[Group]:
+    """Each attention layer's query, key and value inputs (all heads), each MLP input, the logits."""
+    out = []
+    for layer in range(shape.n_layers):
+        for kind in ("q", "k", "v"):
+            out.append(Group(f"a{layer}<{kind}>", tuple(Node(NodeKind(kind), layer, h) for h in range(shape.n_heads))))
+        if shape.has_mlp:
+            out.append(Group(f"m{layer}", (Node(NodeKind.MLP, layer),)))
+    out.append(Group("logits", (Node(NodeKind.LOGITS),)))
+    return out
+
+
+def _membership(graph, groups: Sequence[Group], index: dict[Node, int], what: str) -> torch.Tensor:
+    """``[G, n]`` bool: which of the graph's writers (readers) each group holds."""
+    out = torch.zeros(len(groups), len(index), dtype=torch.bool)
+    for g, group in enumerate(groups):
+        for n in group.members:
+            if n not in index:
+                raise EdgeatpError(f"group {group.name}: {n.name} is not a {what} of this graph")
+            out[g, index[n]] = True
+    return out
+
+
+def coarse_edges(scores, writer_groups: Sequence[Group] | None = None,
+                 reader_groups: Sequence[Group] | None = None) -> CoarseEdgeScores:
+    """First-order scores of coarse edges: member edges' signed estimates added **per prompt pair**
+    (exact for plain AtP by linearity; for QK-fixed or GradDrop scores the sum is of the fine
+    estimates, not a joint recomputation), then ``|·|`` and the mean over pairs. Default groups:
+    layers (:func:`layer_writer_groups`, :func:`layer_reader_groups`). Position-aggregated only."""
+    g = scores.graph
+    if g.n_positions is not None:
+        raise EdgeatpError("coarse edges are built from position-aggregated edge scores; drop --positions")
+    wgs = list(writer_groups or layer_writer_groups(g.shape))
+    rgs = list(reader_groups or layer_reader_groups(g.shape))
+    W = _membership(g, wgs, g.writer_index, "writer").double()
+    R = _membership(g, rgs, g.reader_index, "reader").double()
+    per_pair = torch.einsum("iw,nwr,jr->nij", W, scores.per_pair * g.mask, R)
+    members = (W[:, None, :, None] * R[None, :, None, :]).bool() & g.mask
+    return CoarseEdgeScores(per_pair, per_pair.abs(), scores.method, scores.direction, scores.metric, scores.cost,
+                            {**scores.meta, "coarse": True}, tuple(wgs), tuple(rgs), members)
+
+
+def patch_coarse_edges(model: ModelAdapter | object, pairs: PromptPairs, coarse: CoarseEdgeScores, graph,
+                       batch_size: int = 64, progress: bool = False) -> PatchEffects:
+    """Exact effect of each coarse edge: all its member edges patched in one forward."""
+    from ..patching import patch_edges
+
+    names = coarse.names()
+    masks = torch.stack([coarse.members[i, j] for _, i, j in names])
+    return patch_edges(load_model(model), pairs, graph, masks, coarse.metric, coarse.direction, batch_size,
+                       labels=[n for n, _, _ in names], progress=progress)
