@@ -56,6 +56,14 @@ def ac_available() -> bool:
     return AC_PYTHON.exists()
 
 
+def code_version() -> str:
+    """The checkout's commit, flagged when edgeatp/ has uncommitted changes (others edit it concurrently)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "edgeatp")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted edgeatp/ changes" if dirty else "")
+
+
 def tl_config(config: dict[str, Any]) -> Any:
     """A TL HookedTransformerConfig from JSON-able kwargs."""
     from transformer_lens import HookedTransformerConfig
@@ -154,6 +162,7 @@ def main() -> None:
         sys.exit(f"auto-circuit's venv is missing ({AC_PYTHON}). Create it from the repository root with:\n"
                  f"  {AC_RECIPE}\n(it needs TransformerLens 2.18, separate from edgeatp's TL 3.9 venv)")
     torch.set_num_threads(1)
+    print(f"edgeatp at {code_version()}")
     rows = [compare(c) for c in cases()]
     cols = ["model", "dtype", "pairs", "edges", "max_abs_score", "max_abs_diff", "max_diff_over_max_score",
             "max_rel_diff", "logit_max_abs_diff"]

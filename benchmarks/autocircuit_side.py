@@ -7,20 +7,22 @@ config and a mode:
 * ``scores``: one fast-EAP pass (mask gradient, ``mask_val=0``, logit difference, separate Q/K/V,
   factorized graph) over all pairs (one batch); writes every edge score keyed by edgeatp's
   node names (``a0.h1->a1.h2<q>``) plus the clean answer-position logits as a loading check.
-* ``time``: wall time (median of ``repeats``, interleaved) of that fast-EAP call on all pairs as one
-  batch and of a plain forward + input-gradient backward of an unwrapped copy of the model on the
-  same batch, and the peak RSS growth of each.
+* ``time``: wall and CPU times (``repeats`` interleaved runs after a warm-up and a run that measures
+  the peak RSS growth) of that fast-EAP call on all pairs as one batch and of a plain forward +
+  input-gradient backward of an unwrapped copy of the model on the same batch.
 
 Weights are loaded from parameters only; the causal-mask and IGNORE buffers are rebuilt from the
-config (TransformerLens 3.9 stores the mask as an empty placeholder).
+config (TransformerLens 3.9 stores the mask as an empty placeholder). The timing helpers
+(``measure``, ``timed_runs``) are shared with ``edges.py``: this module imports only torch at load
+time, so it works under both venvs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,12 +32,15 @@ import torch
 
 
 def rss_mb() -> float:
+    """Current resident set size in MB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux ``clear_refs``); False if not allowed."""
+    """Return freed heap to the OS, then reset the kernel's peak-RSS counter (Linux ``clear_refs``);
+    False if the reset is not allowed."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -44,14 +49,38 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(fn: Callable[[], Any]) -> tuple[float, float]:
-    """``(seconds, peak RSS growth in MB)`` of one call."""
-    _reset_peak()
+def measure(fn: Callable[[], Any], memory: bool = False) -> tuple[float, float, float]:
+    """``(wall seconds, process CPU seconds, peak RSS growth in MB)`` of one call.
+
+    The growth is measured only with ``memory`` (heap trimmed and the peak counter reset first,
+    which makes the call re-fault its pages, so such calls are not used for timing); else NaN.
+    """
+    reset = memory and _reset_peak()
     start_rss = rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    seconds = time.perf_counter() - t0
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start_rss
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start_rss
+    return wall, cpu, max(0.0, growth) if reset else float("nan")
+
+
+def timed_runs(calls: dict[str, tuple[Callable[[], Any], int]]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per call ``(fn, k)``: a warm-up, a run measuring memory, then ``k`` interleaved timed runs.
+
+    Calls with ``k == 1`` run once, cold, timed and measured together. Returns ``(wall, cpu, rss)``
+    per timed run, with the memory run's RSS growth on every entry.
+    """
+    for fn, k in calls.values():
+        if k > 1:
+            fn()
+    first = {label: measure(fn, memory=True) for label, (fn, _) in calls.items()}
+    runs = {label: [first[label]] if k == 1 else [] for label, (_, k) in calls.items()}
+    for _ in range(max(k for _, k in calls.values())):
+        for label, (fn, k) in calls.items():
+            if len(runs[label]) < k:
+                wall, cpu, _ = measure(fn)
+                runs[label].append((wall, cpu, first[label][2]))
+    return runs
 
 
 def build_model(job: dict, flags: bool) -> Any:
@@ -129,15 +158,8 @@ def main(job_path: str) -> None:
             metric = logits[rows, answer[:, 0]] - logits[rows, wrong[:, 0]]
             torch.autograd.grad(metric.sum(), x)
 
-        eap()  # warm-up
-        plain_fb()
-        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "eap": []}
-        for _ in range(job.get("repeats", 3)):
-            runs["plain"].append(measure(plain_fb))
-            runs["eap"].append(measure(eap))
-        result["timing"] = {k: {"median_s": statistics.median(s for s, _ in v), "all_s": [s for s, _ in v],
-                                "peak_rss_growth_mb": max(m for _, m in v)} for k, v in runs.items()}
-        result["peak_reset"] = _reset_peak()
+        runs = timed_runs({"plain": (plain_fb, job.get("repeats", 3)), "eap": (eap, job.get("repeats", 3))})
+        result["timing"] = runs  # name -> [(wall s, CPU s, peak RSS growth MB)] per run
     Path(job["out"]).write_text(json.dumps(result))
 
 
