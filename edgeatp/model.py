@@ -251,9 +251,9 @@ class ModelAdapter:
         """Gradients w.r.t. each head's private q/k/v residual input, ``[b, p, 3, H, d_model]``.
 
         ``grads`` are ``dL/d hook_q, hook_k, hook_v`` (``[b, p, H, d_head]`` each) and ``resid``
-        the block input. The projection is transposed by hand and the LayerNorm is
-        differentiated exactly with autograd on a per-reader copy — the same numbers
-        TransformerLens' ``use_split_qkv_input`` gives, without its cost in every later pass.
+        the block input. The projection is transposed by hand and the normalisation's exact
+        Jacobian applied to every reader at once — the same numbers TransformerLens'
+        ``use_split_qkv_input`` gives, without its cost in every later pass.
         """
         ups = []
         for kind, g in zip("qkv", grads):
@@ -261,12 +261,35 @@ class ModelAdapter:
             ups.append(torch.einsum("bphe,hde->bphd", g.to(W.dtype), W))
         u = torch.stack(ups, dim=2).detach()  # [b, p, 3, H, d]
         b, p, three, H, d = u.shape
-        with torch.enable_grad():
-            x = resid.detach().requires_grad_(True)
-            xe = x[:, :, None, :].expand(b, p, three * H, d)
-            y = self._block(layer).ln1(xe)
-            (g_in,) = torch.autograd.grad(y, xe, u.reshape(b, p, three * H, d))
+        g_in = self.norm_vjp(self._block(layer).ln1, resid.detach(), u.reshape(b, p, three * H, d))
         return g_in.reshape(b, p, three, H, d)
+
+    @staticmethod
+    def norm_vjp(norm: Any, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``J_norm(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader.
+
+        Closed forms for TransformerLens' LayerNorm, LayerNormPre, RMSNorm, RMSNormPre and no
+        norm (``y = w ⊙ x̂ + b`` with ``x̂ = (x − μ)/σ`` or ``x/σ``); autograd for anything else.
+        """
+        from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+        if isinstance(norm, torch.nn.Identity):
+            return u
+        if isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
+            centred = isinstance(norm, (LayerNorm, LayerNormPre))
+            xc = x - x.mean(-1, keepdim=True) if centred else x
+            scale = (xc.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()[:, :, None, :]  # [b, p, 1, 1]
+            xhat = (xc / scale.squeeze(2))[:, :, None, :]
+            g = u * norm.w if isinstance(norm, (LayerNorm, RMSNorm)) else u
+            out = g - xhat * (g * xhat).mean(-1, keepdim=True)
+            if centred:
+                out = out - g.mean(-1, keepdim=True)
+            return out / scale
+        n = u.shape[2]
+        with torch.enable_grad():
+            xe = x.detach().requires_grad_(True)[:, :, None, :].expand(-1, -1, n, -1)
+            (g_in,) = torch.autograd.grad(norm(xe), xe, u)
+        return g_in
 
     def attention_score_fn(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Unmasked, unbiased scores ``[b, H, Tq, Tk]`` from post-rotary q, k (model's own scale, soft-cap)."""

@@ -136,3 +136,18 @@ def test_dtype_and_device_options():
     assert adapter.dtype == torch.float64
     with pytest.raises(ModelError, match="unknown dtype"):
         load_model("zoo:dup", dtype="float8")
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", None])
+def test_closed_form_norm_backward_equals_autograd(norm):
+    adapter = tiny_model(seed=9, normalization=norm, n_layers=1, scale=1.0)
+    ln = adapter.model.blocks[0].ln1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64) * 3
+    u = torch.randn(3, 5, 7, 16, generator=g, dtype=torch.float64)
+    with torch.enable_grad():
+        xe = x.clone().requires_grad_(True)[:, :, None, :].expand(-1, -1, 7, -1)
+        (ref,) = torch.autograd.grad(ln(xe), xe, u)
+    assert torch.allclose(ModelAdapter.norm_vjp(ln, x, u), ref, atol=1e-12)
+    scaled = torch.nn.Sequential(torch.nn.Identity())  # an unknown module takes the autograd path
+    assert torch.allclose(ModelAdapter.norm_vjp(scaled, x, u), u)

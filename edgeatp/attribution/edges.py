@@ -31,7 +31,7 @@ from ..scores import Cost, EdgeScores
 from ..tasks.pairs import Direction, PromptPairs
 from .nodes import check_gradient_metric
 from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
-from .qk_fix import joint_fix, key_fix, query_fix
+from .qk_fix import key_fix, key_shift, softmax_change
 
 EdgeMethod = Literal["atp", "atp-qk", "atp-gd", "atp*", "ig", "exact"]
 EDGE_METHODS: dict[str, tuple[bool, bool]] = {  # name -> (qk fix, graddrop)
@@ -315,13 +315,18 @@ def _qk_edges(adapter: ModelAdapter, run: GradRun, delta: torch.Tensor, group: _
     A = run.base[Site("pattern", l)][:, group.heads].to(dtype)[:, None]
     Gs = [g[Site("pattern", l)][:, group.heads].to(dtype)[:, None] for g in run.grads]
     for ws, shift in _qk_shift_chunks(adapter, run, delta, group, chunk, dtype):
+        # the softmax recomputation does not depend on the gradient: once per chunk, not per pass
+        if group.kind == "q" or P is None:
+            dA = softmax_change(S, S + shift, A)
+        else:
+            ks = key_shift(S, shift)
         for p, G in enumerate(Gs):
             if group.kind == "q":
-                est = query_fix(S, S + shift, A, G)  # [b, c, n, T(query)]: rows are independent
+                est = (dA * G).sum(-1)  # [b, c, n, T(query)]: rows are independent
             elif P is None:
-                est = joint_fix(S, S + shift, A, G)[..., None]  # all key positions at once: not additive
+                est = (dA * G).sum((-1, -2))[..., None]  # all key positions at once: not additive
             else:
-                est = key_fix(S, shift, G)  # [b, c, n, T(key)]
+                est = key_fix(S, shift, G, ks)  # [b, c, n, T(key)]
             if P is None:
                 out[p][:, ws[:, None], group.readers[None, :]] = est.sum(-1).double()
             else:

@@ -23,7 +23,7 @@ from ..model import ModelAdapter, Site, load_model
 from ..scores import Cost, NodeScores
 from ..tasks.pairs import Direction, PromptPairs
 from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
-from .qk_fix import joint_fix, key_fix, query_fix
+from .qk_fix import key_fix, key_shift, softmax_change
 
 NodeMethod = Literal["atp", "atp-qk", "atp-gd", "atp*"]
 NODE_METHODS: dict[str, tuple[bool, bool]] = {  # name -> (qk fix, graddrop)
@@ -125,21 +125,23 @@ def qk_score_shift(adapter: ModelAdapter, run: GradRun, kind: NodeKind, layer: i
 def _qk(adapter: ModelAdapter, run: GradRun, g: dict[Site, torch.Tensor], kind: NodeKind, layer: int,
         per_pos: bool, agg: bool, cache: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """QK-fixed estimates for query or key nodes: ``[b, T, H]`` per position and ``[b, H]`` aggregated."""
-    key = (kind, layer)
-    if key not in cache:
-        cache[key] = qk_score_shift(adapter, run, kind, layer)
-    S, A, shift = cache[key]
-    S_new = S + shift
+    key = (kind, layer, per_pos, agg)
+    if key not in cache:  # the softmax part does not depend on the gradient pass
+        S, A, shift = qk_score_shift(adapter, run, kind, layer)
+        dA = softmax_change(S, S + shift, A) if kind is NodeKind.Q or agg else None
+        ks = key_shift(S, shift) if kind is NodeKind.K and per_pos else None
+        cache[key] = (S, shift, dA, ks)
+    S, shift, dA, ks = cache[key]
     G = g[Site("pattern", layer)].double()
     pp = ag = None
     if kind is NodeKind.Q:
-        rows = query_fix(S, S_new, A, G)  # [b, H, T]
+        rows = (dA * G).sum(-1)  # [b, H, T]: each query row patched alone (rows are independent)
         pp, ag = rows.transpose(1, 2), rows.sum(-1)
     else:
         if per_pos:
-            pp = key_fix(S, shift, G).transpose(1, 2)
+            pp = key_fix(S, shift, G, ks).transpose(1, 2)
         if agg:
-            ag = joint_fix(S, S_new, A, G)
+            ag = (dA * G).sum((-1, -2))  # all keys at once, recomputed jointly
     return pp, ag
 
 

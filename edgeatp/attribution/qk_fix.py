@@ -9,6 +9,8 @@ probabilities are never clamped (a key at 1e-20 can become dominant after the pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -46,7 +48,27 @@ def _exclusive_lse(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(prefix, suffix)
 
 
-def key_fix_terms(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class KeyShift:
+    """The part of the key fix that does not depend on the gradient: where it applies, the
+    leave-one-out log-normaliser of each entry, and each key's probability change ``a' − a``."""
+
+    finite: torch.Tensor
+    lse_wo: torch.Tensor
+    da: torch.Tensor
+
+
+def key_shift(S: torch.Tensor, delta: torch.Tensor) -> KeyShift:
+    """Probability changes of single-key patches (sigmoid of leave-one-out logits; see :func:`key_fix_terms`)."""
+    mask = _masked(S)
+    lse_wo = _exclusive_lse(S)
+    finite = ~mask & torch.isfinite(lse_wo)
+    logit_a = torch.where(finite, S - lse_wo, torch.zeros_like(S))
+    da = torch.sigmoid(logit_a + torch.where(finite, delta, torch.zeros_like(delta))) - torch.sigmoid(logit_a)
+    return KeyShift(finite, torch.where(finite, lse_wo, torch.zeros_like(lse_wo)), da)
+
+
+def key_fix_terms(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor, shift: KeyShift | None = None) -> torch.Tensor:
     """``E[t, s]``: effect through query row ``t`` of patching key ``s`` alone (closed form of E6/E7).
 
     ``delta[t, s]`` is the change of score ``(t, s)`` when key ``s`` is patched. Under that patch
@@ -54,23 +76,18 @@ def key_fix_terms(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torc
     is rescaled by one factor, so the row's effect is ``(a' − a)(G_s − Ḡ_{¬s})`` where ``Ḡ_{¬s}``
     is the attention-weighted mean of ``G`` over the other keys. Logits and ``Ḡ`` come from
     leave-one-out log-sum-exps (prefix/suffix, positive and negative parts of ``G`` apart),
-    so saturated rows and sub-epsilon probabilities keep full precision.
+    so saturated rows and sub-epsilon probabilities keep full precision. Pass ``shift``
+    (from :func:`key_shift`) to reuse the gradient-free part across several ``G``.
     """
-    mask = _masked(S)
-    lse_wo = _exclusive_lse(S)
-    finite = ~mask & torch.isfinite(lse_wo)
+    ks = shift if shift is not None else key_shift(S, delta)
     ninf = torch.tensor(float("-inf"), dtype=S.dtype, device=S.device)
-    logit_a = torch.where(finite, S - lse_wo, torch.zeros_like(S))
-    a = torch.sigmoid(logit_a)
-    a_new = torch.sigmoid(logit_a + torch.where(finite, delta, torch.zeros_like(delta)))
     pos = torch.where(G > 0, S + torch.log(G.clamp(min=0)), ninf)
     neg = torch.where(G < 0, S + torch.log((-G).clamp(min=0)), ninf)
-    safe_lse = torch.where(finite, lse_wo, torch.zeros_like(lse_wo))
-    g_bar = torch.exp(_exclusive_lse(pos) - safe_lse) - torch.exp(_exclusive_lse(neg) - safe_lse)
-    E = (a_new - a) * (G - g_bar)
-    return torch.where(finite, E, torch.zeros_like(E))
+    g_bar = torch.exp(_exclusive_lse(pos) - ks.lse_wo) - torch.exp(_exclusive_lse(neg) - ks.lse_wo)
+    E = ks.da * (G - g_bar)
+    return torch.where(ks.finite, E, torch.zeros_like(E))
 
 
-def key_fix(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+def key_fix(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor, shift: KeyShift | None = None) -> torch.Tensor:
     """Per-key estimates ``[..., T_key]``: the key-fix terms summed over the queries that see each key."""
-    return key_fix_terms(S, delta, G).sum(-2)
+    return key_fix_terms(S, delta, G, shift).sum(-2)
