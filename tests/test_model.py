@@ -151,3 +151,29 @@ def test_closed_form_norm_backward_equals_autograd(norm):
     assert torch.allclose(ModelAdapter.norm_vjp(ln, x, u), ref, atol=1e-12)
     scaled = torch.nn.Sequential(torch.nn.Identity())  # an unknown module takes the autograd path
     assert torch.allclose(ModelAdapter.norm_vjp(scaled, x, u), u)
+
+
+def test_cached_pretrained_names_load_offline_and_restore_the_flags(monkeypatch):
+    import os
+
+    import huggingface_hub.constants as hc
+    from transformer_lens import HookedTransformer
+
+    import edgeatp.model as em
+
+    seen = {}
+    tiny = tiny_model(seed=1).model
+
+    def fake_from_pretrained(name, device="cpu"):
+        seen["offline"] = (hc.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+        seen["name"] = name
+        return tiny
+
+    monkeypatch.setattr(em, "_in_hf_cache", lambda repo: repo == "openai-community/gpt2" or repo == "gpt2")
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    adapter = load_model("gpt2")
+    assert seen["name"] == "gpt2" and seen["offline"] == (True, "1", "1")
+    assert hc.HF_HUB_OFFLINE is False and "TRANSFORMERS_OFFLINE" not in os.environ
+    assert adapter.name == "gpt2" and adapter.model is tiny
