@@ -332,11 +332,11 @@ def blocks(
 
 # ------------------------------------------------------------------------------------ hierarchical
 @dataclass(frozen=True)
-class Group:
+class TreeGroup:
     """A node of the hierarchical search tree: candidate indices and child groups (none for a leaf)."""
 
     members: tuple[int, ...]
-    children: tuple["Group", ...] = ()
+    children: tuple["TreeGroup", ...] = ()
 
     @property
     def is_leaf(self) -> bool:
@@ -350,19 +350,19 @@ def _structure_keys(node: Node) -> tuple[Any, ...]:
     return (-1 if node.layer is None else node.layer, node.kind.value, unit, node.position)
 
 
-def _cap(children: list[Group], max_children: int) -> list[Group]:
+def _cap(children: list[TreeGroup], max_children: int) -> list[TreeGroup]:
     """Wrap consecutive children into intermediate groups until at most ``max_children`` remain."""
     while len(children) > max_children:
         size = math.ceil(len(children) / max_children)
-        children = [Group(tuple(itertools.chain.from_iterable(c.members for c in chunk)), tuple(chunk))
+        children = [TreeGroup(tuple(itertools.chain.from_iterable(c.members for c in chunk)), tuple(chunk))
                     for chunk in (children[i: i + size] for i in range(0, len(children), size))]
     return children
 
 
-def _structure_group(index: NodeIndex, members: list[int], level: int, max_children: int) -> Group:
+def _structure_group(index: NodeIndex, members: list[int], level: int, max_children: int) -> TreeGroup:
     """Split members at the first level (from ``level``) whose key separates them."""
     if len(members) == 1:
-        return Group((members[0],))
+        return TreeGroup((members[0],))
     keys = [_structure_keys(index[i]) for i in members]
     depth = len(keys[0])
     while level < depth and len({k[level] for k in keys}) == 1:
@@ -371,20 +371,20 @@ def _structure_group(index: NodeIndex, members: list[int], level: int, max_child
     for i, k in zip(members, keys):
         parts.setdefault(k[level], []).append(i)
     children = [_structure_group(index, part, level + 1, max_children) for part in parts.values()]
-    return Group(tuple(members), tuple(_cap(children, max_children)))
+    return TreeGroup(tuple(members), tuple(_cap(children, max_children)))
 
 
-def _branching_group(members: list[int], branching: int) -> Group:
+def _branching_group(members: list[int], branching: int) -> TreeGroup:
     """A fixed-branching tree over consecutive members (canonical order)."""
     if len(members) == 1:
-        return Group((members[0],))
+        return TreeGroup((members[0],))
     size = math.ceil(len(members) / branching)
-    return Group(tuple(members), tuple(_branching_group(members[i: i + size], branching)
+    return TreeGroup(tuple(members), tuple(_branching_group(members[i: i + size], branching)
                                        for i in range(0, len(members), size)))
 
 
 def group_tree(index: NodeIndex, tree: Literal["structure", "branching"] = "structure", branching: int = 4,
-               max_children: int = 4) -> Group:
+               max_children: int = 4) -> TreeGroup:
     """The search tree over a node index: ``structure`` (layer → family → head/neuron groups →
     component → position, fan-out capped at ``max_children``) or ``branching`` (``b``-ary over
     the canonical order)."""
@@ -430,11 +430,11 @@ def hierarchical(
     emission_cost = torch.full((n,), math.nan, dtype=torch.float64)
     priority = torch.full((n,), math.nan, dtype=torch.float64)
     order: list[int] = []
-    heap: list[tuple[float, int, Group]] = []
+    heap: list[tuple[float, int, TreeGroup]] = []
     counter = itertools.count()
     patches = group_patches = 0
 
-    def patch(groups: Sequence[Group]) -> None:
+    def patch(groups: Sequence[TreeGroup]) -> None:
         """Patch each group jointly (1 unit each) and queue it by its |effect|."""
         nonlocal patches, group_patches
         per_pair = joint_effects(adapter, pairs, [[index[i] for i in g.members] for g in groups], metric,

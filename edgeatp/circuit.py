@@ -18,9 +18,9 @@ from scipy.stats import spearmanr
 
 from .errors import EdgeatpError
 from .graph import Edge, EdgeGraph, Node, NodeKind
-from .metrics import Metric, get_metric
+from .metrics import Metric, get_metric, sign_convention
 from .model import ModelAdapter
-from .patching import SIGN_CONVENTION, capture, patch_edges, patch_nodes, reference_logprobs, run_circuit
+from .patching import capture, patch_edges, patch_nodes, reference_logprobs, run_circuit
 from .scores import EdgeScores, NodeScores
 from .tasks.pairs import Direction, PromptPairs
 
@@ -72,6 +72,14 @@ def _component(node: Node) -> Node:
     return node.head_node if node.kind in (NodeKind.Q, NodeKind.K, NodeKind.V) else node
 
 
+def _block_node(node: Node) -> Node:
+    """The graph vertex a node's edges meet at: heads for q/k/v, the MLP for its neurons
+    (a neuron reads through its MLP's input)."""
+    if node.kind is NodeKind.NEURON:
+        return Node(NodeKind.MLP, node.layer)
+    return _component(node)
+
+
 def select_greedy(scores: EdgeScores, k: int) -> torch.Tensor:
     """Grow a circuit from the logits backwards: repeatedly add the best edge into a component
     already in the circuit, until ``k`` edges (position-aggregated graphs only)."""
@@ -81,7 +89,7 @@ def select_greedy(scores: EdgeScores, k: int) -> torch.Tensor:
     s = scores.scores
     into: dict[Node, list[tuple[int, int]]] = {}
     for w, r in g.edge_coords.tolist():
-        into.setdefault(_component(g.readers[r]), []).append((w, r))
+        into.setdefault(_block_node(g.readers[r]), []).append((w, r))
     mask = torch.zeros_like(g.mask)
     heap: list[tuple[float, int, int]] = []
     seen: set[Node] = set()
@@ -99,7 +107,7 @@ def select_greedy(scores: EdgeScores, k: int) -> torch.Tensor:
         if mask[w, r]:
             continue
         mask[w, r] = True
-        open_component(_component(g.writers[w]))
+        open_component(_block_node(g.writers[w]))
     return mask
 
 
@@ -107,8 +115,8 @@ def connected(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
     """Keep only edges on a path from the input to the logits (positions are collapsed:
     a component counts as reached if any of its kept edges at any position reaches it)."""
     flat = mask.any(0) if mask.dim() == 3 else mask
-    comps_w = [_component(n) for n in graph.writers]
-    comps_r = [_component(n) for n in graph.readers]
+    comps_w = [_block_node(n) for n in graph.writers]
+    comps_r = [_block_node(n) for n in graph.readers]
     keep = flat.clone()
     while True:
         coords = keep.nonzero().tolist()
@@ -192,7 +200,7 @@ class Circuit:
 
     @property
     def sign_convention(self) -> str:
-        return SIGN_CONVENTION[self.direction]
+        return sign_convention(self.direction, self.metric)
 
     def edges(self) -> list[Edge]:
         """Kept edges by decreasing score."""
@@ -272,7 +280,9 @@ def node_circuit(scores: NodeScores, graph: EdgeGraph, *, top_k: int) -> Circuit
 
 def group_circuit(scores: Any, graph: EdgeGraph, *, top_k: int) -> Circuit:
     """A circuit over coarse groups: every component of the ``top_k`` best groups of a
-    :class:`~edgeatp.attribution.grouping.GroupScores` (a component scores as its best group)."""
+    :class:`~edgeatp.attribution.grouping.GroupScores` (a component scores as its best group).
+    A circuit is a set of edges between whole components, so a group covering only some
+    positions of a component (``span:`` groups) keeps the whole component."""
     kept_groups = scores.top(top_k)
     comp: dict[Node, float] = {}
     for group, score, _ in kept_groups:
@@ -405,11 +415,11 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
     compare with the estimates. ``bound`` adds the AtP* false-negative diagnostic over all
     unverified edges (subsampling + Welch test; see :mod:`edgeatp.diagnostics`)."""
     ranked = [e for e, *_ in scores.top(top)]
-    outside = [e for e in scores.graph.edges() if not _in(circuit, e)] if circuit.graph.n_positions is None else [
-        e for e, _ in scores.edges() if not _in(circuit, e)]
+    ranked_set = set(ranked)
+    outside = [e for e in scores.graph.edges() if not _in(circuit, e)]
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(outside), generator=gen)[: min(sample_below, len(outside))].tolist()
-    sample = [outside[i] for i in pick if outside[i] not in set(ranked)]
+    sample = [outside[i] for i in pick if outside[i] not in ranked_set]
     todo = ranked + sample
     if not todo:
         raise EdgeatpError("nothing to verify: the graph has no edges")
@@ -422,15 +432,23 @@ def verify(adapter: ModelAdapter, pairs: PromptPairs, circuit: Circuit, scores: 
         from .diagnostics import edge_false_negative_bound
 
         verified = {c.edge for c in checks}
-        unverified = [e for e in outside + [e for e in ranked if not _in(circuit, e)] if e.name not in verified]
+        unverified = [e for e in outside if e.name not in verified]
         theta = 0.0  # every edge outside the circuit was patched exactly: nothing is left to bound
         if unverified:
-            result = edge_false_negative_bound(adapter, pairs, scores.graph, unverified, metric=scores.metric,
-                                               direction=scores.direction, samples=bound_samples, p=bound_p,
-                                               alpha=alpha, seed=seed, batch_size=batch_size)
+            try:
+                result = edge_false_negative_bound(adapter, pairs, scores.graph, unverified, metric=scores.metric,
+                                                   direction=scores.direction, samples=bound_samples, p=bound_p,
+                                                   alpha=alpha, seed=seed, batch_size=batch_size)
+            except EdgeatpError as exc:
+                raise EdgeatpError(f"{exc} (on the command line: raise --bound-samples, or --bound-p)") from None
             theta = result.theta
             forwards += result.n_forwards
     return summarise_checks(checks, len(ranked), theta, alpha if bound else None, forwards)
+
+
+def same_sign(estimate: float, exact: float) -> bool:
+    """Whether an estimate has the sign of the exact effect (zero only matches zero)."""
+    return (estimate > 0) == (exact > 0) and (estimate < 0) == (exact < 0)
 
 
 def summarise_checks(checks: tuple[EdgeCheck, ...], n_ranked: int, theta: float | None, alpha: float | None,
@@ -440,7 +458,7 @@ def summarise_checks(checks: tuple[EdgeCheck, ...], n_ranked: int, theta: float 
     head = checks[:n_ranked]
     rho = float(spearmanr([abs(c.estimate) for c in head], [abs(c.exact) for c in head]).correlation) \
         if len(head) > 2 else float("nan")
-    signs = sum(1 for c in head if (c.estimate > 0) == (c.exact > 0) or c.exact == 0) / max(len(head), 1)
+    signs = sum(same_sign(c.estimate, c.exact) for c in head) / len(head) if head else float("nan")
     miss = max(checks, key=lambda c: abs(c.estimate - c.exact))
     below = [abs(c.exact) for c in checks[n_ranked:]]
     return Verification(checks, rho, signs, miss.edge, abs(miss.estimate - miss.exact), max(below, default=0.0),

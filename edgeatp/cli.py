@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -58,6 +59,19 @@ def _guard(fn: Callable) -> Callable:
 def _say(quiet: bool, text: str = "") -> None:
     if not quiet:
         click.echo(text)
+
+
+def _json(data: Any) -> str:
+    """Strict JSON for scripts: non-finite numbers become null."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(data), indent=1, allow_nan=False)
 
 
 def _formats(spec: str) -> list[str]:
@@ -141,7 +155,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
     paths = result.write(Path(out), formats)
     summary = {**result.summary(), "seconds": round(time.time() - t0, 1), "outputs": {k: str(v) for k, v in paths.items()}}
     if as_json:
-        click.echo(json.dumps(summary, indent=1))
+        click.echo(_json(summary))
     else:
         _say(quiet, result.describe())
         _say(quiet, "wrote " + ", ".join(str(p) for p in paths.values()))
@@ -177,7 +191,7 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
     target = Path(out) if out else Path(circuit_file)
     paths = result.write(target.parent, ["json"], stem=target.stem)
     if as_json:
-        click.echo(json.dumps({**result.summary(), "outputs": {k: str(v) for k, v in paths.items()}}, indent=1))
+        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in paths.items()}}))
     else:
         _say(quiet, result.describe())
         _say(quiet, f"wrote {paths['json']}")
@@ -238,7 +252,7 @@ def models(as_json: bool) -> None:
                      "accuracy": card["evaluation"]["accuracy"], "params": card["n_params"],
                      "mechanism": entry.known_mechanism})
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        click.echo(_json(rows))
         return
     for r in rows:
         click.echo(f"{r['name']:<15} task={r['task']:<10} acc={r['accuracy']:.3f} params={r['params']:>7}  {r['description']}")
@@ -255,7 +269,7 @@ def tasks(as_json: bool) -> None:
 
     rows = [{"name": t.name, "description": t.description, "metric": t.default_metric} for t in TASKS.values()]
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        click.echo(_json(rows))
         return
     for r in rows:
         click.echo(f"{r['name']:<10} {r['description']}")

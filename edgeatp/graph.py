@@ -355,14 +355,6 @@ class EdgeGraph:
             for w, r in coords:
                 yield Edge(self.writers[w], self.readers[r], p)
 
-    def reader_layer_slices(self) -> dict[tuple[str, int], list[int]]:
-        """Reader indices grouped by the sublayer (or ``("logits", -1)``) that reads them."""
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, n in enumerate(self.readers):
-            key = ("logits", -1) if n.kind is NodeKind.LOGITS else self.shape.block_of(n)
-            groups.setdefault(key, []).append(i)  # type: ignore[arg-type]
-        return groups
-
     def restrict(self, writers: Sequence[Node] | None = None, readers: Sequence[Node] | None = None) -> "EdgeGraph":
         """A smaller graph over a subset of this graph's writers/readers."""
         return EdgeGraph.from_shape(

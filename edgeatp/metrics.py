@@ -29,6 +29,7 @@ class Metric:
     fn: MetricFn
     description: str = ""
     needs_reference: bool = False
+    higher_is_better: bool = True  # False for divergences: a larger value means less of the behaviour
 
     def __call__(self, logits: torch.Tensor, batch: PairBatch, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Metric per pair from full logits ``[B, T, V]``."""
@@ -71,9 +72,21 @@ METRICS: dict[str, Metric] = {
         Metric("logit_diff", _logit_diff, "logit of the answer minus the mean logit of the wrong answers"),
         Metric("logprob", _logprob, "log-probability of the answer"),
         Metric("prob", _prob, "probability of the answer"),
-        Metric("kl", _kl, "KL divergence from the clean run's next-token distribution", needs_reference=True),
+        Metric("kl", _kl, "KL divergence from the clean run's next-token distribution", needs_reference=True,
+               higher_is_better=False),
     )
 }
+
+
+def sign_convention(direction: str, metric: str | Metric = "logit_diff") -> str:
+    """What the sign of an effect means for a direction and a metric (custom metrics: higher = more behaviour)."""
+    m = metric if isinstance(metric, Metric) else METRICS.get(metric)
+    better = m.higher_is_better if m is not None else True
+    if str(getattr(direction, "value", direction)) == "noising":
+        return ("effect = metric(clean run with corrupt values patched in) - metric(clean run); "
+                f"{'negative' if better else 'positive'} = the patch destroys the behaviour")
+    return ("effect = metric(corrupt run with clean values patched in) - metric(corrupt run); "
+            f"{'positive' if better else 'negative'} = the patch restores the behaviour")
 
 
 def get_metric(metric: str | Metric) -> Metric:

@@ -110,6 +110,22 @@ class ModelAdapter:
     def bos_id(self) -> int | None:
         return self.tokenizer.bos_id if self.tokenizer is not None else None
 
+    def check_pairs(self, pairs: Any) -> None:
+        """Refuse prompt pairs this model cannot run: too long, or token ids outside its vocabulary."""
+        from .errors import DataError
+
+        if pairs.n_positions > self.n_ctx:
+            raise DataError(f"{pairs.name}: prompts of {pairs.n_positions} tokens exceed {self.name}'s context of "
+                            f"{self.n_ctx}; shorten them or use a model with a longer context")
+        d_vocab = int(self.cfg.d_vocab)
+        for what, t in (("clean", pairs.clean), ("corrupt", pairs.corrupt), ("answer", pairs.answer),
+                        ("wrong", pairs.wrong)):
+            bad = (t >= d_vocab).nonzero()
+            if len(bad):
+                row = int(bad[0][0])
+                raise DataError(f"{pairs.name}, pair {row}: {what} token id {int(t[tuple(bad[0])])} is outside "
+                                f"{self.name}'s vocabulary of {d_vocab}; tokenize with this model's tokenizer")
+
     def describe(self) -> dict:
         """A short JSON-able description for reports."""
         return {
@@ -300,7 +316,9 @@ def _validate_config(cfg: Any) -> None:
     """Reject architectures whose internals edgeatp's exact formulas would get wrong."""
     problems = []
     if cfg.n_key_value_heads is not None and cfg.n_key_value_heads != cfg.n_heads and not cfg.ungroup_grouped_query_attention:
-        problems.append("grouped-query attention (load it with ungroup_grouped_query_attention=True)")
+        problems.append("grouped-query attention (load the model yourself with "
+                        "HookedTransformer.from_pretrained(..., ungroup_grouped_query_attention=True) and pass it to "
+                        "the library)")
     if cfg.positional_embedding_type not in ("standard", "rotary", "alibi"):
         problems.append(f"positional embedding type {cfg.positional_embedding_type!r}")
     if getattr(cfg, "use_normalization_before_and_after", False):
@@ -337,11 +355,13 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     ``spec`` may be ``"zoo:NAME"`` (shipped models), a local Hugging Face checkpoint directory
     (GPT-2 and GPT-NeoX/Pythia families), a TransformerLens pretrained name (``"gpt2"``,
     ``"pythia-70m"``; must be in the local Hugging Face cache unless ``allow_download``), a
-    ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` converts the weights.
+    ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` and ``device`` convert the weights —
+    in place when you pass your own model.
     """
     from transformer_lens import HookedTransformer
 
     torch_dtype = _parse_dtype(dtype)
+    torch_device = _parse_device(device)
     if isinstance(spec, ModelAdapter):
         adapter = spec
     elif isinstance(spec, HookedTransformer):
@@ -363,9 +383,24 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     if torch_dtype is not None:
         adapter.model.to(torch_dtype, print_details=False)
         adapter.model.cfg.dtype = torch_dtype
-    if device is not None:
-        adapter.model.to(torch.device(device), print_details=False)
+    if torch_device is not None:
+        adapter.model.to(torch_device, print_details=False)
     return adapter
+
+
+def _parse_device(device: str | torch.device | None) -> torch.device | None:
+    """A usable torch device, or a one-line error naming what this machine has."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: this torch build has no CUDA device; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return dev
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

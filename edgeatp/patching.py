@@ -23,16 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .graph import Edge, EdgeGraph, Node, NodeKind, check_nodes
-from .metrics import Metric, get_metric
+from .metrics import Metric, get_metric, sign_convention
 from .model import FwdHook, ModelAdapter, Site
 from .tasks.pairs import Direction, PairBatch, PromptPairs
 
-SIGN_CONVENTION = {
-    Direction.NOISING: "effect = metric(clean run with corrupt values patched in) - metric(clean run); "
-                       "negative = the patch destroys the behaviour",
-    Direction.DENOISING: "effect = metric(corrupt run with clean values patched in) - metric(corrupt run); "
-                         "positive = the patch restores the behaviour",
-}
 
 
 @dataclass(frozen=True)
@@ -57,10 +51,7 @@ class PatchEffects:
 
     @property
     def sign_convention(self) -> str:
-        return SIGN_CONVENTION[self.direction]
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.labels, self.mean.tolist()))
+        return sign_convention(self.direction, self.metric)
 
 
 class Intervention(Protocol):
@@ -114,6 +105,7 @@ def sweep(
     """Exact effect of every patch set of ``intervention`` on every prompt pair."""
     metric_obj = get_metric(metric)
     direction = Direction(direction)
+    adapter.check_pairs(pairs)
     n, s = len(pairs), intervention.n_sets
     if s == 0:
         raise ValueError("nothing to patch: the list of patch sets is empty")
@@ -151,15 +143,16 @@ def sweep(
 
 
 # ------------------------------------------------------------------------------------ nodes
-_NODE_SITE = {NodeKind.HEAD: "z", NodeKind.Q: "q", NodeKind.K: "k", NodeKind.V: "v",
-              NodeKind.MLP: "mlp_out", NodeKind.NEURON: "mlp_post", NodeKind.INPUT: "resid_pre"}
+NODE_SITE = {  # the site each kind of node lives at
+    NodeKind.HEAD: "z", NodeKind.Q: "q", NodeKind.K: "k", NodeKind.V: "v",
+    NodeKind.MLP: "mlp_out", NodeKind.NEURON: "mlp_post", NodeKind.INPUT: "resid_pre"}
 
 
 def node_site(node: Node) -> tuple[Site, int | None]:
     """The site a node lives at and its index along the site's head/neuron axis."""
     if node.kind is NodeKind.LOGITS:
         raise ValueError("logits is an output, not a patchable node")
-    site = Site(_NODE_SITE[node.kind], node.layer if node.layer is not None else 0)
+    site = Site(NODE_SITE[node.kind], node.layer if node.layer is not None else 0)
     index = node.head if node.is_attention else node.neuron
     return site, index
 
@@ -209,6 +202,8 @@ class NodePatch:
             rows_of.setdefault(j, []).append(r)
         for j, rows in rows_of.items():
             for pos, index in by_set.get(j, ()):
+                if pos is not None and pos >= src.shape[1]:
+                    continue  # beyond this batch's prompts: only padding could sit there
                 mask[rows, slice(None) if pos is None else pos, 0 if index is None else index] = True
         if not bool(mask.any()):
             return None
@@ -301,6 +296,8 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
                     source: dict[Site, torch.Tensor]) -> list[tuple[Site, FwdHook]]:
     """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, (T,) W, R]``."""
     mask = mask.to(adapter.device)
+    if mask.dim() == 4:  # position-resolved: this batch may be shorter than the longest prompt
+        mask = mask[:, : next(iter(source.values())).shape[1]]
     src_writes = {s: writers.writes(s, v) for s, v in source.items()}
     delta: dict[int, torch.Tensor] = {}  # writer index -> [R, T, d] source minus current write
     resid: dict[int, torch.Tensor] = {}
@@ -387,6 +384,8 @@ def edge_masks(graph: EdgeGraph, sets: Sequence[Sequence[Edge]], n_positions: in
     for j, s in enumerate(sets):
         for e in s:
             w, r = graph.index_of(e)
+            if e.position is not None and e.position >= (n_positions or 0):
+                raise ValueError(f"edge {e.name}: position {e.position} is beyond the prompts' {n_positions} tokens")
             if positional:
                 masks[j, slice(None) if e.position is None else e.position, w, r] = True
             else:
@@ -427,7 +426,10 @@ def run_circuit(
 ) -> PatchEffects:
     """Whole-circuit runs: every edge outside ``keep`` (``[W, R]`` bool, one or a stack
     ``[S, W, R]``) takes its source value; with ``knockout`` the kept edges are patched instead."""
-    keeps = keep[None] if keep.dim() == 2 else keep
+    single = 3 if graph.n_positions is not None else 2
+    if keep.dim() not in (single, single + 1):
+        raise ValueError(f"keep must be [{'T, ' if single == 3 else ''}W, R] or a stack of those, got {tuple(keep.shape)}")
+    keeps = keep[None] if keep.dim() == single else keep
     masks = keeps.bool() if knockout else ~keeps.bool()
     return patch_edges(adapter, pairs, graph, masks & graph.mask, metric, direction, batch_size,
                        labels=[f"circuit{i}" for i in range(len(masks))])

@@ -26,7 +26,7 @@ from .errors import EdgeatpError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
 from .patching import patch_nodes
-from .scores import EdgeScores, NodeScores
+from .scores import Cost, EdgeScores, NodeScores
 from .tasks import PromptPairs, load_pairs, make_task
 
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -73,8 +73,7 @@ def load_inputs(cfg: DiscoverConfig, adapter: ModelAdapter | None = None) -> tup
         return adapter, pairs, f"file {cfg.data}"
     task = cfg.task or adapter.card.get("task") or "ioi"
     pairs = make_task(task, adapter.tokenizer, cfg.n_pairs, seed=cfg.seed, prepend_bos=adapter.prepend_bos)
-    if pairs.n_positions > adapter.n_ctx:
-        raise EdgeatpError(f"task {task}: prompts of {pairs.n_positions} tokens exceed the model's context of {adapter.n_ctx}")
+    adapter.check_pairs(pairs)
     return adapter, pairs, f"task {task} ({cfg.n_pairs} pairs, seed {cfg.seed})"
 
 
@@ -180,6 +179,15 @@ def _check(cfg: DiscoverConfig) -> list[str]:
         raise EdgeatpError("give either --task or --data, not both")
     if cfg.threads is not None and cfg.threads < 1:
         raise EdgeatpError("--threads must be at least 1")
+    if cfg.level == "edge" and cfg.group not in (None, "layer"):
+        raise EdgeatpError("at edge level --group takes 'layer' (edges between whole layers); node groups "
+                           "(head, span:..., files) go with --level node")
+    if cfg.greedy is not None and cfg.positions:
+        raise EdgeatpError("--greedy works on position-aggregated graphs; drop --positions")
+    if cfg.bound and cfg.level != "edge":
+        raise EdgeatpError("--bound bounds missed edges; it works with --level edge")
+    if cfg.group and cfg.level != "edge" and cfg.positions:
+        raise EdgeatpError("node groups carry their own positions (e.g. span:0-3); drop --positions")
     return rules
 
 
@@ -227,7 +235,7 @@ def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
     log(f"kept {circuit.n_edges} edges; faithfulness {own.faithfulness[0]:.3f}")
     checked = verify(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
                      bound=cfg.bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p,
-                     batch_size=max(cfg.batch_size, 64)) if cfg.n_verify or cfg.sample_below else None
+                     batch_size=cfg.batch_size) if cfg.n_verify or cfg.sample_below else None
     return circuit.with_(verification=checked, faithfulness=curve,
                          meta={**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
                                "clean_metric": own.clean_metric, "corrupt_metric": own.corrupt_metric}), scores
@@ -258,8 +266,8 @@ def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
         nodes = node_set(adapter.shape, fams, pairs.n_positions if cfg.positions else None)
         if cfg.method == "exact":
             eff = patch_nodes(adapter, pairs, list(nodes), progress=progress, **common)
-            scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric, meta={},
-                                nodes=nodes)
+            scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric,
+                                Cost(forwards=eff.n_forwards), {}, nodes)
         else:
             scores = attribute_nodes(adapter, pairs, cfg.method, nodes=nodes, positions=cfg.positions,
                                      progress=progress, **common)
@@ -268,7 +276,7 @@ def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig
                                                   lambda k: node_circuit(scores, graph, top_k=k))
         log(f"kept {len(circuit.node_scores)} components; faithfulness {curve.faithfulness[pick]:.3f}")
         checked = verify_nodes(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below,
-                               seed=cfg.seed, batch_size=max(cfg.batch_size, 64)) \
+                               seed=cfg.seed, batch_size=cfg.batch_size) \
             if cfg.n_verify or cfg.sample_below else None
     return circuit.with_(verification=checked, faithfulness=curve,
                          meta={**circuit.meta, "faithfulness": curve.faithfulness[pick],
@@ -293,9 +301,6 @@ def _smallest_faithful(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverC
 def _coarse_edges(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, scores: EdgeScores,
                   progress: bool) -> list[dict]:
     """Estimated and exact effects of the layer-level coarse edges (``--group layer`` on edges)."""
-    if cfg.group != "layer":
-        raise EdgeatpError("at edge level --group takes 'layer' (edges between whole layers); node groups "
-                           "(head, span:..., files) go with --level node")
     coarse = coarse_edges(scores)
     exact = patch_coarse_edges(adapter, pairs, coarse, scores.graph, cfg.batch_size, progress)
     exact_of = dict(zip(exact.labels, exact.mean.tolist()))
@@ -329,6 +334,9 @@ def _reverify(path: Path, circuit: Circuit, cfg: DiscoverConfig, adapter: ModelA
     adapter, pairs, label = load_inputs(cfg, adapter)
     if circuit.graph.shape != adapter.shape:
         raise EdgeatpError(f"{path} was found on a model of another shape than {adapter.name}")
+    if circuit.graph.n_positions not in (None, pairs.n_positions):
+        raise EdgeatpError(f"{path} is position-resolved over {circuit.graph.n_positions} positions but these "
+                           f"prompts have {pairs.n_positions}; verify it on prompts of that length")
     own = circuit_faithfulness(adapter, pairs, circuit, batch_size)
     meta = {**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
             "reverified": {"data": label, "n_pairs": len(pairs)}}
@@ -336,7 +344,7 @@ def _reverify(path: Path, circuit: Circuit, cfg: DiscoverConfig, adapter: ModelA
         scores_like = _stored_scores(circuit, len(pairs))
         checked = verify(adapter, pairs, circuit, scores_like, top=n_verify, sample_below=sample_below,
                          seed=cfg.seed, bound=bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p,
-                         batch_size=max(batch_size, 64))
+                         batch_size=batch_size)
     else:
         checked = circuit.verification
     return DiscoverResult(circuit.with_(verification=checked, meta=meta), cfg, label, len(pairs))

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from .graph import Edge, EdgeGraph, Node, NodeIndex
-from .patching import SIGN_CONVENTION
+from .metrics import sign_convention
 from .tasks.pairs import Direction
 
 
@@ -82,7 +82,7 @@ class _Result:
 
     @property
     def sign_convention(self) -> str:
-        return ("estimates approximate " + SIGN_CONVENTION[self.direction]
+        return ("estimates approximate " + sign_convention(self.direction, self.metric)
                 + "; scores rank by the mean over pairs of the per-pair magnitude")
 
 

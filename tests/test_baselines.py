@@ -11,7 +11,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from edgeatp.attribution.nodes import attribute_nodes
-from edgeatp.baselines import (Group, attribution_ranking, blocks, group_tree, hierarchical, iterative,
+from edgeatp.baselines import (TreeGroup, attribution_ranking, blocks, group_tree, hierarchical, iterative,
                                joint_effects, subsampling, subset_statistics)
 from edgeatp.errors import EdgeatpError
 from edgeatp.graph import Node, NodeKind, node_set
@@ -167,7 +167,7 @@ def test_blocks_random_partition_and_tie_break_follow_the_seed(additive: tuple[M
 
 
 # ------------------------------------------------------------------------------------ hierarchical
-def count_groups(group: Group) -> int:
+def count_groups(group: TreeGroup) -> int:
     """Groups below a tree's root (each is patched once when the search runs to completion)."""
     return sum(1 + count_groups(c) for c in group.children)
 

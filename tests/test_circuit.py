@@ -135,3 +135,50 @@ def test_circuits_over_coarse_groups(zoo_ioi):
     for name, *_ in coarse.top(3):
         union |= coarse.members[names[name]]
     assert torch.equal(ce.in_graph, union) and ce.meta["coarse_edges_kept"] == [n for n, *_ in coarse.top(3)]
+
+
+def test_neuron_circuits_keep_their_neuron_edges(zoo_ioi):
+    pairs = ea.make_task("ioi", zoo_ioi.tokenizer, 8, seed=7)
+    scores = ea.attribute_edges(zoo_ioi, pairs, "atp", neurons=True)
+    circuit = prune(scores, top_k=200)
+    kept_writers = {e.writer.kind.value for e in circuit.edges()}
+    assert "neuron" in kept_writers, kept_writers
+    assert any(e.reader.name in ("m0", "m1") for e in circuit.edges()), "neurons read through their MLP's input"
+    greedy = prune(scores, greedy=30)
+    assert any(e.writer.kind.value == "neuron" for e in greedy.edges())
+
+
+def test_positional_circuits_on_prompts_of_different_lengths():
+    from .conftest import tiny_model
+
+    adapter = tiny_model(seed=21)
+    pairs = ea.PromptPairs.from_lists([[1, 2, 3, 4, 5], [6, 7, 8]], [[1, 9, 3, 4, 5], [6, 9, 8]], [1, 2], [3, 4])
+    scores = ea.attribute_edges(adapter, pairs, "atp", positions=True)
+    circuit = prune(scores, top_k=10)
+    one = circuit_faithfulness(adapter, pairs, circuit, batch_size=1)
+    two = circuit_faithfulness(adapter, pairs, circuit, batch_size=2)  # padded batch: same answer
+    assert one.faithfulness[0] == pytest.approx(two.faithfulness[0], abs=1e-9)
+    assert one.necessity[0] == pytest.approx(two.necessity[0], abs=1e-9)
+    full = ea.run_circuit(adapter, pairs, scores.graph, scores.graph.mask[None].expand(5, -1, -1).clone(), batch_size=1)
+    assert full.per_pair.abs().max() < 1e-12  # a single position-resolved mask, not a stack of five
+    late = ea.patch_nodes(adapter, pairs, [Node.parse("a1.h0@4")], batch_size=1)
+    assert late.per_pair[1, 0] == 0.0  # position 4 does not exist in the 3-token pair
+    with pytest.raises(ValueError, match="position 7 is beyond"):
+        ea.patch_edges(adapter, pairs, scores.graph, [Edge.parse("a0.h0->m1@7")])
+
+
+def test_sign_agreement_rules():
+    from edgeatp.circuit import EdgeCheck, same_sign, summarise_checks
+
+    assert same_sign(1.0, 2.0) and same_sign(-1.0, -0.5) and same_sign(0.0, 0.0)
+    assert not same_sign(0.0, -1.0) and not same_sign(1.0, -1.0)
+    only_sample = summarise_checks((EdgeCheck("a->b", 1.0, 2.0, 1.0, False),), 0, None, None, 1)
+    assert only_sample.sign_agreement != only_sample.sign_agreement  # NaN: nothing was ranked
+
+
+def test_kl_sign_convention_is_reversed():
+    from edgeatp.metrics import sign_convention
+
+    assert "negative = the patch destroys" in sign_convention("noising", "logit_diff")
+    assert "positive = the patch destroys" in sign_convention("noising", "kl")
+    assert "negative = the patch restores" in sign_convention("denoising", "kl")

@@ -109,6 +109,10 @@ def test_listings():
     (["discover", "--model", "zoo:dup", "--task", "factual"], "natural-language tokenizer"),
     (["render", "README.md"], "not valid JSON"),
     (["discover", "--group", "head"], "at edge level --group takes 'layer'"),
+    (["discover", "--greedy", "5", "--positions"], "drop --positions"),
+    (["discover", "--level", "node", "--bound"], "--bound bounds missed edges"),
+    (["discover", "--task", "induction"], "fewer than 50 plain word tokens"),
+    (["discover", "--device", "cuda:0"], "use --device cpu"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)] if args[0] == "discover" else args)
@@ -116,6 +120,13 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
     errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and res.output.strip().endswith(errors[0]), res.output
     assert "Traceback" not in res.output
+
+
+def test_json_output_is_strict_json(tmp_path):
+    res = run("discover", "--n-pairs", "8", "--verify", "0", "--sample-below", "2", "--format", "json", "--json",
+              "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "NaN" not in res.output and json.loads(res.output)["verification"]["rank_correlation"] is None
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -113,3 +113,9 @@ def test_coarse_edges_add_member_edges_per_pair_and_patch_exactly():
     with pytest.raises(EdgeatpError, match="drop --positions"):
         coarse_edges(attribute_edges(adapter, pairs, "atp", positions=True))
     assert EdgeGraph.from_shape(adapter.shape).n_edges == g.n_edges
+
+
+def test_top_zero_groups_is_empty():
+    adapter = tiny_model(seed=13)
+    res = attribute_groups(adapter, random_pairs(n=3), layer_groups(adapter.shape), "atp")
+    assert res.top(0) == [] and len(res.top()) == len(res.groups)

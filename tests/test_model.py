@@ -177,3 +177,26 @@ def test_cached_pretrained_names_load_offline_and_restore_the_flags(monkeypatch)
     assert seen["name"] == "gpt2" and seen["offline"] == (True, "1", "1")
     assert hc.HF_HUB_OFFLINE is False and "TRANSFORMERS_OFFLINE" not in os.environ
     assert adapter.name == "gpt2" and adapter.model is tiny
+
+
+def test_bad_devices_and_pairs_the_model_cannot_run():
+    from edgeatp.errors import DataError
+    from edgeatp.graph import Node
+    from edgeatp.patching import patch_nodes
+    from edgeatp.tasks.pairs import PromptPairs
+    import edgeatp as ea
+
+    with pytest.raises(ModelError, match="unknown device 'foo'"):
+        load_model("zoo:dup", device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA device; use --device cpu"):
+            load_model("zoo:dup", device="cuda")
+    adapter = tiny_model()  # n_ctx 12, vocabulary 20
+    long = PromptPairs.from_lists([list(range(13))], [list(range(13))], [1], [2])
+    with pytest.raises(DataError, match="13 tokens exceed tiny's context of 12"):
+        patch_nodes(adapter, long, [Node.parse("a0.h0")])
+    big = PromptPairs.from_lists([[1, 25]], [[1, 3]], [1], [2])
+    with pytest.raises(DataError, match="pair 0: clean token id 25 is outside tiny's vocabulary of 20"):
+        ea.attribute_edges(adapter, big)
+    with pytest.raises(ea.EdgeatpError, match="the node list is empty"):
+        ea.attribute_nodes(adapter, random_pairs(), nodes=[])

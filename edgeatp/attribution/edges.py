@@ -30,7 +30,7 @@ from ..patching import WriterLayout, capture, patch_edges
 from ..scores import Cost, EdgeScores
 from ..tasks.pairs import Direction, PromptPairs
 from .nodes import check_gradient_metric
-from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
+from .passes import GradDropMode, GradRun, gradient_run, graddrop_units, nonzero_terms
 from .qk_fix import key_fix, key_shift, softmax_change
 
 EdgeMethod = Literal["atp", "atp-qk", "atp-gd", "atp*", "ig", "exact"]
@@ -149,19 +149,6 @@ def _qk_shift_chunks(adapter: ModelAdapter, run: GradRun, delta: torch.Tensor, g
         yield ws, (F - F0[:, None]).to(dtype)
 
 
-def _n_terms(graph: EdgeGraph, units: list[tuple[str, int]], shape_block) -> torch.Tensor:
-    """Per reader, the number of GradDrop terms that are not identically zero."""
-    out = []
-    for node in graph.readers:
-        block = shape_block(node) if node.kind is not NodeKind.LOGITS else None
-        if block is None:
-            out.append(len(units))
-            continue
-        inside = ("block", block[1]) if units[0][0] == "block" else block
-        out.append(len(units) - (1 if inside in units else 0))
-    return torch.tensor(out, dtype=torch.float64)
-
-
 def attribute_edges(
     model: ModelAdapter | object,
     pairs: PromptPairs,
@@ -198,6 +185,7 @@ def attribute_edges(
         raise EdgeatpError("the edge graph was built for a different model shape")
     if graph.n_positions is not None and graph.n_positions != pairs.n_positions:
         raise EdgeatpError(f"the graph has {graph.n_positions} positions but the prompts have {pairs.n_positions}")
+    adapter.check_pairs(pairs)
     if method == "exact":
         return _exact(adapter, pairs, graph, metric_obj, direction, batch_size, progress)
     check_gradient_metric(metric_obj, direction)
@@ -227,7 +215,8 @@ def attribute_edges(
     N = len(pairs)
     signed = torch.zeros((N, *lead, graph.n_writers, graph.n_readers), dtype=torch.float64)
     magnitude = torch.zeros_like(signed)
-    norm = _n_terms(graph, units, adapter.shape.block_of) if units else None
+    norm = torch.tensor([nonzero_terms(units, {adapter.shape.block_of(r)}) for r in graph.readers],
+                        dtype=torch.float64) if units else None
     work_dtype = torch.float64 if adapter.dtype == torch.float64 else torch.float32
     T = pairs.n_positions
     H, d = adapter.shape.n_heads, adapter.shape.d_model
@@ -279,8 +268,8 @@ def attribute_edges(
 
 def _cost(method: str, metric: Metric, n_units: int, ig_steps: int) -> Cost:
     extra = int(metric.needs_reference)
-    if method == "ig":
-        return Cost(forwards=2 + ig_steps + extra, backwards=ig_steps)
+    if method == "ig":  # source and base captures, then one forward (+ a reference for KL) per step
+        return Cost(forwards=2 + ig_steps * (1 + extra), backwards=ig_steps)
     return Cost(forwards=2 + extra, backwards=1 + n_units)
 
 

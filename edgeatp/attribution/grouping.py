@@ -2,8 +2,9 @@
 
 A :class:`Group` is a named set of fine nodes (a whole attention layer, a set of heads, an MLP
 layer, a span of positions, any user-defined set). First-order group scores add the members'
-estimates **per prompt pair** before ``|·|`` (exact for linear AtP); queries and keys of a
-group are recomputed *jointly* through the softmax (rows are independent, columns are not);
+estimates **per prompt pair** before ``|·|`` (exact for linear AtP); a group's queries are
+recomputed together through the softmax, and so are its keys (a group holding both queries and
+keys of one head adds the two recomputations, each taken with the other side clean);
 GradDrop adds members per term and normalises by the group's non-trivial terms. Exact group
 patching patches all members in one forward. :func:`coarse_to_fine` scores layers first and
 refines only the groups that matter.
@@ -28,7 +29,7 @@ from ..patching import PatchEffects, patch_nodes
 from ..scores import Cost, _Result
 from ..tasks.pairs import Direction, PromptPairs
 from .nodes import NODE_METHODS, _linear, _Need, _sites, check_gradient_metric, qk_score_shift
-from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
+from .passes import GradDropMode, GradRun, gradient_run, graddrop_units, nonzero_terms
 from .qk_fix import joint_fix
 
 
@@ -60,7 +61,7 @@ class GroupScores(_Result):
         raise KeyError(f"no group named {name!r}")
 
     def top(self, k: int | None = None) -> list[tuple[Group, float, float]]:
-        order = torch.sort(self.scores, descending=True, stable=True).indices[: k or len(self.groups)]
+        order = torch.sort(self.scores, descending=True, stable=True).indices[: len(self.groups) if k is None else k]
         return [(self.groups[i], float(self.scores[i]), float(self.signed[i])) for i in order.tolist()]
 
     def to_table(self, k: int | None = None) -> list[dict]:
@@ -175,6 +176,7 @@ def attribute_groups(
     metric_obj, direction = get_metric(metric), Direction(direction)
     check_gradient_metric(metric_obj, direction)
     qk_fix, use_gd = NODE_METHODS[method]
+    adapter.check_pairs(pairs)
     T = pairs.n_positions
     for g in groups:
         check_nodes(adapter.shape, g.members)
@@ -184,7 +186,8 @@ def attribute_groups(
     keys = {(n.kind, n.layer if n.layer is not None else 0) for g in groups for n in g.members}
     act, grad, base = _sites(_Need(frozenset(), frozenset(keys)), qk_fix)
     units = graddrop_units(adapter, graddrop) if use_gd else []
-    norm = torch.tensor([_group_terms(adapter, g, units) for g in groups], dtype=torch.float64)
+    norm = torch.tensor([nonzero_terms(units, {adapter.shape.block_of(n) for n in g.members}) if units else 1
+                         for g in groups], dtype=torch.float64)
     signed = torch.zeros(len(pairs), len(groups), dtype=torch.float64)
     magnitude = torch.zeros_like(signed)
     masks = [_member_masks(g, T, adapter.shape) for g in groups]
@@ -253,17 +256,6 @@ def _group_value(masks: dict, lin: dict, shifts: dict, run, g_pass: dict) -> tor
             v = (x * m.to(x.device)).sum((1, 2))
         total = v if total is None else total + v
     return total  # type: ignore[return-value]
-
-
-def _group_terms(adapter: ModelAdapter, group: Group, units: list[tuple[str, int]]) -> float:
-    """GradDrop terms not identically zero for a group: a term is zero only if every member lives in its unit."""
-    if not units:
-        return 1.0
-    blocks = {adapter.shape.block_of(n) for n in group.members}
-    if None in blocks:
-        return float(len(units))
-    unit_of = {("block", b[1]) if units[0][0] == "block" else b for b in blocks}  # type: ignore[index]
-    return float(len(units) - (1 if len(unit_of) == 1 and next(iter(unit_of)) in units else 0))
 
 
 # ------------------------------------------------------------------------------------ coarse to fine
@@ -358,7 +350,7 @@ class CoarseEdgeScores(_Result):
     def top(self, k: int | None = None) -> list[tuple[str, float, float]]:
         """The ``k`` best coarse edges as ``(name, score, signed mean)``."""
         rows = [(n, float(self.scores[i, j]), float(self.signed[i, j])) for n, i, j in self.names()]
-        return sorted(rows, key=lambda r: -r[1])[: k or len(rows)]
+        return sorted(rows, key=lambda r: -r[1])[: len(rows) if k is None else k]
 
     def to_table(self, k: int | None = None) -> list[dict]:
         return [{"edge": n, "score": s, "signed": m} for n, s, m in self.top(k)]

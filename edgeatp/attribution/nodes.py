@@ -20,9 +20,10 @@ from ..errors import EdgeatpError
 from ..graph import Node, NodeIndex, NodeKind, check_nodes, node_set
 from ..metrics import Metric, get_metric
 from ..model import ModelAdapter, Site, load_model
+from ..patching import NODE_SITE
 from ..scores import Cost, NodeScores
 from ..tasks.pairs import Direction, PromptPairs
-from .passes import GradDropMode, GradRun, gradient_run, graddrop_units
+from .passes import GradDropMode, GradRun, gradient_run, graddrop_units, nonzero_terms
 from .qk_fix import key_fix, key_shift, softmax_change
 
 NodeMethod = Literal["atp", "atp-qk", "atp-gd", "atp*"]
@@ -32,8 +33,6 @@ NODE_METHODS: dict[str, tuple[bool, bool]] = {  # name -> (qk fix, graddrop)
     "atp-gd": (False, True),
     "atp*": (True, True),
 }
-_LINEAR_SITE = {NodeKind.HEAD: "z", NodeKind.Q: "q", NodeKind.K: "k", NodeKind.V: "v",
-                NodeKind.MLP: "mlp_out", NodeKind.NEURON: "mlp_post", NodeKind.INPUT: "resid_pre"}
 
 
 def check_gradient_metric(metric: Metric, direction: Direction) -> None:
@@ -92,7 +91,7 @@ def _sites(need: _Need, qk_fix: bool) -> tuple[list[Site], list[Site], list[Site
             base += [Site("scores", layer), Site("pattern", layer)]
             grad.append(Site("pattern", layer))
         else:
-            s = Site(_LINEAR_SITE[kind], layer)
+            s = Site(NODE_SITE[kind], layer)
             act.append(s)
             grad.append(s)
     return list(dict.fromkeys(act)), list(dict.fromkeys(grad)), list(dict.fromkeys(base))
@@ -100,7 +99,7 @@ def _sites(need: _Need, qk_fix: bool) -> tuple[list[Site], list[Site], list[Site
 
 def _linear(run: GradRun, g: dict[Site, torch.Tensor], kind: NodeKind, layer: int) -> torch.Tensor:
     """``[b, T, n]`` per-position linear estimates (n = heads, neurons or 1)."""
-    s = Site(_LINEAR_SITE[kind], layer)
+    s = Site(NODE_SITE[kind], layer)
     prod = (run.source[s] - run.base[s]) * g[s]
     if kind in (NodeKind.HEAD, NodeKind.Q, NodeKind.K, NodeKind.V):
         return prod.sum(-1)
@@ -173,7 +172,10 @@ def attribute_nodes(
     metric_obj, direction = get_metric(metric), Direction(direction)
     check_gradient_metric(metric_obj, direction)
     qk_fix, use_gd = NODE_METHODS[method]
+    adapter.check_pairs(pairs)
     index = resolve_nodes(adapter, nodes, positions, pairs.n_positions)
+    if len(index) == 0:
+        raise EdgeatpError("no nodes to attribute: the node list is empty")
     need = _Need.of(index)
     act, grad, base = _sites(need, qk_fix)
     gd_mode = graddrop if use_gd else None
@@ -181,7 +183,8 @@ def attribute_nodes(
     n_nodes = len(index)
     signed = torch.zeros(len(pairs), n_nodes, dtype=torch.float64)
     magnitude = torch.zeros_like(signed)
-    norm = torch.tensor([_n_terms(adapter, n, units, graddrop) for n in index], dtype=torch.float64)
+    norm = torch.tensor([nonzero_terms(units, {adapter.shape.block_of(n)}) if units else 1 for n in index],
+                        dtype=torch.float64)
     with adapter.session():
         for batch in tqdm(list(pairs.batches(batch_size, direction, same_length=not adapter.causal)),
                           disable=not progress, desc=f"node {method}", leave=False):
@@ -201,17 +204,6 @@ def attribute_nodes(
     meta = {"graddrop": graddrop if use_gd else None, "n_terms": len(units), "batch_size": batch_size,
             "model": adapter.name}
     return NodeScores(signed, magnitude, method, direction, metric_obj.name, cost, meta, index)
-
-
-def _n_terms(adapter: ModelAdapter, node: Node, units: list[tuple[str, int]], mode: GradDropMode) -> float:
-    """Number of GradDrop terms that are not identically zero for ``node``."""
-    if not units:
-        return 1.0
-    block = adapter.shape.block_of(node)
-    if block is None:
-        return float(len(units))
-    inside = ("block", block[1]) if units[0][0] == "block" else block
-    return float(len(units) - (1 if inside in units else 0))
 
 
 def _gather(adapter: ModelAdapter, run: GradRun, g: dict[Site, torch.Tensor], need: _Need, index: NodeIndex,

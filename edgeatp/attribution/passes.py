@@ -56,6 +56,16 @@ def graddrop_units(adapter: ModelAdapter, mode: GradDropMode = "block") -> list[
     return [(kind, layer) for layer in range(shape.n_layers) for kind in ("attn", "mlp")]
 
 
+def nonzero_terms(units: list[tuple[str, int]], blocks: set[tuple[str, int] | None]) -> int:
+    """How many GradDrop terms are not identically zero for something living in ``blocks``
+    (sublayers ``("attn"|"mlp", layer)``; ``None`` = outside every block, e.g. the embedding or
+    the logits): a term is zero only when every part of it sits inside the dropped unit."""
+    if not units or None in blocks:
+        return len(units)
+    inside = {("block", b[1]) for b in blocks} if units[0][0] == "block" else set(blocks)  # type: ignore[index]
+    return len(units) - (1 if len(inside) == 1 and next(iter(inside)) in units else 0)
+
+
 def unit_of_write(site_kind: str, layer: int, mode: GradDropMode) -> tuple[str, int]:
     """The GradDrop unit a sublayer's write belongs to."""
     return ("block", layer) if mode == "block" else (site_kind, layer)

@@ -91,13 +91,18 @@ def kept_nodes(rows: list[EdgeRow]) -> set[Node]:
     return {n for r in rows if r.in_graph for n in (r.writer, r.reader)}
 
 
-def sign_legend(direction: Direction) -> str:
-    """What a positive and a negative signed estimate mean under the circuit's direction."""
+def sign_legend(direction: Direction, metric: str = "logit_diff") -> str:
+    """What a positive and a negative signed estimate mean under the circuit's direction and metric."""
+    from ..metrics import METRICS
+
+    better = METRICS[metric].higher_is_better if metric in METRICS else True
     if direction is Direction.NOISING:
-        return ("negative (red): patching the corrupt value into the clean run lowers the metric, "
-                "so the edge carries the behaviour; positive (blue): the patch raises the metric")
-    return ("positive (blue): patching the clean value into the corrupt run raises the metric, "
-            "so the edge restores the behaviour; negative (red): the patch lowers the metric")
+        carries, other = ("negative (red)", "positive (blue)") if better else ("positive (blue)", "negative (red)")
+        return (f"{carries}: patching the corrupt value into the clean run moves the metric away from the "
+                f"behaviour, so the edge carries it; {other}: the patch moves it the other way")
+    carries, other = ("positive (blue)", "negative (red)") if better else ("negative (red)", "positive (blue)")
+    return (f"{carries}: patching the clean value into the corrupt run moves the metric toward the behaviour, "
+            f"so the edge restores it; {other}: the patch moves it the other way")
 
 
 def layer_rank(node: Node, shape: ModelShape) -> tuple[int, str]:

@@ -70,7 +70,7 @@ def _title_lines(circuit: Circuit, title: str | None) -> list[str]:
     head = title or f"{model}: {circuit.level} circuit, {circuit.n_edges} edges"
     lines = [head, f"method {circuit.method or 'n/a'} | direction {circuit.direction.value} | metric {circuit.metric}"]
     lines += textwrap.wrap("sign convention: " + circuit.sign_convention, 90)
-    lines += textwrap.wrap("colour: " + sign_legend(circuit.direction), 90)
+    lines += textwrap.wrap("colour: " + sign_legend(circuit.direction, circuit.metric), 90)
     lines.append("pen width: score relative to the largest drawn score | head inputs: q solid, k dashed, v dotted")
     return lines
 

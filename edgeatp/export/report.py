@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Literal, Sequence, Union
 
-from ..circuit import Circuit
+from ..circuit import Circuit, same_sign
 from ..errors import EdgeatpError
 from ..scores import EdgeScores
 from ._view import EdgeRow, edge_rows
@@ -172,7 +172,7 @@ def verification_blocks(circuit: Circuit) -> list[Block]:
         ("forward passes", v.n_forwards),
     )))
     body = tuple((Code(c.edge), "yes" if c.in_circuit else "no", number(c.score), number(c.estimate),
-                  number(c.exact), number(c.estimate - c.exact), "yes" if (c.estimate > 0) == (c.exact > 0) else "no")
+                  number(c.exact), number(c.estimate - c.exact), "yes" if same_sign(c.estimate, c.exact) else "no")
                  for c in v.checks)
     header = ("edge", "in circuit", "score", "estimate", "exact", "estimate − exact", "same sign")
     return blocks + [Table(header, body)]

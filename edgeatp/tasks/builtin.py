@@ -95,7 +95,7 @@ def _induction(tok: Tokenizer, n: int, seed: int, bos: bool, seg_len: int = 8, k
 def _plain_token_pool(tok: Tokenizer, size: int = 2000) -> list[int]:
     """Ordinary word-like tokens of a real tokenizer: alphabetic and round-tripping through text."""
     hf = getattr(tok, "hf", None)
-    vocab_size = len(hf) if hf is not None else 50000
+    vocab_size = len(hf) if hf is not None else len(getattr(tok, "vocab", ()))
     special = set(getattr(hf, "all_special_ids", []) or [])
     pool = []
     for i in range(min(vocab_size, 20000)):
@@ -107,7 +107,8 @@ def _plain_token_pool(tok: Tokenizer, size: int = 2000) -> list[int]:
         if len(pool) >= size:
             break
     if len(pool) < 50:
-        raise DataError("task induction: could not find 50 plain word tokens in this tokenizer")
+        raise DataError(f"task induction: the {tok.name} vocabulary has fewer than 50 plain word tokens to repeat; "
+                        "use it with zoo:induction or a natural-language tokenizer")
     return pool
 
 
