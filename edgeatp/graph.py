@@ -355,6 +355,20 @@ class EdgeGraph:
             for w, r in coords:
                 yield Edge(self.writers[w], self.readers[r], p)
 
+    def reader_sites(self) -> dict[tuple[str, int], tuple[list[int], list[int]]]:
+        """Readers grouped by what they read: ``("q"|"k"|"v", layer)`` (the heads' inputs),
+        ``("mlp", layer)`` or ``("logits", -1)`` → (reader indices, head of each, 0 if none)."""
+        out: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        for r, node in enumerate(self.readers):
+            if node.kind is NodeKind.LOGITS:
+                key = ("logits", -1)
+            else:
+                key = ("mlp" if node.kind is NodeKind.MLP else node.kind.value, node.layer)  # type: ignore[assignment]
+            rs, hs = out.setdefault(key, ([], []))
+            rs.append(r)
+            hs.append(node.head if node.head is not None else 0)
+        return out
+
     def restrict(self, writers: Sequence[Node] | None = None, readers: Sequence[Node] | None = None) -> "EdgeGraph":
         """A smaller graph over a subset of this graph's writers/readers."""
         return EdgeGraph.from_shape(

@@ -353,20 +353,13 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
 
     for site in writers.sites():
         hooks.append((site, record(site)))
-    by_site: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
-    for r, node in enumerate(graph.readers):
-        key = ("logits", -1) if node.kind is NodeKind.LOGITS else (
-            node.kind.value if node.kind is not NodeKind.MLP else "mlp_in", node.layer)
-        rs, hs = by_site.setdefault(key, ([], []))  # type: ignore[arg-type]
-        rs.append(r)
-        hs.append(node.head if node.head is not None else -1)
-    for (kind, layer), (rs, hs) in by_site.items():
+    for (kind, layer), (rs, hs) in graph.reader_sites().items():
         if not bool(mask[..., rs].any()):
             continue
         if kind in ("q", "k", "v"):
             hooks.append((Site("resid_pre", layer), keep_resid(layer)))
             hooks.append((Site(kind, layer), attn_reader(kind, layer, rs, hs)))
-        elif kind == "mlp_in":
+        elif kind == "mlp":
             hooks.append((Site("mlp_in", layer), resid_reader(rs)))
         else:
             hooks.append((Site("resid_final"), resid_reader(rs)))

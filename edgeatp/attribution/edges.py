@@ -63,19 +63,9 @@ def _selector(idx: torch.Tensor) -> slice | torch.Tensor:
 
 
 def _reader_groups(graph: EdgeGraph) -> list[_ReaderGroup]:
-    groups: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
-    for r, node in enumerate(graph.readers):
-        if node.kind is NodeKind.LOGITS:
-            key = ("logits", -1)
-        elif node.kind is NodeKind.MLP:
-            key = ("mlp", node.layer)  # type: ignore[assignment]
-        else:
-            key = (node.kind.value, node.layer)  # type: ignore[assignment]
-        rs, hs = groups.setdefault(key, ([], []))
-        rs.append(r)
-        hs.append(node.head if node.head is not None else 0)
+    """Reader sites that some writer of the graph can reach."""
     out = []
-    for (kind, layer), (rs, hs) in groups.items():
+    for (kind, layer), (rs, hs) in graph.reader_sites().items():
         ws = graph.mask[:, rs].any(1).nonzero()[:, 0]
         if len(ws):
             out.append(_ReaderGroup(kind, layer, rs, hs, ws))
