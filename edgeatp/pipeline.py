@@ -64,10 +64,16 @@ class DiscoverConfig:
     threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
 
 
-def load_inputs(cfg: DiscoverConfig, adapter: ModelAdapter | None = None) -> tuple[ModelAdapter, PromptPairs, str]:
-    """The model (loaded unless given) and prompt pairs a config names, plus a label for the data."""
-    if adapter is None:
-        adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+@contextmanager
+def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
+    """The model a config names, run under the config's thread policy (restored afterwards)."""
+    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    with torch_threads(_threads(cfg, adapter)):
+        yield adapter
+
+
+def load_inputs(cfg: DiscoverConfig, adapter: ModelAdapter) -> tuple[ModelAdapter, PromptPairs, str]:
+    """The prompt pairs a config names for this model, plus a label for the data."""
     if cfg.data:
         pairs = load_pairs(cfg.data, adapter.tokenizer, prepend_bos=adapter.prepend_bos, n_ctx=adapter.n_ctx)
         return adapter, pairs, f"file {cfg.data}"
@@ -161,8 +167,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> DiscoverResult:
     """Attribute, select, verify: the whole ``discover`` command as a function."""
     rules = _check(cfg)
-    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
-    with torch_threads(_threads(cfg, adapter)):
+    with loaded_model(cfg) as adapter:
         return _run_discover(cfg, adapter, rules, progress, log)
 
 
@@ -324,8 +329,7 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
         overrides.update(task=task, data=data)
     cfg = DiscoverConfig(**{**asdict(cfg), **overrides})
     _check(cfg)
-    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
-    with torch_threads(_threads(cfg, adapter)):
+    with loaded_model(cfg) as adapter:
         return _reverify(path, circuit, cfg, adapter, n_verify, sample_below, bound, batch_size)
 
 
