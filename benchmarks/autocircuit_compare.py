@@ -123,7 +123,7 @@ def compare(case: Case) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         theirs = run_side(case, "scores", Path(tmp))
     n = len(case.pairs)
-    ours = ea.attribute_edges(case.adapter, case.pairs, method="atp", batch_size=n)
+    ours = ea.attribute_edges(ea.Setup(case.adapter, case.pairs, batch_size=n), "atp")
     graph = ours.graph
     signed = ours.signed
     names = {e.name for e in graph.edges()}

@@ -88,15 +88,15 @@ def main() -> None:
     sat = saturated_downstream()
     cases.append(("saturated-downstream", sat, sparse_pairs(sat, args.pairs)))
     for name, model, pairs in cases:
-        exact = ea.attribute_edges(model, pairs, "exact", batch_size=256)
+        exact = ea.attribute_edges(ea.Setup(model, pairs, batch_size=256), "exact")
         fb = plain_fb_seconds(model, pairs)
         print(f"\n### {name} ({exact.graph.n_edges} edges, {len(pairs)} pairs)\n")
         print("| method | Spearman vs exact abs | recall@10 | median est/exact on top-10 | time / (fwd+bwd) |")
         print("|---|---|---|---|---|")
         for method in ("atp", "atp-qk", "atp*", "ig"):
-            ea.attribute_edges(model, pairs, method, batch_size=len(pairs), ig_steps=args.ig_steps)  # warm-up
+            ea.attribute_edges(ea.Setup(model, pairs, batch_size=len(pairs)), method, ig_steps=args.ig_steps)  # warm-up
             t = time.perf_counter()
-            res = ea.attribute_edges(model, pairs, method, batch_size=len(pairs), ig_steps=args.ig_steps)
+            res = ea.attribute_edges(ea.Setup(model, pairs, batch_size=len(pairs)), method, ig_steps=args.ig_steps)
             label = f"ig ({args.ig_steps} steps)" if method == "ig" else method
             print(row(label, res, exact, time.perf_counter() - t, fb))
 

@@ -96,7 +96,7 @@ def bench(case: Case, repeats: int, slow_repeats: int, budget_mb: float, threads
         label = name if budget is None else f"{name}, budget {budget:g} MB"
 
         def run() -> None:
-            metas[label] = ea.attribute_edges(adapter, pairs, method=name, batch_size=n, **kwargs).meta
+            metas[label] = ea.attribute_edges(ea.Setup(adapter, pairs, batch_size=n), name, **kwargs).meta
         return run
 
     calls: dict[str, tuple[Callable[[], None], int]] = {"plain f+b": (plain_pass(adapter, pairs), repeats)}
@@ -148,17 +148,17 @@ def profile_method(case: Case, method: str) -> None:
     adapter, pairs = case.adapter, case.pairs
     adapter.model.requires_grad_(False)
     n = len(pairs)
-    ea.attribute_edges(adapter, pairs, method=method, batch_size=n)
+    ea.attribute_edges(ea.Setup(adapter, pairs, batch_size=n), method)
     prof = cProfile.Profile()
     prof.enable()
-    ea.attribute_edges(adapter, pairs, method=method, batch_size=n)
+    ea.attribute_edges(ea.Setup(adapter, pairs, batch_size=n), method)
     prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
     stats.print_stats(r"edgeatp|einsum|run_backward|HookedTransformer.py.*\(forward\)", 25)
     print(out.getvalue())
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as tp:
-        ea.attribute_edges(adapter, pairs, method=method, batch_size=n)
+        ea.attribute_edges(ea.Setup(adapter, pairs, batch_size=n), method)
     print(tp.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
                                                          max_name_column_width=30, max_shapes_column_width=70))
 

@@ -25,10 +25,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgeatp.errors import EdgeatpError  # noqa: E402
-from edgeatp.evaluation import EvaluationTable, MethodSpec, evaluate_methods  # noqa: E402
 from edgeatp.graph import node_set  # noqa: E402
 from edgeatp.metrics import get_metric  # noqa: E402
 from edgeatp.model import ModelAdapter, load_model  # noqa: E402
+from edgeatp.research.evaluation import EvaluationTable, MethodSpec, evaluate_methods  # noqa: E402
+from edgeatp.setup import Setup  # noqa: E402
 from edgeatp.tasks import PromptPairs, make_task  # noqa: E402
 from edgeatp.zoo import ZOO  # noqa: E402
 
@@ -70,10 +71,8 @@ def run_family(adapter: ModelAdapter, pairs: PromptPairs, families: tuple[str, .
                batch_size: int) -> tuple[EvaluationTable, EvaluationTable, float]:
     """Ground truth once; attribution methods timed over ``repeats``, baselines once."""
     n_nodes = len(node_set(adapter.shape, families, pairs.n_positions))
-    fast = evaluate_methods(adapter, pairs, ATTRIBUTION, nodes=list(families), batch_size=batch_size,
-                            repeats=repeats)
-    slow = evaluate_methods(adapter, pairs, baseline_specs(n_nodes), nodes=list(families),
-                            batch_size=batch_size, truth=fast.truth)
+    fast = evaluate_methods(Setup(adapter, pairs, batch_size=batch_size), ATTRIBUTION, nodes=list(families), repeats=repeats)
+    slow = evaluate_methods(Setup(adapter, pairs, batch_size=batch_size), baseline_specs(n_nodes), nodes=list(families), truth=fast.truth)
     return fast, slow, forward_backward_seconds(adapter, pairs, max(5, repeats))
 
 

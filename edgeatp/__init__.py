@@ -1,37 +1,50 @@
 """edgeatp: find the circuits inside transformer language models.
 
-The library API in one import::
+The library in one import::
 
     import edgeatp as ea
     model = ea.load_model("zoo:ioi")
-    pairs = ea.make_task("ioi", model.tokenizer, n=64)
-    edges = ea.attribute_edges(model, pairs, method="atp*")
-    exact = ea.patch_edges(model, pairs, edges.graph, [e for e, *_ in edges.top(10)])
+    setup = ea.Setup(model, ea.make_task("ioi", model.tokenizer, n=64))
+    edges = ea.attribute_edges(setup, "atp*")
+    circuit = ea.measure(setup, ea.prune(edges, top_k=16))
+    circuit = circuit.with_(verification=ea.verify(setup, circuit, edges))
+    ea.write_outputs(circuit, "out", ["json", "svg", "md"])
+
+Names load on first use (``import edgeatp`` does not import torch). The paper's research code
+(patching baselines, the node diagnostic, cost curves, IRWRGM) is in :mod:`edgeatp.research`;
+every export is in :mod:`edgeatp.export`.
 """
 
-from .attribution.edges import EDGE_METHODS, attribute_edges
-from .attribution.grouping import Group, attribute_groups, coarse_to_fine, patch_groups
-from .baselines import Ranking, attribution_ranking, blocks, hierarchical, iterative, subsampling
-from .circuit import Circuit, faithfulness_curve, prune, verify
-from .diagnostics import edge_false_negative_bound, false_negative_bound
-from .attribution.nodes import NODE_METHODS, attribute_nodes
-from .errors import DataError, EdgeatpError, ModelError
-from .evaluation import MethodSpec, cost_curve, evaluate_methods, irwrgm, recall_at_k
-from .graph import Edge, EdgeGraph, ModelShape, Node, NodeIndex, NodeKind, node_set
-from .metrics import METRICS, Metric, get_metric
-from .model import ModelAdapter, Site, load_model
-from .patching import PatchEffects, patch_edges, patch_nodes, run_circuit
-from .scores import Cost, EdgeScores, NodeScores
-from .tasks import TASKS, Direction, PromptPairs, load_pairs, make_task
+from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "Circuit", "Group", "MethodSpec", "Ranking", "attribute_groups", "attribution_ranking", "blocks", "coarse_to_fine",
-    "cost_curve", "edge_false_negative_bound", "evaluate_methods", "faithfulness_curve", "false_negative_bound",
-    "hierarchical", "irwrgm", "iterative", "patch_groups", "prune", "recall_at_k", "subsampling", "verify",
-    "EDGE_METHODS", "NODE_METHODS", "METRICS", "TASKS", "Cost", "DataError", "Direction", "Edge", "EdgeGraph",
-    "EdgeScores", "EdgeatpError", "Metric", "ModelAdapter", "ModelError", "ModelShape", "Node", "NodeIndex",
-    "NodeKind", "NodeScores", "PatchEffects", "PromptPairs", "Site", "attribute_edges", "attribute_nodes",
-    "get_metric", "load_model", "load_pairs", "make_task", "node_set", "patch_edges", "patch_nodes", "run_circuit",
-]
+__version__ = "0.2.0"
+
+_WHERE = {
+    "load_model": ".model", "ModelAdapter": ".model",
+    "make_task": ".tasks", "load_pairs": ".tasks", "PromptPairs": ".tasks",
+    "Setup": ".setup", "METHODS": ".methods",
+    "attribute_nodes": ".attribution", "attribute_edges": ".attribution", "attribute_groups": ".attribution",
+    "patch_nodes": ".patching", "patch_edges": ".patching",
+    "prune": ".circuit", "Circuit": ".circuit",
+    "measure": ".verification", "verify": ".verification", "faithfulness_curve": ".verification",
+    "EdgeScores": ".scores", "NodeScores": ".scores",
+    "Node": ".graph", "Edge": ".graph", "EdgeGraph": ".graph",
+    "read_circuit": ".export", "write_outputs": ".export", "to_networkx": ".export",
+    "EdgeatpError": ".errors",
+}
+_MODULES = ("attribution", "export", "research")
+__all__ = sorted([*_WHERE, *_MODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = import_module(f".{name}", __name__)
+    elif name in _WHERE:
+        value = getattr(import_module(_WHERE[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

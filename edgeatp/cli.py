@@ -2,7 +2,9 @@
 
 ``edgeatp discover`` with no arguments runs end to end on the shipped ``zoo:ioi`` model and
 its task, offline, and writes the circuit (JSON), its drawing (DOT, SVG) and a report.
-User errors exit with status 2 and one line; ``--debug`` shows the traceback.
+User errors exit with status 2 and one line that names the flag, the file or the row; ``--debug``
+shows the traceback. Options and files are checked before torch is imported, so mistakes and
+``--help`` answer at once.
 """
 
 from __future__ import annotations
@@ -11,18 +13,28 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
 from . import __version__
-from .errors import EdgeatpError
+from .config import DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
+from .errors import EdgeatpError, OptionError
+from .methods import METHODS
 
 FORMATS = ("json", "mib", "dot", "svg", "png", "pdf", "md", "html", "networkx")
 DEFAULT_FORMATS = "json,dot,svg,md"
+FLAG_NAMES = {"n_verify": "--verify", "memory_budget_mb": "--memory-budget", "top": "--verify",
+              "m": "--bound-samples", "samples": "--bound-samples", "p": "--bound-p", "alpha": "--bound-alpha"}
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a library parameter name (``top_k`` → ``--top-k``)."""
+    return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
 
 
 class UserError(click.ClickException):
@@ -34,18 +46,31 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OptionError):
+        text = exc.render({k: flag(v) for k, v in exc.options.items()})
+    else:
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _guard(fn: Callable) -> Callable:
-    """Turn user errors into one line; ``--debug`` (or EDGEATP_DEBUG=1) re-raises with the traceback."""
+    """Turn user errors into one line (interruptions too); ``--debug`` or ``EDGEATP_DEBUG=1``
+    re-raises with the traceback."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug") or os.environ.get("EDGEATP_DEBUG") == "1"
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
         except (EdgeatpError, ValueError, KeyError, FileNotFoundError) as exc:
             if debug:
                 raise
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise UserError(str(msg).splitlines()[0] if str(msg) else type(exc).__name__) from None
+            raise UserError(_one_line(exc)) from None
         except click.ClickException:
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: one line plus where to look
@@ -61,6 +86,10 @@ def _say(quiet: bool, text: str = "") -> None:
         click.echo(text)
 
 
+def _warn(text: str) -> None:
+    click.echo(f"warning: {text}", err=True)
+
+
 def _json(data: Any) -> str:
     """Strict JSON for scripts: non-finite numbers become null."""
     def clean(x: Any) -> Any:
@@ -74,12 +103,49 @@ def _json(data: Any) -> str:
     return json.dumps(clean(data), indent=1, allow_nan=False)
 
 
-def _formats(spec: str) -> list[str]:
-    out = [f.strip().lower() for f in spec.split(",") if f.strip()]
-    bad = [f for f in out if f not in FORMATS]
+def _formats(spec: str, allowed: Sequence[str] = FORMATS) -> list[str]:
+    out = list(dict.fromkeys(f.strip().lower() for f in spec.split(",") if f.strip()))
+    bad = [f for f in out if f not in allowed]
     if bad:
-        raise EdgeatpError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+        raise EdgeatpError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if not out:
+        raise EdgeatpError(f"--format is empty; choose one or more of {', '.join(allowed)}")
     return out
+
+
+def _quiet_libraries() -> None:
+    """Silence the loading bars and advisories of Hugging Face libraries (set before they import)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _check_model_spec(spec: str) -> None:
+    """Reject model specs that cannot name anything, before any heavy import."""
+    if not spec.strip():
+        raise EdgeatpError("--model is empty; pass zoo:NAME, a checkpoint folder or a model name")
+    if spec.startswith("zoo:"):
+        from .zoo import ZOO
+
+        if spec[4:] not in ZOO:
+            raise EdgeatpError(f"--model {spec}: the zoo has {', '.join('zoo:' + n for n in ZOO)}")
+    elif not Path(spec).expanduser().exists() and re.search(r"[\s]", spec):
+        raise EdgeatpError(f"--model {spec!r} is neither a folder nor a model name (names have no spaces)")
+
+
+def _check_data(path: str | None) -> None:
+    """Read and check a prompt-pair file's structure before any heavy import."""
+    if path:
+        from .tasks.rows import check_records, read_rows
+
+        check_records(Path(path), read_rows(Path(path)))
+
+
+def _group_file(spec: str | None) -> None:
+    """A ``--group`` file must exist and be JSON (named group specs are checked later)."""
+    if spec and spec not in ("layer", "head") and not spec.startswith("span:") and not Path(spec).is_file():
+        raise EdgeatpError(f"--group {spec!r}: no such file; use layer, head, span:a-b,... or a JSON file of "
+                           "named node lists")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,19 +162,24 @@ def main() -> None:
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="JSONL/CSV prompt pairs with columns clean, corrupt, answer, wrong.")
 @click.option("--n-pairs", type=click.IntRange(1), default=64, show_default=True, help="Pairs generated for a built-in task.")
-@click.option("--metric", type=click.Choice(["logit_diff", "logprob", "prob", "kl"]), default="logit_diff", show_default=True)
-@click.option("--method", type=click.Choice(["atp", "atp-qk", "atp-gd", "atp*", "ig", "exact"]), default="atp-qk",
-              show_default=True, help="Attribution method (atp* = QK fix + GradDrop).")
-@click.option("--level", type=click.Choice(["edge", "node", "neuron"]), default="edge", show_default=True)
+@click.option("--metric", type=click.Choice(METRIC_CHOICES), default="logit_diff", show_default=True,
+              help="What is measured at the answer position: logit difference (answer minus mean wrong), "
+                   "log-probability or probability of the answer, or KL divergence from the clean run.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="atp-qk", show_default=True,
+              help="Attribution method: " + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".")
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="edge", show_default=True,
+              help="Circuit of edges, of components (heads and MLPs) or of MLP neurons.")
 @click.option("--positions/--no-positions", default=False, help="Position-resolved edges/nodes.")
-@click.option("--group", default=None, help="Also score coarse node groups: layer, head, span:0-3,4-9 or a JSON file.")
+@click.option("--group", default=None,
+              help="Coarse groups: at edge level 'layer' (edges between whole layers); at node level layer, head, "
+                   "span:0-3,4-9 (components over position spans) or a JSON file of named node lists.")
 @click.option("--top-k", type=click.IntRange(0), default=None,
               help="Keep the k best edges/nodes. Default: the smallest circuit reaching --target faithfulness.")
 @click.option("--threshold", type=float, default=None, help="Keep edges whose score is at least this.")
 @click.option("--cumulative", type=float, default=None, help="Keep the top edges holding this share of the total score.")
 @click.option("--greedy", type=click.IntRange(1), default=None, help="Grow k edges from the logits backwards.")
 @click.option("--target", type=click.FloatRange(0, 1.5), default=0.8, show_default=True,
-              help="Faithfulness the automatic circuit size aims for.")
+              help="Faithfulness the automatic circuit size aims for (and that chosen circuits are checked against).")
 @click.option("--verify", "n_verify", type=click.IntRange(0), default=20, show_default=True,
               help="Exactly patch this many top edges/nodes.")
 @click.option("--sample-below", type=click.IntRange(0), default=20, show_default=True,
@@ -118,83 +189,141 @@ def main() -> None:
               help="Random edge subsets patched for --bound.")
 @click.option("--bound-p", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Inclusion probability of each unverified edge in a --bound subset (small = weak interactions).")
-@click.option("--direction", type=click.Choice(["noising", "denoising"]), default="noising", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--direction", type=click.Choice(["noising", "denoising"]), default="noising", show_default=True,
+              help="noising: patch corrupt values into the clean run (what is necessary); denoising: patch clean "
+                   "values into the corrupt run (what is sufficient).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Weights and activations in this dtype (default: the checkpoint's own; scores accumulate in "
+                   "float32 or wider).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Prompt pairs per forward (patches are stacked along the batch too).")
+@click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
+              help="Megabytes for the large attribution buffers; batches and chunks shrink to fit.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of task generation and sampling.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
-@click.option("--out", type=click.Path(file_okay=False), default="edgeatp-out", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="edgeatp-out", show_default=True,
+              help="Output folder (written as a whole at the end; files of an earlier run are replaced).")
 @click.option("--format", "fmt", default=DEFAULT_FORMATS, show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
-@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
-             bound_p: float, direction: str,
-             device: str, dtype: str | None, batch_size: int, seed: int, threads: int | None, out: str, fmt: str,
-             allow_download: bool,
-             quiet: bool, as_json: bool, debug: bool) -> None:
+             bound_p: float, direction: str, device: str, dtype: str | None, batch_size: int, memory_budget: float,
+             seed: int, threads: int | None, out: str, fmt: str, allow_download: bool, quiet: bool, as_json: bool,
+             debug: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
-    from .pipeline import DiscoverConfig, run_discover
-
     formats = _formats(fmt)
     quiet_text = quiet or as_json
     cfg = DiscoverConfig(model=model_spec, task=task, data=data, n_pairs=n_pairs, metric=metric, method=method,
                          level=level, positions=positions, group=group, top_k=top_k, threshold=threshold,
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
-                         direction=direction, device=device, dtype=dtype,
-                         batch_size=batch_size, seed=seed, allow_download=allow_download, threads=threads)
+                         direction=direction, device=device, dtype=dtype, batch_size=batch_size,
+                         memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads)
+    check_config(cfg)
+    _check_model_spec(model_spec)
+    _check_data(data)
+    _group_file(group)
+    from .export.files import check_writable
+
+    check_writable(Path(out))
+    if quiet_text:
+        _quiet_libraries()
     t0 = time.time()
-    result = run_discover(cfg, progress=not quiet_text, log=lambda s: _say(quiet_text, s))
-    paths = result.write(Path(out), formats)
-    summary = {**result.summary(), "seconds": round(time.time() - t0, 1), "outputs": {k: str(v) for k, v in paths.items()}}
+    from .pipeline import run_discover
+    from .progress import for_stream, silent
+
+    result = run_discover(cfg, progress=silent if quiet_text else for_stream(sys.stderr),
+                          log=lambda s: _say(quiet_text, s))
+    written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
+    summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
+               "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
     if as_json:
         click.echo(_json(summary))
     else:
         _say(quiet, result.describe())
-        _say(quiet, "wrote " + ", ".join(str(p) for p in paths.values()))
+        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+
+
+def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: Any = None, **kwargs: Any) -> Any:
+    """Write a circuit's files and tell the user about warnings and skipped formats."""
+    from .export import write_outputs
+
+    for note in circuit.warnings:
+        _warn(note)
+    written = write_outputs(circuit, folder, formats, name=stem, task=circuit.meta.get("data"), scores=scores,
+                            **kwargs)
+    reasons = sorted(set(written.skipped.values()))
+    for reason in reasons:
+        _warn(f"skipped {', '.join(f for f, r in written.skipped.items() if r == reason)}: {reason}")
+    return written
 
 
 # ------------------------------------------------------------------------------------ verify
 @main.command()
 @click.argument("circuit_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "model_spec", default=None, help="Override the model recorded in the circuit.")
-@click.option("--task", default=None, help="Override the task recorded in the circuit.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Prompt pairs to verify on instead.")
-@click.option("--n-pairs", type=click.IntRange(1), default=None)
-@click.option("--verify", "n_verify", type=click.IntRange(0), default=20, show_default=True)
-@click.option("--sample-below", type=click.IntRange(0), default=20, show_default=True)
-@click.option("--bound", is_flag=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Where to write the verified circuit (default: in place).")
-@click.option("--allow-download", is_flag=True)
-@click.option("--quiet", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--debug", is_flag=True)
+@click.option("--task", default=None, help="Verify on a built-in task instead of the recorded data.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Verify on these prompt pairs instead.")
+@click.option("--n-pairs", type=click.IntRange(1), default=None, help="Pairs generated for a built-in task.")
+@click.option("--verify", "n_verify", type=click.IntRange(0), default=20, show_default=True,
+              help="Exactly patch this many top edges/components.")
+@click.option("--sample-below", type=click.IntRange(0), default=20, show_default=True,
+              help="Exactly patch this many random edges/components outside the circuit.")
+@click.option("--bound", is_flag=True, help="Add the AtP* diagnostic bound on missed edges (subsampling + Welch).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Prompt pairs per forward.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: the recorded one).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the verified circuit (default: replace the input and its report set).")
+@click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def verify(circuit_file: str, model_spec: str | None, task: str | None, data: str | None, n_pairs: int | None,
            n_verify: int, sample_below: int, bound: bool, batch_size: int, seed: int | None, out: str | None,
            allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
-    """Re-verify a saved circuit with exact patches and whole-circuit runs."""
+    """Re-verify a saved circuit with exact patches and whole-circuit runs, and rewrite its files."""
+    if task and data:
+        raise EdgeatpError("give either --task or --data, not both")
+    _check_data(data)
+    target = Path(out) if out else Path(circuit_file)
+    from .export.files import check_writable
+
+    check_writable(target.parent)
+    quiet_text = quiet or as_json
+    if quiet_text:
+        _quiet_libraries()
+    from .export import set_files
     from .pipeline import reverify
+    from .progress import for_stream, silent
 
     result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs, n_verify=n_verify,
                       sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
-                      allow_download=allow_download, progress=not (quiet or as_json))
-    target = Path(out) if out else Path(circuit_file)
-    paths = result.write(target.parent, ["json"], stem=target.stem)
+                      allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
+    existing = set_files(target.parent, target.stem) if not out else []
+    formats = _formats_of(existing, target.stem) or ["json"]
+    written = _write(result.circuit, target.parent, formats, target.stem)
     if as_json:
-        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in paths.items()}}))
+        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
     else:
         _say(quiet, result.describe())
-        _say(quiet, f"wrote {paths['json']}")
+        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+
+
+def _formats_of(files: list[str], stem: str) -> list[str]:
+    """The formats a published set of files holds (so ``verify`` rewrites all of them)."""
+    suffix = {f"{stem}.json": "json", f"{stem}.mib.json": "mib", f"{stem}.networkx.json": "networkx",
+              f"{stem}.dot": "dot", f"{stem}.svg": "svg", f"{stem}.png": "png", f"{stem}.pdf": "pdf",
+              f"{stem}.md": "md", f"{stem}.html": "html"}
+    return [suffix[f] for f in files if f in suffix]
 
 
 # ------------------------------------------------------------------------------------ render / export
@@ -202,44 +331,50 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
 @click.argument("circuit_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma list of dot, svg, png, pdf.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder (default: next to the circuit).")
-@click.option("--quiet", is_flag=True)
-@click.option("--debug", is_flag=True)
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
-def render(circuit_file: str, fmt: str, out: str | None, quiet: bool, debug: bool) -> None:
+def render(circuit_file: str, fmt: str, out: str | None, force: bool, quiet: bool, debug: bool) -> None:
     """Draw a saved circuit with graphviz (DOT is always written)."""
-    formats = _formats(fmt)
-    bad = [f for f in formats if f not in ("dot", "svg", "png", "pdf")]
-    if bad:
-        raise EdgeatpError(f"render: {', '.join(bad)} is not a drawing format; use dot, svg, png or pdf")
-    _export_file(Path(circuit_file), formats if "dot" in formats else ["dot", *formats], out, quiet)
+    formats = _formats(fmt, ("dot", "svg", "png", "pdf"))
+    _export_file(Path(circuit_file), formats if "dot" in formats else ["dot", *formats], out, force, quiet)
 
 
 @main.command("export")
 @click.argument("circuit_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", default="mib", show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder (default: next to the circuit).")
-@click.option("--quiet", is_flag=True)
-@click.option("--debug", is_flag=True)
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
-def export_cmd(circuit_file: str, fmt: str, out: str | None, quiet: bool, debug: bool) -> None:
+def export_cmd(circuit_file: str, fmt: str, out: str | None, force: bool, quiet: bool, debug: bool) -> None:
     """Convert a saved circuit: MIB/EAP-IG JSON, networkx node-link JSON, DOT, SVG/PNG/PDF, report."""
-    _export_file(Path(circuit_file), _formats(fmt), out, quiet)
+    _export_file(Path(circuit_file), _formats(fmt), out, force, quiet)
 
 
-def _export_file(path: Path, formats: list[str], out: str | None, quiet: bool) -> None:
-    from .circuit import Circuit
-    from .pipeline import write_circuit
-
-    circuit = Circuit.from_json(str(path))
+def _export_file(path: Path, formats: list[str], out: str | None, force: bool, quiet: bool) -> None:
     folder = Path(out) if out else path.parent
-    stem = path.stem
-    paths = write_circuit(circuit, folder, formats, stem=stem, skip_existing_json=folder.resolve() == path.parent.resolve())
-    _say(quiet, "wrote " + ", ".join(str(p) for p in paths.values()))
+    same = folder.resolve() == path.parent.resolve()
+    wanted = [f for f in formats if not (same and f == "json")]
+    if not wanted:
+        raise EdgeatpError(f"nothing to write: {path.name} is already the circuit's JSON in {folder}; choose another "
+                           "--format or --out")
+    from .export import read_circuit
+    from .export.files import check_writable
+
+    check_writable(folder)
+    circuit = read_circuit(path)
+    written = _write(circuit, folder, wanted, path.stem, replace_set=False, overwrite=force)
+    if not written.paths:
+        raise EdgeatpError("nothing was written: every requested format was skipped")
+    _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
 
 
 # ------------------------------------------------------------------------------------ listings
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_guard
 def models(as_json: bool) -> None:
     """List the shipped zoo models and the other kinds of model edgeatp loads."""
@@ -255,17 +390,18 @@ def models(as_json: bool) -> None:
         click.echo(_json(rows))
         return
     for r in rows:
-        click.echo(f"{r['name']:<15} task={r['task']:<10} acc={r['accuracy']:.3f} params={r['params']:>7}  {r['description']}")
+        click.echo(f"{r['name']:<22} task={r['task']:<10} acc={r['accuracy']:<7} params={r['params']:>7}  "
+                   f"{r['description']}")
     click.echo("\nAlso: any TransformerLens pretrained name in your Hugging Face cache (gpt2, pythia-70m, ...),\n"
-               "a local GPT-2 or GPT-NeoX checkpoint directory, or a HookedTransformer through the library API.")
+               "a local Hugging Face checkpoint directory, or a model object through the library API.")
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_guard
 def tasks(as_json: bool) -> None:
     """List the built-in tasks (or use --data FILE with your own prompt pairs)."""
-    from .tasks import TASKS
+    from .tasks.builtin import TASKS
 
     rows = [{"name": t.name, "description": t.description, "metric": t.default_metric} for t in TASKS.values()]
     if as_json:

@@ -259,8 +259,9 @@ def reader_nodes(shape: ModelShape) -> list[Node]:
 class EdgeGraph:
     """Dense index of writer→reader edges: ``mask[w, r]`` is True where the edge exists.
 
-    ``n_positions`` set means a position-resolved graph: an edge exists at every position
-    (a write at position p is read at position p), so scores carry a leading position axis.
+    ``n_positions`` set means a position-resolved graph: an edge exists at every position (a
+    write at position p is read at position p). Every edge tensor has a leading position axis of
+    length :attr:`P`: the number of positions, or 1 for a position-aggregated graph.
     """
 
     shape: ModelShape
@@ -316,9 +317,25 @@ class EdgeGraph:
         return len(self.readers)
 
     @property
+    def positional(self) -> bool:
+        """Whether edges are resolved per token position."""
+        return self.n_positions is not None
+
+    @property
+    def P(self) -> int:
+        """Length of the leading position axis of every edge tensor: the number of positions, or
+        1 for a position-aggregated graph (whose single "position" stands for all of them)."""
+        return self.n_positions or 1
+
+    @property
     def n_edges(self) -> int:
         """Number of edges (times positions for a position-resolved graph)."""
-        return int(self._mask.sum()) * (self.n_positions or 1)
+        return int(self._mask.sum()) * self.P
+
+    @property
+    def full_mask(self) -> torch.Tensor:
+        """``[P, W, R]`` bool: which edges exist at each position."""
+        return self._mask.expand(self.P, -1, -1)
 
     @cached_property
     def writer_index(self) -> dict[Node, int]:
@@ -333,6 +350,13 @@ class EdgeGraph:
         """``[n_edges_per_position, 2]`` (writer, reader) indices of existing edges, canonical order."""
         return self._mask.nonzero()
 
+    @cached_property
+    def all_coords(self) -> torch.Tensor:
+        """``[n_edges, 3]`` (position, writer, reader) coordinates of every edge, positions outermost."""
+        wr = self.edge_coords
+        pos = torch.arange(self.P).repeat_interleave(len(wr))
+        return torch.cat([pos[:, None], wr.repeat(self.P, 1)], 1)
+
     def index_of(self, edge: Edge | str) -> tuple[int, int]:
         """(writer, reader) index of an edge; clear error if it is not in the graph."""
         e = Edge.parse(edge) if isinstance(edge, str) else edge
@@ -344,16 +368,30 @@ class EdgeGraph:
             raise KeyError(f"edge {e.name} does not exist: the reader does not see the writer")
         return w, r
 
+    def position_index(self, edge: Edge) -> int:
+        """Index of an edge's position along the position axis (0 in an aggregated graph)."""
+        if self.positional:
+            if edge.position is None:
+                raise KeyError(f"{edge.name}: this graph is position-resolved; name a position, e.g. {edge.name}@0")
+            if not 0 <= edge.position < self.P:
+                raise KeyError(f"{edge.name}: the graph has positions 0..{self.P - 1}")
+            return edge.position
+        if edge.position is not None:
+            raise KeyError(f"{edge.name}: this graph has no positions")
+        return 0
+
     def edge(self, w: int, r: int, position: int | None = None) -> Edge:
         return Edge(self.writers[w], self.readers[r], position)
 
+    def edge_at(self, coord: tuple[int, int, int]) -> Edge:
+        """The edge at a (position index, writer, reader) coordinate."""
+        p, w, r = coord
+        return Edge(self.writers[w], self.readers[r], p if self.positional else None)
+
     def edges(self) -> Iterator[Edge]:
         """Every edge in canonical order (positions outermost for position-resolved graphs)."""
-        coords = self.edge_coords.tolist()
-        positions: Iterable[int | None] = range(self.n_positions) if self.n_positions else [None]
-        for p in positions:
-            for w, r in coords:
-                yield Edge(self.writers[w], self.readers[r], p)
+        for c in self.all_coords.tolist():
+            yield self.edge_at(tuple(c))
 
     def reader_sites(self) -> dict[tuple[str, int], tuple[list[int], list[int]]]:
         """Readers grouped by what they read: ``("q"|"k"|"v", layer)`` (the heads' inputs),
@@ -368,6 +406,10 @@ class EdgeGraph:
             rs.append(r)
             hs.append(node.head if node.head is not None else 0)
         return out
+
+    def with_positions(self, n_positions: int | None) -> "EdgeGraph":
+        """The same writers and readers, resolved over ``n_positions`` positions (``None``: aggregated)."""
+        return EdgeGraph.from_shape(self.shape, n_positions=n_positions, writers=self.writers, readers=self.readers)
 
     def restrict(self, writers: Sequence[Node] | None = None, readers: Sequence[Node] | None = None) -> "EdgeGraph":
         """A smaller graph over a subset of this graph's writers/readers."""

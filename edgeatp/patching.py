@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from .graph import Edge, EdgeGraph, Node, NodeKind, check_nodes
-from .metrics import Metric, get_metric, sign_convention
-from .model import FwdHook, ModelAdapter, Site
-from .tasks.pairs import Direction, PairBatch, PromptPairs
-
+from .errors import EdgeatpError
+from .graph import Edge, EdgeGraph, Node, check_nodes
+from .metrics import sign_convention
+from .model import FwdHook, ModelAdapter, Site, WriterLayout, capture, node_site
+from .setup import Setup
+from .tasks.pairs import Direction
 
 
 @dataclass(frozen=True)
@@ -67,96 +67,44 @@ class Intervention(Protocol):
         """Hooks for a forward whose row ``i`` is pair ``pair_rows[i]`` of the batch under set ``set_rows[i]``."""
 
 
-def capture(adapter: ModelAdapter, tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True
-            ) -> tuple[torch.Tensor | None, dict[Site, torch.Tensor]]:
-    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient)."""
-    cache: dict[Site, torch.Tensor] = {}
-
-    def keep(site: Site) -> FwdHook:
-        def fn(t: torch.Tensor) -> None:
-            cache[site] = t.detach()
-        return fn
-
-    with torch.no_grad():
-        out = adapter.forward(tokens, [(s, keep(s)) for s in dict.fromkeys(sites)], logits=logits)
-    return out, cache
-
-
-def reference_logprobs(adapter: ModelAdapter, batch: PairBatch, metric: Metric) -> torch.Tensor | None:
-    """Clean-run log-probabilities at the answer position, for metrics that compare with them."""
-    if not metric.needs_reference:
-        return None
-    with torch.no_grad():
-        logits = adapter.forward(batch.clean)
-    rows = torch.arange(len(batch), device=logits.device)
-    return torch.log_softmax(logits[rows, batch.answer_pos.to(logits.device)], -1)
-
-
-def sweep(
-    adapter: ModelAdapter,
-    pairs: PromptPairs,
-    intervention: Intervention,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 64,
-    labels: Sequence[str] | None = None,
-    progress: bool = False,
-) -> PatchEffects:
-    """Exact effect of every patch set of ``intervention`` on every prompt pair."""
-    metric_obj = get_metric(metric)
-    direction = Direction(direction)
-    adapter.check_pairs(pairs)
-    n, s = len(pairs), intervention.n_sets
+def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None = None,
+          description: str = "exact patching") -> PatchEffects:
+    """Exact effect of every patch set of ``intervention`` on every prompt pair: patch sets are
+    stacked along the batch axis, as many per forward as ``setup.batch_size`` allows."""
+    model, metric = setup.model, setup.metric
+    n, s = setup.n_pairs, intervention.n_sets
     if s == 0:
-        raise ValueError("nothing to patch: the list of patch sets is empty")
-    pair_bs = max(1, min(n, batch_size))
-    chunk = max(1, batch_size // pair_bs)
+        raise EdgeatpError("nothing to patch: the list of patch sets is empty")
+    pair_bs = max(1, min(n, setup.batch_size))
+    chunk = max(1, setup.batch_size // pair_bs)
     per_pair = torch.zeros(n, s, dtype=torch.float64)
     base_metric = torch.zeros(n, dtype=torch.float64)
     forwards = 0
-    total = -(-n // pair_bs) * -(-s // chunk)
-    with adapter.session(), tqdm(total=total, disable=not progress, desc="exact patching", leave=False) as bar:
-        for batch in pairs.batches(pair_bs, direction, same_length=not adapter.causal):
-            batch = batch.to(adapter.device)
-            B = len(batch)
-            ref = reference_logprobs(adapter, batch, metric_obj)
-            base_logits = capture(adapter, batch.base, [])[0]
-            base = metric_obj(base_logits, batch, ref)
-            base_metric[batch.index] = base.double().cpu()
-            _, source = capture(adapter, batch.source, intervention.source_sites(), logits=False)
-            forwards += 2
-            for start in range(0, s, chunk):
-                sets = torch.arange(start, min(s, start + chunk), device=adapter.device)
-                C = len(sets)
-                pair_rows = torch.arange(B, device=adapter.device).repeat(C)
-                set_rows = sets.repeat_interleave(B)
-                rows = batch.repeat_rows(pair_rows)
-                with torch.no_grad():
-                    logits = adapter.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
-                value = metric_obj(logits, rows, ref[pair_rows] if ref is not None else None)
-                eff = (value - base[pair_rows]).double().cpu().view(C, B)
-                per_pair[batch.index[:, None].cpu(), sets.cpu()[None, :]] = eff.T
-                forwards += 1
-                bar.update(1)
+    for batch in setup.batches(description, batch_size=pair_bs):
+        B = len(batch)
+        ref = setup.reference(batch)
+        base_logits, _ = capture(model, batch.base, [])
+        base = metric(base_logits, batch, ref)
+        base_metric[batch.index] = base.double().cpu()
+        _, source = capture(model, batch.source, intervention.source_sites(), logits=False)
+        forwards += 2
+        for start in range(0, s, chunk):
+            sets = torch.arange(start, min(s, start + chunk), device=model.device)
+            C = len(sets)
+            pair_rows = torch.arange(B, device=model.device).repeat(C)
+            set_rows = sets.repeat_interleave(B)
+            rows = batch.repeat_rows(pair_rows)
+            with torch.no_grad():
+                logits = model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
+            value = metric(logits, rows, ref[pair_rows] if ref is not None else None)
+            eff = (value - base[pair_rows]).double().cpu().view(C, B)
+            per_pair[batch.index[:, None].cpu(), sets.cpu()[None, :]] = eff.T
+            forwards += 1
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
-    return PatchEffects(names, per_pair, base_metric, direction, metric_obj.name, forwards)
+    return PatchEffects(names, per_pair, base_metric, setup.direction, metric.name, forwards)
 
 
 # ------------------------------------------------------------------------------------ nodes
-NODE_SITE = {  # the site each kind of node lives at
-    NodeKind.HEAD: "z", NodeKind.Q: "q", NodeKind.K: "k", NodeKind.V: "v",
-    NodeKind.MLP: "mlp_out", NodeKind.NEURON: "mlp_post", NodeKind.INPUT: "resid_pre"}
-
-
-def node_site(node: Node) -> tuple[Site, int | None]:
-    """The site a node lives at and its index along the site's head/neuron axis."""
-    if node.kind is NodeKind.LOGITS:
-        raise ValueError("logits is an output, not a patchable node")
-    site = Site(NODE_SITE[node.kind], node.layer if node.layer is not None else 0)
-    index = node.head if node.is_attention else node.neuron
-    return site, index
-
-
 @dataclass
 class NodePatch:
     """Patch sets of nodes: set ``j`` replaces all its nodes by their source-run values at once."""
@@ -218,70 +166,31 @@ def _replace(mask: torch.Tensor, src: torch.Tensor) -> FwdHook:
     return fn
 
 
-def patch_nodes(
-    adapter: ModelAdapter,
-    pairs: PromptPairs,
-    sets: Sequence[Sequence[Node] | Node],
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> PatchEffects:
+def patch_nodes(setup: Setup, sets: Sequence[Sequence[Node] | Node], labels: Sequence[str] | None = None
+                ) -> PatchEffects:
     """Exact effects of patching each node (or each set of nodes jointly)."""
     norm = [[x] if isinstance(x, Node) else list(x) for x in sets]
-    labels = ["+".join(n.name for n in s) for s in norm]
-    return sweep(adapter, pairs, NodePatch(adapter, norm, pairs.n_positions), metric, direction, batch_size,
-                 labels, progress)
+    names = labels if labels is not None else ["+".join(n.name for n in s) for s in norm]
+    return sweep(setup, NodePatch(setup.model, norm, setup.pairs.n_positions), names, "node patching")
 
 
 # ------------------------------------------------------------------------------------ edges
-class WriterLayout:
-    """Residual writes of the graph's writers, recorded as a forward reaches them."""
-
-    def __init__(self, adapter: ModelAdapter, graph: EdgeGraph) -> None:
-        self.adapter = adapter
-        self.graph = graph
-        self.groups: dict[Site, tuple[list[int], list[int] | None]] = {}
-        for i, w in enumerate(graph.writers):
-            if w.kind is NodeKind.INPUT:
-                key, idx = Site("resid_pre", 0), None
-            elif w.kind is NodeKind.HEAD:
-                key, idx = Site("z", w.layer), w.head  # type: ignore[arg-type]
-            elif w.kind is NodeKind.MLP:
-                key, idx = Site("mlp_out", w.layer), None  # type: ignore[arg-type]
-            else:
-                key, idx = Site("mlp_post", w.layer), w.neuron  # type: ignore[arg-type]
-            rows, sel = self.groups.setdefault(key, ([], [] if idx is not None else None))
-            rows.append(i)
-            if sel is not None:
-                sel.append(idx)  # type: ignore[arg-type]
-
-    def sites(self) -> list[Site]:
-        return list(self.groups)
-
-    def writes(self, site: Site, act: torch.Tensor) -> torch.Tensor:
-        """``[R, T, n, d_model]`` writes of this site's writers from the site's activation."""
-        _, sel = self.groups[site]
-        if site.kind == "z":
-            return self.adapter.head_writes(site.layer, act[:, :, sel])
-        if site.kind == "mlp_post":
-            return self.adapter.neuron_writes(site.layer, act[:, :, sel])
-        return act[:, :, None, :]
-
-
 @dataclass
 class EdgePatch:
-    """Edge patch masks: row ``i`` patches the edges ``masks[set_rows[i]]`` (``[W, R]`` or ``[T, W, R]``)."""
+    """Edge patch masks: row ``i`` patches the edges ``masks[set_rows[i]]`` (``[P, W, R]`` each)."""
 
     adapter: ModelAdapter
     graph: EdgeGraph
-    masks: torch.Tensor  # [n_sets, (T,) W, R] bool
+    masks: torch.Tensor  # [n_sets, P, W, R] bool
 
     def __post_init__(self) -> None:
+        want = (self.graph.P, self.graph.n_writers, self.graph.n_readers)
+        if self.masks.dim() != 4 or tuple(self.masks.shape[1:]) != want:
+            raise EdgeatpError(f"edge patch masks must be [sets, {', '.join(map(str, want))}], "
+                               f"got {tuple(self.masks.shape)}")
         self.n_sets = int(self.masks.shape[0])
-        self.positional = self.masks.dim() == 4
         self.writers = WriterLayout(self.adapter, self.graph)
-        self.masks = self.masks & self.graph.mask.to(self.masks.device)
+        self.masks = self.masks.bool() & self.graph.mask.to(self.masks.device)
 
     def source_sites(self) -> list[Site]:
         return self.writers.sites()
@@ -294,12 +203,13 @@ class EdgePatch:
 
 def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
                     source: dict[Site, torch.Tensor]) -> list[tuple[Site, FwdHook]]:
-    """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, (T,) W, R]``."""
+    """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, P, W, R]``: each patched
+    reader reads its own copy of the residual in which the writers' source values replace theirs."""
     mask = mask.to(adapter.device)
-    if mask.dim() == 4:  # position-resolved: this batch may be shorter than the longest prompt
-        mask = mask[:, : next(iter(source.values())).shape[1]]
+    T = next(iter(source.values())).shape[1]
+    mask = mask[:, :T] if graph.positional else mask.expand(-1, T, -1, -1)  # [rows, T, W, R]
     src_writes = {s: writers.writes(s, v) for s, v in source.items()}
-    delta: dict[int, torch.Tensor] = {}  # writer index -> [R, T, d] source minus current write
+    delta: dict[int, torch.Tensor] = {}  # writer index -> [rows, T, d] source minus current write
     resid: dict[int, torch.Tensor] = {}
     hooks: list[tuple[Site, FwdHook]] = []
 
@@ -312,20 +222,13 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         return fn
 
     def summed(readers: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[R, T, n, d]`` summed deltas into these readers and the ``[R, T, n]`` touched flags."""
+        """``[rows, T, n, d]`` summed deltas into these readers and the ``[rows, T, n]`` touched flags."""
         m = mask[..., readers]
         if not bool(m.any()):
             return None
-        ws = [w for w in sorted(delta) if bool(m[..., w, :].any())]
-        D = torch.stack([delta[w] for w in ws], dim=2)  # [R, T, w, d]
-        mw = m[..., ws, :].to(D.dtype)
-        if mw.dim() == 3:
-            out = torch.einsum("rtwd,rwn->rtnd", D, mw)
-            touched = m.any(1)[:, None, :].expand(-1, D.shape[1], -1)
-        else:
-            out = torch.einsum("rtwd,rtwn->rtnd", D, mw)
-            touched = m.any(2)
-        return out, touched
+        ws = [w for w in sorted(delta) if bool(m[:, :, w].any())]
+        D = torch.stack([delta[w] for w in ws], dim=2)  # [rows, T, w, d]
+        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, ws].to(D.dtype)), m.any(2)
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
@@ -366,64 +269,50 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
     return hooks
 
 
-def edge_masks(graph: EdgeGraph, sets: Sequence[Sequence[Edge]], n_positions: int | None = None) -> torch.Tensor:
-    """Stack edge sets into ``[n_sets, W, R]`` masks (``[n_sets, T, W, R]`` if any edge has a position)."""
-    positional = any(e.position is not None for s in sets for e in s)
-    if positional and n_positions is None:
-        raise ValueError("position-resolved edges need n_positions")
-    shape = (len(sets), n_positions, graph.n_writers, graph.n_readers) if positional else (
-        len(sets), graph.n_writers, graph.n_readers)
-    masks = torch.zeros(shape, dtype=torch.bool)
+def edge_masks(graph: EdgeGraph, sets: Sequence[Sequence[Edge]]) -> torch.Tensor:
+    """Stack edge sets into ``[n_sets, P, W, R]`` masks (an edge without a position in a
+    position-resolved graph stands for all its positions)."""
+    masks = torch.zeros((len(sets), graph.P, graph.n_writers, graph.n_readers), dtype=torch.bool)
     for j, s in enumerate(sets):
         for e in s:
             w, r = graph.index_of(e)
-            if e.position is not None and e.position >= (n_positions or 0):
-                raise ValueError(f"edge {e.name}: position {e.position} is beyond the prompts' {n_positions} tokens")
-            if positional:
-                masks[j, slice(None) if e.position is None else e.position, w, r] = True
+            if graph.positional and e.position is None:
+                masks[j, :, w, r] = True
             else:
-                masks[j, w, r] = True
+                masks[j, graph.position_index(e), w, r] = True
     return masks
 
 
-def patch_edges(
-    adapter: ModelAdapter,
-    pairs: PromptPairs,
-    graph: EdgeGraph,
-    sets: Sequence[Sequence[Edge] | Edge] | torch.Tensor,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 64,
-    labels: Sequence[str] | None = None,
-    progress: bool = False,
-) -> PatchEffects:
-    """Exact effects of patching each edge (or each set of edges jointly); ``sets`` may be a mask stack."""
+def patch_edges(setup: Setup, graph: EdgeGraph, sets: Sequence[Sequence[Edge] | Edge] | torch.Tensor,
+                labels: Sequence[str] | None = None) -> PatchEffects:
+    """Exact effects of patching each edge (or each set of edges jointly); ``sets`` may be a
+    ``[n_sets, P, W, R]`` mask stack. Edges at one position may be patched on a
+    position-aggregated graph too (it is resolved over the prompts' positions for the purpose)."""
     if isinstance(sets, torch.Tensor):
         masks = sets.bool()
     else:
         norm = [[x] if isinstance(x, Edge) else list(x) for x in sets]
-        masks = edge_masks(graph, norm, pairs.n_positions)
+        if not graph.positional and any(e.position is not None for s in norm for e in s):
+            graph = graph.with_positions(setup.pairs.n_positions)
+        masks = edge_masks(graph, norm)
         labels = labels or ["+".join(e.name for e in s) for s in norm]
-    return sweep(adapter, pairs, EdgePatch(adapter, graph, masks), metric, direction, batch_size, labels, progress)
+    _check_graph(setup, graph)
+    return sweep(setup, EdgePatch(setup.model, graph, masks), labels, "edge patching")
 
 
-def run_circuit(
-    adapter: ModelAdapter,
-    pairs: PromptPairs,
-    graph: EdgeGraph,
-    keep: torch.Tensor,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 64,
-    knockout: bool = False,
-) -> PatchEffects:
-    """Whole-circuit runs: every edge outside ``keep`` (``[W, R]`` bool, one or a stack
-    ``[S, W, R]``) takes its source value; with ``knockout`` the kept edges are patched instead."""
-    single = 3 if graph.n_positions is not None else 2
-    if keep.dim() not in (single, single + 1):
-        raise ValueError(f"keep must be [{'T, ' if single == 3 else ''}W, R] or a stack of those, got {tuple(keep.shape)}")
-    keeps = keep[None] if keep.dim() == single else keep
+def run_circuit(setup: Setup, graph: EdgeGraph, keep: torch.Tensor, knockout: bool = False) -> PatchEffects:
+    """Whole-circuit runs: every edge outside ``keep`` (``[P, W, R]`` bool, or a stack of those)
+    takes its source value; with ``knockout`` the kept edges are patched instead."""
+    if keep.dim() not in (3, 4):
+        raise EdgeatpError(f"keep must be [P, W, R] or a stack of those, got {tuple(keep.shape)}")
+    keeps = keep[None] if keep.dim() == 3 else keep
     masks = keeps.bool() if knockout else ~keeps.bool()
-    return patch_edges(adapter, pairs, graph, masks & graph.mask, metric, direction, batch_size,
-                       labels=[f"circuit{i}" for i in range(len(masks))])
+    return patch_edges(setup, graph, masks & graph.mask, labels=[f"circuit{i}" for i in range(len(masks))])
 
+
+def _check_graph(setup: Setup, graph: EdgeGraph) -> None:
+    """The graph must belong to the setup's model and, if position-resolved, to its prompts."""
+    if graph.shape != setup.model.shape:
+        raise EdgeatpError("the edge graph was built for a model of another shape")
+    if graph.positional and graph.P != setup.pairs.n_positions:
+        raise EdgeatpError(f"the graph has {graph.P} positions but the prompts have {setup.pairs.n_positions}")

@@ -1,153 +1,41 @@
-"""The discover pipeline behind ``edgeatp discover``: load, attribute, select, verify, export.
+"""The discover pipeline behind ``edgeatp discover``: load, attribute, select, measure, verify.
 
 Kept apart from the CLI so scripts can run exactly what the command runs::
 
     result = run_discover(DiscoverConfig(model="zoo:ioi"))
-    result.write(Path("out"), ["json", "svg", "md"])
+    write_outputs(result.circuit, Path("out"), ["json", "svg", "md"])
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 
 from . import __version__
 from .attribution.edges import attribute_edges
 from .attribution.grouping import attribute_groups, coarse_edges, parse_groups, patch_coarse_edges, patch_groups
-from .attribution.nodes import NODE_METHODS, attribute_nodes
-from .circuit import (Circuit, EdgeCheck, Faithfulness, circuit_faithfulness, circuits_faithfulness, group_circuit,
-                      node_circuit, prune, summarise_checks, top_k_circuits, verify, verify_nodes)
-from .errors import EdgeatpError
+from .attribution.nodes import attribute_nodes
+from .circuit import (Circuit, FaithfulnessCurve, Selection, circuit_from_edges, coarse_edge_units, group_circuit,
+                      node_circuit, prune, top_k_circuits)
+from .config import DiscoverConfig, check_config
+from .errors import EdgeatpError, OptionError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
-from .patching import patch_nodes
-from .scores import Cost, EdgeScores, NodeScores
+from .progress import Progress, silent
+from .scores import EdgeScores
+from .setup import Setup
 from .tasks import PromptPairs, load_pairs, make_task
+from .verification import (circuits_faithfulness, component_curve, measure, verify, verify_components,
+                           with_exact_units)
 
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-
-
-@dataclass(frozen=True)
-class DiscoverConfig:
-    """Everything ``edgeatp discover`` was asked for (recorded in the circuit for re-verification)."""
-
-    model: str = "zoo:ioi"
-    task: str | None = None
-    data: str | None = None
-    n_pairs: int = 64
-    metric: str = "logit_diff"
-    method: str = "atp-qk"
-    level: str = "edge"
-    positions: bool = False
-    group: str | None = None
-    top_k: int | None = None
-    threshold: float | None = None
-    cumulative: float | None = None
-    greedy: int | None = None
-    target: float = 0.8
-    n_verify: int = 20
-    sample_below: int = 20
-    bound: bool = False
-    bound_samples: int = 256
-    bound_p: float = 0.05
-    direction: str = "noising"
-    device: str = "cpu"
-    dtype: str | None = None
-    batch_size: int = 32
-    seed: int = 0
-    allow_download: bool = False
-    threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
-
-
-@contextmanager
-def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
-    """The model a config names, run under the config's thread policy (restored afterwards)."""
-    adapter = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
-    with torch_threads(_threads(cfg, adapter)):
-        yield adapter
-
-
-def load_inputs(cfg: DiscoverConfig, adapter: ModelAdapter) -> tuple[ModelAdapter, PromptPairs, str]:
-    """The prompt pairs a config names for this model, plus a label for the data."""
-    if cfg.data:
-        pairs = load_pairs(cfg.data, adapter.tokenizer, prepend_bos=adapter.prepend_bos, n_ctx=adapter.n_ctx)
-        return adapter, pairs, f"file {cfg.data}"
-    task = cfg.task or adapter.card.get("task") or "ioi"
-    pairs = make_task(task, adapter.tokenizer, cfg.n_pairs, seed=cfg.seed, prepend_bos=adapter.prepend_bos)
-    adapter.check_pairs(pairs)
-    return adapter, pairs, f"task {task} ({cfg.n_pairs} pairs, seed {cfg.seed})"
-
-
-@dataclass
-class DiscoverResult:
-    """A discovered circuit with what produced it."""
-
-    circuit: Circuit
-    config: DiscoverConfig
-    data_label: str
-    n_pairs: int
-    scores: EdgeScores | None = None  # the edge estimates the circuit was cut from (for stderr in reports)
-
-    def summary(self) -> dict[str, Any]:
-        """Short JSON-able summary for scripts (``--json``)."""
-        c = self.circuit
-        v = c.verification
-        out: dict[str, Any] = {
-            "model": self.config.model, "data": self.data_label, "n_pairs": self.n_pairs, "method": c.method,
-            "level": c.level, "direction": c.direction.value, "metric": c.metric, "n_edges": c.n_edges,
-            "n_nodes": len(c.nodes()), "faithfulness": c.meta.get("faithfulness"),
-            "necessity": c.meta.get("necessity"), "sign_convention": c.sign_convention,
-        }
-        if v is not None:
-            out["verification"] = {"n_checked": len(v.checks), "rank_correlation": v.rank_correlation,
-                                   "sign_agreement": v.sign_agreement, "largest_miss": v.largest_miss,
-                                   "largest_miss_size": v.largest_miss_size, "below_cut_max": v.below_cut_max,
-                                   "bound": v.below_cut_bound}
-        if "groups" in c.meta:
-            out["groups"] = c.meta["groups"][:10]
-        if "groups_kept" in c.meta:
-            out["groups_kept"] = c.meta["groups_kept"]
-        return out
-
-    def describe(self) -> str:
-        """A few human-readable lines."""
-        s = self.summary()
-        lines = [f"{s['model']} on {s['data']}: {s['level']} circuit by {s['method']} ({s['direction']}, {s['metric']})",
-                 f"  {s['n_edges']} edges, {s['n_nodes']} components; faithfulness {_fmt(s['faithfulness'])}, "
-                 f"necessity {_fmt(s['necessity'])} (1 = full clean behaviour, 0 = corrupt)"]
-        v = s.get("verification")
-        if v:
-            lines.append(f"  verified {v['n_checked']} exactly: rank correlation {_fmt(v['rank_correlation'])}, "
-                         f"sign agreement {_fmt(v['sign_agreement'])}, largest miss {v['largest_miss']} "
-                         f"({_fmt(v['largest_miss_size'])}), largest effect below the cut {_fmt(v['below_cut_max'])}"
-                         + (f", bound {_fmt(v['bound'])}" if v["bound"] is not None else ""))
-        top = self.circuit.edges()[:5] if self.circuit.level == "edge" else []
-        if top:
-            lines.append("  top edges: " + ", ".join(e.name for e in top))
-        elif self.circuit.node_scores:
-            lines.append("  top nodes: " + ", ".join(list(self.circuit.node_scores)[:5]))
-        for g in s.get("groups", [])[:5]:
-            lines.append(f"  group {g['group']}: estimate {_fmt(g['score'])}, exact {_fmt(g['exact'])}")
-        return "\n".join(lines)
-
-    def write(self, folder: Path, formats: Sequence[str], stem: str = "circuit") -> dict[str, Path]:
-        return write_circuit(self.circuit, folder, formats, stem=stem, scores=self.scores)
-
-
-def _fmt(x: Any) -> str:
-    return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
-
-
-def _curve_sizes(n: int, extra: Sequence[int] = ()) -> list[int]:
-    return sorted({k for k in (*CURVE_SIZES, *extra) if 0 < k <= n} | {n})
-
-
 SMALL_MODEL_PARAMS = 20_000_000
+Log = Callable[[str], None]
 
 
 @contextmanager
@@ -164,207 +52,294 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def run_discover(cfg: DiscoverConfig, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> DiscoverResult:
-    """Attribute, select, verify: the whole ``discover`` command as a function."""
-    rules = _check(cfg)
-    with loaded_model(cfg) as adapter:
-        return _run_discover(cfg, adapter, rules, progress, log)
+@contextmanager
+def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
+    """The model a config names, run under the config's thread policy (restored afterwards):
+    as asked, else one thread for small models (more only add overhead there), else torch's default."""
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    threads = cfg.threads
+    if threads is None and sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL_PARAMS:
+        threads = 1
+    with torch_threads(threads):
+        yield model
 
 
-def _check(cfg: DiscoverConfig) -> list[str]:
-    """Reject contradictory options before any work; returns the selection rule given (if any)."""
-    rules = [r for r in ("top_k", "threshold", "cumulative", "greedy") if getattr(cfg, r) is not None]
-    if len(rules) > 1:
-        raise EdgeatpError("choose one of --top-k, --threshold, --cumulative and --greedy")
-    if cfg.level != "edge" and rules and rules[0] != "top_k":
-        raise EdgeatpError(f"--{rules[0].replace('_', '-')} works on edges; node and neuron circuits use --top-k")
-    if cfg.level != "edge" and cfg.method not in (*NODE_METHODS, "exact"):
-        raise EdgeatpError(f"--method {cfg.method} is edge-only; node levels take atp, atp-qk, atp-gd, atp* or exact")
-    if cfg.task and cfg.data:
-        raise EdgeatpError("give either --task or --data, not both")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise EdgeatpError("--threads must be at least 1")
-    if cfg.level == "edge" and cfg.group not in (None, "layer"):
-        raise EdgeatpError("at edge level --group takes 'layer' (edges between whole layers); node groups "
-                           "(head, span:..., files) go with --level node")
-    if cfg.greedy is not None and cfg.positions:
-        raise EdgeatpError("--greedy works on position-aggregated graphs; drop --positions")
-    if cfg.bound and cfg.level != "edge":
-        raise EdgeatpError("--bound bounds missed edges; it works with --level edge")
-    if cfg.group and cfg.level != "edge" and cfg.positions:
-        raise EdgeatpError("node groups carry their own positions (e.g. span:0-3); drop --positions")
-    return rules
+def load_inputs(cfg: DiscoverConfig, model: ModelAdapter) -> tuple[PromptPairs, str]:
+    """The prompt pairs a config names for this model, plus a label for the data."""
+    if cfg.data:
+        pairs = load_pairs(cfg.data, model.tokenizer, prepend_bos=model.prepend_bos, n_ctx=model.n_ctx)
+        return pairs, f"file {cfg.data}"
+    task = cfg.task or model.card.get("task") or "ioi"
+    pairs = make_task(task, model.tokenizer, cfg.n_pairs, seed=cfg.seed, prepend_bos=model.prepend_bos)
+    return pairs, f"task {task} ({cfg.n_pairs} pairs, seed {cfg.seed})"
 
 
-def _threads(cfg: DiscoverConfig, adapter: ModelAdapter) -> int | None:
-    """The thread count to run with: as asked, else one for small models, else torch's default."""
-    if cfg.threads is not None:
-        return cfg.threads
-    return 1 if sum(p.numel() for p in adapter.model.parameters()) < SMALL_MODEL_PARAMS else None
+def make_setup(cfg: DiscoverConfig, model: ModelAdapter, progress: Progress = silent) -> tuple[Setup, str]:
+    """The :class:`Setup` a config describes on a loaded model, and a label for its data."""
+    pairs, label = load_inputs(cfg, model)
+    return Setup(model, pairs, cfg.metric, cfg.direction, cfg.batch_size, progress), label
 
 
-def _run_discover(cfg: DiscoverConfig, adapter: ModelAdapter, rules: list[str], progress: bool,
-                  log: Callable[[str], None]) -> DiscoverResult:
-    adapter, pairs, label = load_inputs(cfg, adapter)
-    log(f"{adapter.name}: {adapter.shape.n_layers} layers x {adapter.shape.n_heads} heads; {label}")
-    common = dict(metric=cfg.metric, direction=cfg.direction, batch_size=cfg.batch_size)
-    meta: dict[str, Any] = {"model": adapter.name, "model_info": adapter.describe(), "data": label,
-                            "n_pairs": len(pairs), "config": asdict(cfg), "edgeatp_version": __version__,
-                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    scores = None
-    if cfg.level == "edge":
-        circuit, scores = _edge_circuit(adapter, pairs, cfg, rules, common, progress, log)
-        if cfg.group:
-            circuit = circuit.with_(meta={**circuit.meta,
-                                          "groups": _coarse_edges(adapter, pairs, cfg, scores, progress)})
-    else:
-        circuit = _node_circuit(adapter, pairs, cfg, rules, common, progress, log)
-    return DiscoverResult(circuit.with_(meta={**circuit.meta, **meta}), cfg, label, len(pairs), scores)
+@dataclass
+class DiscoverResult:
+    """A discovered circuit with what produced it."""
+
+    circuit: Circuit
+    config: DiscoverConfig
+    data_label: str
+    n_pairs: int
+    scores: EdgeScores | None = None  # the edge estimates the circuit was cut from (for stderr in reports)
+
+    def summary(self, top: int = 10) -> dict[str, Any]:
+        """Short JSON-able summary for scripts (``--json``)."""
+        c = self.circuit
+        v = c.verification
+        out: dict[str, Any] = {
+            "model": self.config.model, "data": self.data_label, "n_pairs": self.n_pairs, "method": c.method,
+            "level": c.level, "direction": c.direction.value, "metric": c.metric, "n_edges": c.n_edges,
+            "n_nodes": len(c.nodes()), "faithfulness": c.faithfulness, "necessity": c.necessity,
+            "target": self.config.target, "selection": None if c.selection is None else asdict(c.selection),
+            "warnings": list(c.warnings), "sign_convention": c.sign_convention,
+        }
+        if c.level == "edge":
+            rows = []
+            for e in c.edges()[:top]:
+                at = (c.graph.position_index(e), *c.graph.index_of(e))
+                rows.append({"edge": e.name, "score": float(c.score[at]), "signed": float(c.signed[at])})
+            out["top_edges"] = rows
+        for kind in ("component", "group", "coarse_edge"):
+            units = c.units_of(kind)  # type: ignore[arg-type]
+            if units:
+                out[f"top_{kind}s"] = [asdict(u) for u in units[:top]]
+        if v is not None:
+            out["verification"] = {"n_checked": len(v.checks), "n_ranked": v.n_ranked,
+                                   "rank_correlation": v.rank_correlation, "sign_agreement": v.sign_agreement,
+                                   "largest_miss": v.largest_miss, "largest_miss_size": v.largest_miss_size,
+                                   "outside_max": v.outside_max, "outside_checked": v.outside_checked,
+                                   "bound": v.bound}
+        return out
+
+    def describe(self) -> str:
+        """A few human-readable lines."""
+        s, c = self.summary(5), self.circuit
+        what = {"edge": "edges", "node": "components", "neuron": "components", "group": "groups"}[c.level]
+        lines = [f"{s['model']} on {s['data']}: {c.level} circuit by {c.method} ({s['direction']}, {s['metric']})",
+                 f"  {c.n_edges} edges, {s['n_nodes']} components; faithfulness {_fmt(c.faithfulness)}, "
+                 f"necessity {_fmt(c.necessity)} (1 = full clean behaviour, 0 = corrupt)"]
+        v = c.verification
+        if v is not None:
+            lines.append(f"  verified {len(v.checks)} {what} exactly: rank correlation {_fmt(v.rank_correlation)}, "
+                         f"sign agreement {_fmt(v.sign_agreement)}, largest miss {v.largest_miss} "
+                         f"({_fmt(v.largest_miss_size)}), largest |exact| of the {v.outside_checked} checked "
+                         f"outside the circuit {_fmt(v.outside_max)}" + (f", bound {_fmt(v.bound)}"
+                                                                         if v.bound is not None else ""))
+        if c.level == "edge":
+            lines.append("  top edges: " + ", ".join(e["edge"] for e in s["top_edges"]))
+        for kind, label in (("component", "top components"), ("group", "top groups"),
+                            ("coarse_edge", "layer-to-layer edges")):
+            for u in c.units_of(kind)[:5]:  # type: ignore[arg-type]
+                lines.append(f"  {label[:-1] if label.endswith('s') else label} {u.name}: signed estimate "
+                             f"{_fmt(u.signed)}, exact {_fmt(u.exact)}" + (" (in circuit)" if u.in_circuit else ""))
+        return "\n".join(lines)
 
 
-def _edge_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
-                  progress: bool, log: Callable[[str], None]) -> tuple[Circuit, EdgeScores]:
-    scores = attribute_edges(adapter, pairs, cfg.method, positions=cfg.positions, progress=progress, **common)
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+
+
+def _curve_sizes(n: int, cap: int | None = None) -> list[int]:
+    """Circuit sizes for a faithfulness curve over ``n`` items (up to ``cap``)."""
+    return sorted(k for k in {*CURVE_SIZES, n} if 0 < k <= n and (cap is None or k <= cap))
+
+
+def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = lambda s: None) -> DiscoverResult:
+    """Attribute, select, measure, verify: the whole ``discover`` command as a function."""
+    rule = check_config(cfg)
+    with loaded_model(cfg) as model:
+        setup, label = make_setup(cfg, model, progress)
+        log(f"{model.name}: {model.shape.n_layers} layers x {model.shape.n_heads} heads; {label}")
+        if cfg.level == "edge":
+            circuit, scores = _edge_circuit(setup, cfg, rule, log)
+        elif cfg.group:
+            circuit, scores = _group_circuit(setup, cfg, log), None
+        else:
+            circuit, scores = _node_circuit(setup, cfg, log), None
+        meta = {"model": model.name, "model_info": model.describe(), "data": label, "n_pairs": setup.n_pairs,
+                "data_path": str(Path(cfg.data).resolve()) if cfg.data else None,
+                "data_fingerprint": setup.pairs.fingerprint(), "config": asdict(cfg),
+                "edgeatp_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        circuit = circuit.with_(meta={**circuit.meta, **meta})
+    return DiscoverResult(circuit, cfg, label, setup.n_pairs, scores)
+
+
+def _target_note(circuit: Circuit, target: float) -> Circuit:
+    """Record, when the circuit misses the faithfulness target, that it does."""
+    f = circuit.faithfulness
+    if f is None or f >= target or circuit.selection is None:
+        return circuit
+    return circuit.with_(selection=circuit.selection.with_note(
+        f"faithfulness {f:.3g} is below the target {target:g}: the circuit does not carry the behaviour; "
+        "try a larger circuit or another method"))
+
+
+def _pick(curve: FaithfulnessCurve, target: float) -> int:
+    """The smallest size reaching the target, else the most faithful one."""
+    reach = [i for i, f in enumerate(curve.faithfulness) if f >= target]
+    return reach[0] if reach else max(range(len(curve.sizes)), key=lambda i: curve.faithfulness[i])
+
+
+def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log) -> tuple[Circuit, EdgeScores]:
+    scores = attribute_edges(setup, cfg.method, positions=cfg.positions, memory_budget_mb=cfg.memory_budget)
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
     candidates = top_k_circuits(scores, _curve_sizes(scores.graph.n_edges))
-    curve = circuits_faithfulness(adapter, pairs, [c for _, c in candidates], cfg.batch_size)
-    if rules:
-        circuit = prune(scores, **{rules[0]: getattr(cfg, rules[0])})
+    curve = circuits_faithfulness(setup, [c for _, c in candidates], label=f"top-k of {cfg.method}")
+    if rule is not None:
+        circuit = prune(scores, **{rule: getattr(cfg, rule)})
     else:
-        reach = [i for i, f in enumerate(curve.faithfulness) if f >= cfg.target]
-        pick = reach[0] if reach else max(range(len(candidates)), key=lambda i: curve.faithfulness[i])
-        k, circuit = candidates[pick]
-        circuit = circuit.with_(meta={**circuit.meta, "rule": f"smallest top-k reaching faithfulness {cfg.target}",
-                                      "value": k})
-    own = circuit_faithfulness(adapter, pairs, circuit, cfg.batch_size)
-    log(f"kept {circuit.n_edges} edges; faithfulness {own.faithfulness[0]:.3f}")
-    checked = verify(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
-                     bound=cfg.bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p,
-                     batch_size=cfg.batch_size) if cfg.n_verify or cfg.sample_below else None
-    return circuit.with_(verification=checked, faithfulness=curve,
-                         meta={**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
-                               "clean_metric": own.clean_metric, "corrupt_metric": own.corrupt_metric}), scores
+        pick = _pick(curve, cfg.target)
+        k, chosen = candidates[pick]
+        circuit = circuit_from_edges(scores, chosen.in_graph, "target", cfg.target)
+        circuit = circuit.with_(selection=replace(circuit.selection, requested=k))  # type: ignore[arg-type]
+    circuit = _target_note(measure(setup, circuit), cfg.target)
+    log(f"kept {circuit.n_edges} edges; faithfulness {circuit.faithfulness:.3f}")
+    if cfg.n_verify or cfg.sample_below:
+        circuit = circuit.with_(verification=verify(
+            setup, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed, bound=cfg.bound,
+            bound_samples=cfg.bound_samples, bound_p=cfg.bound_p))
+    if cfg.group == "layer":
+        coarse = coarse_edges(scores)
+        exact = patch_coarse_edges(setup, coarse, scores.graph)
+        circuit = circuit.with_(units=coarse_edge_units(coarse, set(), dict(zip(exact.labels, exact.mean.tolist()))))
+    return circuit.with_(curve=curve), scores
 
 
-def _node_circuit(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], common: dict,
-                  progress: bool, log: Callable[[str], None]) -> Circuit:
-    """Node/neuron circuit (or, with ``--group``, a circuit over the best coarse groups)."""
-    fams = ["head", "q", "k", "v"] + (["neuron"] if cfg.level == "neuron" else ["mlp"])
-    if adapter.shape.attn_only:
-        if cfg.level == "neuron":
-            raise EdgeatpError("--level neuron needs a model with MLPs")
-        fams = fams[:4]
-    graph = EdgeGraph.from_shape(adapter.shape, neurons=cfg.level == "neuron")
-    if cfg.group:
-        groups = parse_groups(cfg.group, adapter.shape, pairs.n_positions)
-        method = "atp-qk" if cfg.method == "exact" else cfg.method
-        est = attribute_groups(adapter, pairs, groups, method, progress=progress, **common)
-        exact = patch_groups(adapter, pairs, groups, progress=progress, **common)
-        circuit, curve, pick = _smallest_faithful(adapter, pairs, cfg, rules, len(groups),
-                                                  lambda k: group_circuit(est, graph, top_k=k))
-        exact_of = dict(zip(exact.labels, exact.mean.tolist()))
-        kept = set(circuit.meta["groups_kept"])
-        checks = tuple(EdgeCheck(g.name, m, exact_of[g.name], s, g.name in kept) for g, s, m in est.top())
-        checked = summarise_checks(checks, len(checks), None, None, exact.n_forwards)
-        log(f"kept {len(kept)} of {len(groups)} groups; faithfulness {curve.faithfulness[pick]:.3f}")
-    else:
-        nodes = node_set(adapter.shape, fams, pairs.n_positions if cfg.positions else None)
-        if cfg.method == "exact":
-            eff = patch_nodes(adapter, pairs, list(nodes), progress=progress, **common)
-            scores = NodeScores(eff.per_pair, eff.per_pair.abs(), "exact", eff.direction, eff.metric,
-                                Cost(forwards=eff.n_forwards), {}, nodes)
-        else:
-            scores = attribute_nodes(adapter, pairs, cfg.method, nodes=nodes, positions=cfg.positions,
-                                     progress=progress, **common)
-        n_comp = len({n.component.head_node for n in nodes})
-        circuit, curve, pick = _smallest_faithful(adapter, pairs, cfg, rules, n_comp,
-                                                  lambda k: node_circuit(scores, graph, top_k=k))
-        log(f"kept {len(circuit.node_scores)} components; faithfulness {curve.faithfulness[pick]:.3f}")
-        checked = verify_nodes(adapter, pairs, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below,
-                               seed=cfg.seed, batch_size=cfg.batch_size) \
-            if cfg.n_verify or cfg.sample_below else None
-    return circuit.with_(verification=checked, faithfulness=curve,
-                         meta={**circuit.meta, "faithfulness": curve.faithfulness[pick],
-                               "necessity": curve.necessity[pick], "clean_metric": curve.clean_metric,
-                               "corrupt_metric": curve.corrupt_metric})
+def _smallest_faithful(setup: Setup, cfg: DiscoverConfig, n_max: int, build: Callable[[int], Circuit],
+                       label: str) -> Circuit:
+    """Component circuits of growing size and the one to keep: the ``top_k`` one, else the
+    smallest reaching the target (else the most faithful), with its curve."""
+    sizes = [cfg.top_k] if cfg.top_k is not None else _curve_sizes(n_max, cap=64)
+    circuits = [build(k) for k in sizes]  # type: ignore[arg-type]
+    curve = component_curve(setup, circuits, label)
+    pick = 0 if cfg.top_k is not None else _pick(curve, cfg.target)
+    chosen = circuits[pick]
+    if cfg.top_k is None:
+        sel = Selection("target", cfg.target, sizes[pick], chosen.selection.kept if chosen.selection else 0)
+        chosen = chosen.with_(selection=sel)
+    chosen = chosen.with_(faithfulness=curve.faithfulness[pick], necessity=curve.necessity[pick], curve=curve)
+    return _target_note(chosen, cfg.target)
 
 
-def _smallest_faithful(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, rules: list[str], n_max: int,
-                       build: Callable[[int], Circuit]) -> tuple[Circuit, Faithfulness, int]:
-    """Node-level circuits of growing size, their faithfulness curve, and the one to keep: the
-    ``--top-k`` one, else the smallest reaching ``--target`` (else the most faithful)."""
-    sizes = [cfg.top_k] if rules else [k for k in _curve_sizes(n_max) if k <= 64]  # type: ignore[list-item]
-    circuits = [build(k) for k in sizes]
-    faith = [circuit_faithfulness(adapter, pairs, c, cfg.batch_size) for c in circuits]
-    curve = Faithfulness(tuple(sizes), tuple(f.faithfulness[0] for f in faith), tuple(f.necessity[0] for f in faith),
-                         faith[0].clean_metric, faith[0].corrupt_metric)
-    pick = 0 if rules else next((i for i, f in enumerate(curve.faithfulness) if f >= cfg.target),
-                                max(range(len(sizes)), key=lambda i: curve.faithfulness[i]))
-    return circuits[pick], curve, pick
+def _node_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
+    """A circuit of the best components (heads, MLPs or neurons) by node attribution."""
+    model = setup.model
+    if cfg.level == "neuron" and model.shape.attn_only:
+        raise OptionError("{level} neuron needs a model with MLPs", level="level")
+    fams = ["head", "q", "k", "v"] + ([] if model.shape.attn_only else ["neuron" if cfg.level == "neuron" else "mlp"])
+    graph = EdgeGraph.from_shape(model.shape, neurons=cfg.level == "neuron")
+    nodes = node_set(model.shape, fams, setup.pairs.n_positions if cfg.positions else None)
+    scores = attribute_nodes(setup, cfg.method, nodes, positions=cfg.positions)
+    n_comp = len({n.component.head_node for n in nodes})
+    circuit = _smallest_faithful(setup, cfg, n_comp, lambda k: node_circuit(scores, graph, top_k=k),
+                                 f"top-k components of {cfg.method}")
+    log(f"kept {sum(u.in_circuit for u in circuit.units)} components; faithfulness {circuit.faithfulness:.3f}")
+    if cfg.n_verify or cfg.sample_below:
+        circuit = verify_components(setup, circuit, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed)
+    return circuit
 
 
-def _coarse_edges(adapter: ModelAdapter, pairs: PromptPairs, cfg: DiscoverConfig, scores: EdgeScores,
-                  progress: bool) -> list[dict]:
-    """Estimated and exact effects of the layer-level coarse edges (``--group layer`` on edges)."""
-    coarse = coarse_edges(scores)
-    exact = patch_coarse_edges(adapter, pairs, coarse, scores.graph, cfg.batch_size, progress)
-    exact_of = dict(zip(exact.labels, exact.mean.tolist()))
-    return [{"group": row["edge"], "score": row["score"], "signed": row["signed"], "exact": exact_of[row["edge"]]}
-            for row in coarse.to_table()]
+def _group_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
+    """A circuit over the best coarse groups of nodes (``--group`` with a node level)."""
+    model = setup.model
+    groups = parse_groups(cfg.group, model.shape, setup.pairs.n_positions)  # type: ignore[arg-type]
+    graph = EdgeGraph.from_shape(model.shape)
+    est = attribute_groups(setup, groups, cfg.method)
+    circuit = _smallest_faithful(setup, cfg, len(groups), lambda k: group_circuit(est, graph, top_k=k),
+                                 f"top-k groups of {cfg.method}")
+    exact = est.signed.tolist() if cfg.method == "exact" else None
+    eff = None if exact is not None else patch_groups(setup, groups)
+    values = dict(zip([g.name for g in groups], exact if exact is not None else eff.mean.tolist()))  # type: ignore[union-attr]
+    circuit = with_exact_units(circuit, values, 0 if eff is None else eff.n_forwards)
+    kept = sum(u.in_circuit for u in circuit.units)
+    log(f"kept {kept} of {len(groups)} groups; faithfulness {circuit.faithfulness:.3f}")
+    return circuit
+
+
+# ------------------------------------------------------------------------------------ re-verification
+def resolve_data_path(circuit_file: Path, circuit: Circuit, recorded: str) -> str:
+    """Where the data a saved circuit was found on lives now: the absolute path recorded at
+    discovery if it still exists, else the recorded path relative to the circuit file."""
+    absolute = circuit.meta.get("data_path")
+    if absolute and Path(absolute).is_file():
+        return str(absolute)
+    beside = circuit_file.parent / recorded
+    if beside.is_file():
+        return str(beside)
+    if Path(recorded).is_file():
+        return recorded
+    raise OptionError(f"the data file {recorded!r} recorded in {circuit_file} cannot be found (neither at "
+                      f"{absolute or 'its recorded absolute path'} nor next to the circuit); pass {{data}}",
+                      data="data")
 
 
 def reverify(path: Path, *, model: str | None = None, task: str | None = None, data: str | None = None,
              n_pairs: int | None = None, n_verify: int = 20, sample_below: int = 20, bound: bool = False,
              batch_size: int = 32, seed: int | None = None, allow_download: bool = False,
-             progress: bool = False) -> DiscoverResult:
-    """Verify a saved circuit again (on its own data unless told otherwise)."""
-    circuit = Circuit.from_json(str(path))
+             progress: Progress = silent) -> DiscoverResult:
+    """Verify a saved circuit again (on its own data unless told otherwise): its own faithfulness
+    and necessity, and fresh exact patches of its top edges (or components, or groups)."""
+    from .export import read_circuit
+
+    circuit = read_circuit(path)
     recorded = dict(circuit.meta.get("config") or {})
     if not recorded and model is None:
-        raise EdgeatpError(f"{path} does not record its model; pass --model (and --task or --data)")
-    cfg = DiscoverConfig(**{**recorded, "batch_size": batch_size, "allow_download": allow_download,
-                            "n_verify": n_verify, "sample_below": sample_below, "bound": bound})
-    overrides = {k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed}.items() if v is not None}
+        raise OptionError(f"{path} does not record its model; pass {{model}} (and {{task}} or {{data}})",
+                          model="model", task="task", data="data")
+    base = DiscoverConfig.from_dict(recorded, f"{path}'s saved configuration") if recorded else DiscoverConfig()
+    overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "n_verify": n_verify,
+                                 "sample_below": sample_below, "bound": bound}
+    overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed}.items() if v is not None})
+    own_data = not (task or data)
     if task or data:
         overrides.update(task=task, data=data)
-    cfg = DiscoverConfig(**{**asdict(cfg), **overrides})
-    _check(cfg)
+    elif base.data:
+        overrides["data"] = resolve_data_path(path, circuit, base.data)
+    cfg = replace(base, **overrides)
+    check_config(cfg)
     with loaded_model(cfg) as adapter:
-        return _reverify(path, circuit, cfg, adapter, n_verify, sample_below, bound, batch_size)
+        setup, label = make_setup(cfg, adapter, progress)
+        if circuit.graph.shape != adapter.shape:
+            raise EdgeatpError(f"{path} was found on a model of another shape than {adapter.name}")
+        if circuit.graph.positional and circuit.graph.P != setup.pairs.n_positions:
+            raise EdgeatpError(f"{path} is position-resolved over {circuit.graph.P} positions but these prompts have "
+                               f"{setup.pairs.n_positions}; verify it on prompts of that length")
+        recorded_print = circuit.meta.get("data_fingerprint")
+        if own_data and n_pairs is None and recorded_print and recorded_print != setup.pairs.fingerprint():
+            raise EdgeatpError(f"the data for {path} ({label}, {setup.n_pairs} pairs) is not the data it was found "
+                               f"on ({recorded_print.get('n_pairs')} pairs with another content); pass the "
+                               "original file, or --data/--task to verify on other data on purpose")
+        circuit = _reverified(setup, cfg, circuit)
+        meta = {**circuit.meta, "reverified": {"data": label, "n_pairs": setup.n_pairs,
+                                               "data_fingerprint": setup.pairs.fingerprint()}}
+    return DiscoverResult(circuit.with_(meta=meta), cfg, label, setup.n_pairs)
 
 
-def _reverify(path: Path, circuit: Circuit, cfg: DiscoverConfig, adapter: ModelAdapter, n_verify: int,
-              sample_below: int, bound: bool, batch_size: int) -> DiscoverResult:
-    adapter, pairs, label = load_inputs(cfg, adapter)
-    if circuit.graph.shape != adapter.shape:
-        raise EdgeatpError(f"{path} was found on a model of another shape than {adapter.name}")
-    if circuit.graph.n_positions not in (None, pairs.n_positions):
-        raise EdgeatpError(f"{path} is position-resolved over {circuit.graph.n_positions} positions but these "
-                           f"prompts have {pairs.n_positions}; verify it on prompts of that length")
-    own = circuit_faithfulness(adapter, pairs, circuit, batch_size)
-    meta = {**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0],
-            "reverified": {"data": label, "n_pairs": len(pairs)}}
+def _reverified(setup: Setup, cfg: DiscoverConfig, circuit: Circuit) -> Circuit:
+    circuit = measure(setup, circuit)
+    if not (cfg.n_verify or cfg.sample_below):
+        return circuit.with_(verification=None)
     if circuit.level == "edge":
-        scores_like = _stored_scores(circuit, len(pairs))
-        checked = verify(adapter, pairs, circuit, scores_like, top=n_verify, sample_below=sample_below,
-                         seed=cfg.seed, bound=bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p,
-                         batch_size=batch_size)
-    else:
-        checked = circuit.verification
-    return DiscoverResult(circuit.with_(verification=checked, meta=meta), cfg, label, len(pairs))
+        return circuit.with_(verification=verify(
+            setup, circuit, _stored_scores(circuit), top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
+            bound=cfg.bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p))
+    if circuit.level == "group":
+        groups = parse_groups(cfg.group, setup.model.shape, setup.pairs.n_positions)  # type: ignore[arg-type]
+        eff = patch_groups(setup, groups)
+        return with_exact_units(circuit, dict(zip(eff.labels, eff.mean.tolist())), eff.n_forwards)
+    return verify_components(setup, circuit, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed)
 
 
-def _stored_scores(circuit: Circuit, n_pairs: int) -> EdgeScores:
+def _stored_scores(circuit: Circuit) -> EdgeScores:
     """An :class:`EdgeScores` view of a saved circuit's mean estimates (one pseudo-pair)."""
-    return EdgeScores(circuit.signed[None].double(), circuit.score[None].double(), circuit.method, circuit.direction,
-                      circuit.metric, meta={"stored": True, "n_pairs": n_pairs}, graph=circuit.graph)
-
-
-def write_circuit(circuit: Circuit, folder: Path, formats: Sequence[str], stem: str = "circuit",
-                  skip_existing_json: bool = False, scores: EdgeScores | None = None) -> dict[str, Path]:
-    """Write the requested formats of a circuit into ``folder`` (``skip_existing_json`` leaves the
-    circuit's own JSON alone when converting a saved file); returns ``{format: path}``."""
-    from .export import export_all
-
-    wanted = [f for f in formats if not (skip_existing_json and f == "json")]
-    return export_all(circuit, folder, wanted, name=stem, task=circuit.meta.get("data"), scores=scores)
+    return EdgeScores.from_per_pair(circuit.signed[None].double(), circuit.score[None].double(), circuit.method,
+                                    circuit.direction, circuit.metric, circuit.graph, meta={"stored": True})

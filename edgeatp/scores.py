@@ -1,9 +1,11 @@
 """Attribution results: dense score tensors with light node/edge views.
 
-A result keeps the signed per-pair estimates (``per_pair``) and the per-pair magnitudes the
-method ranks by (``per_pair_abs``: ``|estimate|``, or GradDrop's mean of per-layer ``|·|``),
-so its score ``E_pairs[per_pair_abs]`` and its signed mean come from one place. Results
-know their method, direction, metric and sign convention.
+Every method produces, per prompt pair, a signed estimate and the magnitude it ranks by
+(``|estimate|``, or GradDrop's mean of per-layer ``|·|``). A result keeps running statistics of
+both over the pairs (:class:`PairStats`: means, spread, sign counts), so scores, signed means,
+standard errors and sign agreement need no per-pair storage; the per-pair tensors themselves are
+kept too unless they would be large (``per_pair`` is then ``None``). Results know their method,
+direction, metric and sign convention.
 """
 
 from __future__ import annotations
@@ -13,88 +15,170 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import EdgeatpError
 from .graph import Edge, EdgeGraph, Node, NodeIndex
+from .methods import Cost
 from .metrics import sign_convention
 from .tasks.pairs import Direction
 
 
-@dataclass(frozen=True)
-class Cost:
-    """Work spent, in passes over the batch of prompt pairs (the AtP* paper's unit is a forward)."""
+@dataclass(frozen=True, eq=False)
+class PairStats:
+    """Statistics over prompt pairs of a per-pair signed estimate ``x`` and magnitude ``m``.
 
-    forwards: int = 0
-    backwards: int = 0
+    ``mean`` and ``m2`` (sum of squared deviations) follow Chan et al.'s pairwise update, so
+    batches and processes merge without loss of precision.
+    """
 
-    def units(self, backward_cost: float = 2.0) -> float:
-        """Cost in forward-pass units, a backward counted as ``backward_cost`` forwards."""
-        return self.forwards + backward_cost * self.backwards
+    n: int
+    mean: torch.Tensor  # E[x]
+    m2: torch.Tensor  # Σ (x − E[x])²
+    magnitude: torch.Tensor  # E[m]
+    n_pos: torch.Tensor  # pairs with x > 0
+    n_neg: torch.Tensor  # pairs with x < 0
 
-    def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.forwards + other.forwards, self.backwards + other.backwards)
+    @classmethod
+    def of(cls, x: torch.Tensor, m: torch.Tensor | None = None) -> "PairStats":
+        """Statistics of ``[pairs, ...]`` estimates (and magnitudes; default ``|x|``)."""
+        x = x.double()
+        m = x.abs() if m is None else m.double()
+        n = int(x.shape[0])
+        if n == 0:
+            raise EdgeatpError("no prompt pairs to summarise")
+        mean = x.mean(0)
+        return cls(n, mean, ((x - mean) ** 2).sum(0), m.mean(0), (x > 0).sum(0).to(mean.dtype),
+                   (x < 0).sum(0).to(mean.dtype))
+
+    def merge(self, other: "PairStats") -> "PairStats":
+        """The statistics of both sets of pairs together."""
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        wa, wb = self.n / n, other.n / n
+        return PairStats(n, self.mean + delta * wb, self.m2 + other.m2 + delta ** 2 * (self.n * wb),
+                         self.magnitude * wa + other.magnitude * wb, self.n_pos + other.n_pos,
+                         self.n_neg + other.n_neg)
+
+    def select(self, index: Any) -> "PairStats":
+        """The statistics of some entries (``index`` applied to the trailing axes)."""
+        return PairStats(self.n, self.mean[index], self.m2[index], self.magnitude[index], self.n_pos[index],
+                         self.n_neg[index])
+
+    def to(self, device: torch.device | str) -> "PairStats":
+        return PairStats(self.n, *(t.to(device) for t in (self.mean, self.m2, self.magnitude, self.n_pos,
+                                                           self.n_neg)))
+
+    @property
+    def stderr(self) -> torch.Tensor:
+        """Standard error of the mean estimate (NaN with fewer than two pairs)."""
+        if self.n < 2:
+            return torch.full_like(self.mean, float("nan"))
+        return (self.m2.clamp(min=0) / (self.n - 1)).sqrt() / self.n ** 0.5
+
+    @property
+    def sign_agreement(self) -> torch.Tensor:
+        """Among pairs with a non-zero estimate, the share with the majority sign (1 if all are zero)."""
+        both = self.n_pos + self.n_neg
+        return torch.where(both > 0, torch.maximum(self.n_pos, self.n_neg) / both.clamp(min=1),
+                           torch.ones_like(both))
 
 
-def _stderr(x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[0]
-    if n < 2:
-        return torch.full(x.shape[1:], float("nan"), dtype=x.dtype)
-    return x.std(0, unbiased=True) / n ** 0.5
+class Accumulator:
+    """Collects per-pair estimates batch by batch into :class:`PairStats` (and, if asked, the
+    per-pair tensors themselves, on the CPU)."""
 
+    def __init__(self, n_pairs: int, shape: tuple[int, ...], keep_per_pair: bool) -> None:
+        self.n_pairs, self.shape = n_pairs, shape
+        self.stats: PairStats | None = None
+        self.per_pair = torch.zeros((n_pairs, *shape), dtype=torch.float64) if keep_per_pair else None
+        self.per_pair_abs = torch.zeros_like(self.per_pair) if keep_per_pair else None
 
-def _sign_agreement(x: torch.Tensor) -> torch.Tensor:
-    """Among pairs with a non-zero estimate, the share with the majority sign (1 if all are zero)."""
-    pos, neg = (x > 0).double().sum(0), (x < 0).double().sum(0)
-    return torch.where(pos + neg > 0, torch.maximum(pos, neg) / (pos + neg).clamp(min=1), torch.ones_like(pos))
+    def add(self, rows: torch.Tensor, signed: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+        """Estimates ``[b, *shape]`` of dataset rows ``rows``."""
+        if tuple(signed.shape[1:]) != self.shape:
+            raise ValueError(f"estimates of shape {tuple(signed.shape)} do not fit {self.shape}")
+        stats = PairStats.of(signed, magnitude)
+        self.stats = stats if self.stats is None else self.stats.merge(stats)
+        if self.per_pair is not None:
+            r = rows.cpu()
+            self.per_pair[r] = signed.double().cpu()
+            self.per_pair_abs[r] = (signed.abs() if magnitude is None else magnitude).double().cpu()
+
+    def result(self) -> tuple[PairStats, torch.Tensor | None, torch.Tensor | None]:
+        if self.stats is None:
+            raise EdgeatpError("no prompt pairs were processed")
+        return self.stats, self.per_pair, self.per_pair_abs
 
 
 @dataclass(frozen=True, eq=False)
 class _Result:
-    per_pair: torch.Tensor
-    per_pair_abs: torch.Tensor
+    stats: PairStats
     method: str
     direction: Direction
     metric: str
     cost: Cost = field(default_factory=Cost)
     meta: dict[str, Any] = field(default_factory=dict)
+    per_pair: torch.Tensor | None = field(default=None, repr=False)  # [pairs, ...] signed, when kept
+    per_pair_abs: torch.Tensor | None = field(default=None, repr=False)  # [pairs, ...] ranking magnitudes
 
     @property
     def n_pairs(self) -> int:
-        return int(self.per_pair.shape[0])
+        return self.stats.n
 
     @property
     def scores(self) -> torch.Tensor:
-        """The ranking score ``E_pairs[per_pair_abs]`` (non-negative)."""
-        return self.per_pair_abs.mean(0)
+        """The ranking score: the mean over pairs of the per-pair magnitude (non-negative)."""
+        return self.stats.magnitude
 
     @property
     def signed(self) -> torch.Tensor:
-        """The signed mean estimate ``E_pairs[per_pair]``."""
-        return self.per_pair.mean(0)
+        """The signed mean estimate."""
+        return self.stats.mean
 
     @property
     def stderr(self) -> torch.Tensor:
         """Standard error of the signed mean across prompt pairs."""
-        return _stderr(self.per_pair)
+        return self.stats.stderr
 
     @property
     def sign_agreement(self) -> torch.Tensor:
         """Share of prompt pairs whose signed estimate has the majority sign."""
-        return _sign_agreement(self.per_pair)
+        return self.stats.sign_agreement
 
     @property
     def sign_convention(self) -> str:
         return ("estimates approximate " + sign_convention(self.direction, self.metric)
                 + "; scores rank by the mean over pairs of the per-pair magnitude")
 
+    def need_per_pair(self, what: str) -> torch.Tensor:
+        """The per-pair signed estimates, or a clear error when they were not kept."""
+        if self.per_pair is None:
+            raise EdgeatpError(f"{what} needs the per-pair estimates, which were not kept for this large result; "
+                               "run with keep_per_pair=True")
+        return self.per_pair
+
+
+def _check_shape(stats: PairStats, want: tuple[int, ...], what: str) -> None:
+    if tuple(stats.mean.shape) != want:
+        raise EdgeatpError(f"{what} statistics must have shape {want}, got {tuple(stats.mean.shape)}")
+
 
 @dataclass(frozen=True, eq=False)
 class NodeScores(_Result):
-    """Per-node attribution scores: ``per_pair`` is ``[pairs, nodes]``."""
+    """Per-node attribution scores over a :class:`NodeIndex` (statistics ``[nodes]``)."""
 
     nodes: NodeIndex = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        if self.per_pair.shape != self.per_pair_abs.shape or self.per_pair.shape[-1] != len(self.nodes):
-            raise ValueError("per-pair tensors must be [pairs, nodes] and match the node index")
+        _check_shape(self.stats, (len(self.nodes),), "node")
+
+    @classmethod
+    def from_per_pair(cls, per_pair: torch.Tensor, per_pair_abs: torch.Tensor | None, method: str,
+                      direction: Direction, metric: str, nodes: NodeIndex, cost: Cost = Cost(),
+                      meta: dict[str, Any] | None = None) -> "NodeScores":
+        """Scores from ``[pairs, nodes]`` estimates (magnitudes default to ``|estimate|``)."""
+        absolute = per_pair.abs() if per_pair_abs is None else per_pair_abs
+        return cls(PairStats.of(per_pair, absolute), method, Direction(direction), metric, cost, meta or {},
+                   per_pair.double(), absolute.double(), nodes)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -107,56 +191,59 @@ class NodeScores(_Result):
 
     def order(self) -> torch.Tensor:
         """Node indices by decreasing score (stable)."""
-        return torch.sort(self.scores, descending=True, stable=True).indices
+        return torch.sort(self.scores.cpu(), descending=True, stable=True).indices
 
     def top(self, k: int | None = None) -> list[tuple[Node, float, float]]:
         """The ``k`` best nodes as ``(node, score, signed mean)``."""
-        idx = self.order()[: k if k is not None else len(self.nodes)]
-        s, m = self.scores, self.signed
-        return [(self.nodes[i], float(s[i]), float(m[i])) for i in idx.tolist()]
+        idx = self.order()[: k if k is not None else len(self.nodes)].tolist()
+        s, m = self.scores.cpu().tolist(), self.signed.cpu().tolist()
+        return [(self.nodes[i], s[i], m[i]) for i in idx]
 
     def to_table(self, k: int | None = None) -> list[dict[str, Any]]:
         """Rows ``{node, score, signed, stderr, sign_agreement}`` by decreasing score."""
-        idx = self.order()[: k if k is not None else len(self.nodes)]
-        se, ag = self.stderr, self.sign_agreement
-        return [{"node": self.nodes[i].name, "score": float(self.scores[i]), "signed": float(self.signed[i]),
-                 "stderr": float(se[i]), "sign_agreement": float(ag[i])} for i in idx.tolist()]
+        idx = self.order()[: k if k is not None else len(self.nodes)].tolist()
+        se, ag = self.stderr.cpu().tolist(), self.sign_agreement.cpu().tolist()
+        s, m = self.scores.cpu().tolist(), self.signed.cpu().tolist()
+        return [{"node": self.nodes[i].name, "score": s[i], "signed": m[i], "stderr": se[i],
+                 "sign_agreement": ag[i]} for i in idx]
 
     def select(self, nodes: list[Node]) -> "NodeScores":
         """The scores of a subset of nodes, in the given order."""
         idx = torch.tensor([self.nodes.position_of(n) for n in nodes], dtype=torch.long)
-        return NodeScores(self.per_pair[:, idx], self.per_pair_abs[:, idx], self.method, self.direction,
-                          self.metric, self.cost, dict(self.meta), NodeIndex(tuple(nodes)))
+        pick = (lambda t: None if t is None else t[:, idx])
+        return NodeScores(self.stats.select(idx.to(self.stats.mean.device)), self.method, self.direction,
+                          self.metric, self.cost, dict(self.meta), pick(self.per_pair), pick(self.per_pair_abs),
+                          NodeIndex(tuple(nodes)))
 
 
 @dataclass(frozen=True, eq=False)
 class EdgeScores(_Result):
-    """Edge scores on an :class:`EdgeGraph`: ``per_pair`` is ``[pairs, (positions,) writers, readers]``;
-    entries of edges that do not exist are 0."""
+    """Edge scores on an :class:`EdgeGraph`: statistics ``[P, writers, readers]`` (``P = 1`` for a
+    position-aggregated graph); entries of edges that do not exist are 0."""
 
     graph: EdgeGraph = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         g = self.graph
-        lead = (g.n_positions,) if g.n_positions else ()
-        want = (*lead, g.n_writers, g.n_readers)
-        if tuple(self.per_pair.shape[1:]) != want or self.per_pair.shape != self.per_pair_abs.shape:
-            raise ValueError(f"per-pair edge scores must be [pairs, {', '.join(map(str, want))}]")
+        _check_shape(self.stats, (g.P, g.n_writers, g.n_readers), "edge")
+
+    @classmethod
+    def from_per_pair(cls, per_pair: torch.Tensor, per_pair_abs: torch.Tensor | None, method: str,
+                      direction: Direction, metric: str, graph: EdgeGraph, cost: Cost = Cost(),
+                      meta: dict[str, Any] | None = None) -> "EdgeScores":
+        """Scores from ``[pairs, P, W, R]`` estimates (magnitudes default to ``|estimate|``)."""
+        absolute = per_pair.abs() if per_pair_abs is None else per_pair_abs
+        return cls(PairStats.of(per_pair, absolute), method, Direction(direction), metric, cost, meta or {},
+                   per_pair.double(), absolute.double(), graph)
 
     @property
     def positional(self) -> bool:
-        return self.graph.n_positions is not None
+        return self.graph.positional
 
-    def _coords(self, edge: Edge | str) -> tuple[int, ...]:
+    def _coords(self, edge: Edge | str) -> tuple[int, int, int]:
         e = Edge.parse(edge) if isinstance(edge, str) else edge
         w, r = self.graph.index_of(e)
-        if self.positional:
-            if e.position is None:
-                raise KeyError(f"{e.name}: this graph is position-resolved; name a position, e.g. {e.name}@0")
-            return (e.position, w, r)
-        if e.position is not None:
-            raise KeyError(f"{e.name}: this graph has no positions")
-        return (w, r)
+        return (self.graph.position_index(e), w, r)
 
     def __getitem__(self, edge: Edge | str) -> float:
         return float(self.scores[self._coords(edge)])
@@ -164,42 +251,30 @@ class EdgeScores(_Result):
     def signed_of(self, edge: Edge | str) -> float:
         return float(self.signed[self._coords(edge)])
 
-    def flat(self) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-        """Scores of existing edges as a vector and their coordinates, canonical order."""
-        coords = self.graph.edge_coords
-        if self.positional:
-            P = self.graph.n_positions or 0
-            pos = torch.arange(P).repeat_interleave(len(coords))
-            wr = coords.repeat(P, 1)
-            full = torch.cat([pos[:, None], wr], 1)
-        else:
-            full = coords
-        values = self.scores[tuple(full.T)]
-        return values, [tuple(c) for c in full.tolist()]
-
-    def edge_at(self, coord: tuple[int, ...]) -> Edge:
-        if self.positional:
-            p, w, r = coord
-            return self.graph.edge(w, r, p)
-        w, r = coord
-        return self.graph.edge(w, r)
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of existing edges as a vector and their ``[n, 3]`` (position, writer, reader)
+        coordinates, canonical order (positions outermost)."""
+        coords = self.graph.all_coords
+        return self.scores.cpu()[tuple(coords.T)], coords
 
     def top(self, k: int | None = None) -> list[tuple[Edge, float, float]]:
         """The ``k`` best edges as ``(edge, score, signed mean)``."""
         values, coords = self.flat()
         order = torch.sort(values, descending=True, stable=True).indices
         order = order[: k if k is not None else len(order)]
-        signed = self.signed
-        return [(self.edge_at(coords[i]), float(values[i]), float(signed[coords[i]])) for i in order.tolist()]
+        picked = coords[order]
+        signed = self.signed.cpu()[tuple(picked.T)].tolist()
+        return [(self.graph.edge_at(tuple(c)), v, s)
+                for c, v, s in zip(picked.tolist(), values[order].tolist(), signed)]
 
     def edges(self) -> Iterator[tuple[Edge, float]]:
         values, coords = self.flat()
-        for v, c in zip(values.tolist(), coords):
-            yield self.edge_at(c), v
+        for v, c in zip(values.tolist(), coords.tolist()):
+            yield self.graph.edge_at(tuple(c)), v
 
     def to_table(self, k: int | None = None) -> list[dict[str, Any]]:
         """Rows ``{edge, score, signed, stderr, sign_agreement}`` by decreasing score."""
-        se, ag = self.stderr, self.sign_agreement
+        se, ag = self.stderr.cpu(), self.sign_agreement.cpu()
         rows = []
         for edge, score, signed in self.top(k):
             c = self._coords(edge)
@@ -210,5 +285,4 @@ class EdgeScores(_Result):
     def writer_totals(self) -> torch.Tensor:
         """Per pair, the sum of each writer's outgoing signed edge estimates ``[pairs, writers]``
         (equals the writer's node AtP for plain edge AtP)."""
-        x = self.per_pair.sum(1) if self.positional else self.per_pair
-        return x.sum(-1)
+        return self.need_per_pair("writer totals").sum((1, 3))

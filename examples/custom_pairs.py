@@ -16,12 +16,13 @@ def main() -> None:
     model = ea.load_model("zoo:ioi")
     try:
         pairs = ea.load_pairs(path, model.tokenizer, prepend_bos=model.prepend_bos, n_ctx=model.n_ctx)
-    except ea.DataError as exc:  # names the row and the fix, e.g. unequal token lengths
+    except ea.EdgeatpError as exc:  # names the row and the fix, e.g. unequal token lengths
         raise SystemExit(f"error: {exc}")
     print(f"{len(pairs)} pairs, lengths {sorted(set(pairs.lengths.tolist()))}")
-    edges = ea.attribute_edges(model, pairs, method="atp-qk")
+    setup = ea.Setup(model, pairs)
+    edges = ea.attribute_edges(setup, "atp-qk")
     circuit = ea.prune(edges, top_k=12)
-    exact = ea.patch_edges(model, pairs, edges.graph, circuit.edges())
+    exact = ea.patch_edges(setup, edges.graph, circuit.edges())
     for edge, truth in zip(circuit.edges(), exact.mean.tolist()):
         print(f"{edge.name:>18}  estimate {edges.signed_of(edge):+.3f}  exact {truth:+.3f}")
 

@@ -7,10 +7,12 @@ edgeatp never downloads on its own; with no cached gpt2 this stops with one line
 """
 
 import argparse
-from pathlib import Path
+import sys
 
 import edgeatp as ea
-from edgeatp.pipeline import DiscoverConfig, run_discover
+from edgeatp.config import DiscoverConfig
+from edgeatp.pipeline import run_discover
+from edgeatp.progress import for_stream
 
 
 def main() -> None:
@@ -21,11 +23,13 @@ def main() -> None:
     args = parser.parse_args()
     try:
         result = run_discover(DiscoverConfig(model="gpt2", task="ioi", n_pairs=args.n_pairs, method="atp*",
-                                             batch_size=8, allow_download=args.allow_download), progress=True, log=print)
+                                             batch_size=8, allow_download=args.allow_download),
+                              progress=for_stream(sys.stderr), log=print)
     except ea.EdgeatpError as exc:
         raise SystemExit(f"error: {exc}")
     print(result.describe())
-    for fmt, path in result.write(Path(args.out), ["json", "svg", "md"]).items():
+    written = ea.write_outputs(result.circuit, args.out, ["json", "svg", "md"], scores=result.scores)
+    for fmt, path in written.paths.items():
         print(f"wrote {fmt}: {path}")
 
 

@@ -4,13 +4,10 @@
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
 import edgeatp as ea
-from edgeatp.circuit import circuit_faithfulness
-from edgeatp.export import export_all
 
 
 def main() -> None:
@@ -21,33 +18,32 @@ def main() -> None:
     torch.set_num_threads(1)
 
     model = ea.load_model(args.model)
-    pairs = ea.make_task(model.card["task"], model.tokenizer, n=64, seed=0)
+    setup = ea.Setup(model, ea.make_task(model.card["task"], model.tokenizer, n=64, seed=0))
 
     # Node level: which heads and MLPs matter (AtP with the QK fix), checked against exact patching.
-    nodes = ea.attribute_nodes(model, pairs, method="atp-qk")
-    exact = ea.patch_nodes(model, pairs, [n for n, *_ in nodes.top(5)])
+    nodes = ea.attribute_nodes(setup, "atp-qk")
+    exact = ea.patch_nodes(setup, [n for n, *_ in nodes.top(5)])
     for (node, score, signed), truth in zip(nodes.top(5), exact.mean.tolist()):
         print(f"{node.name:>10}  estimate {signed:+.3f}  exact {truth:+.3f}")
 
     # Edge level: every writer -> reader edge from one backward pass, then a faithful circuit.
-    edges = ea.attribute_edges(model, pairs, method="atp-qk")
-    curve = ea.faithfulness_curve(model, pairs, edges, [2, 4, 8, 16, 32])
+    edges = ea.attribute_edges(setup, "atp-qk")
+    curve = ea.faithfulness_curve(setup, edges, [2, 4, 8, 16, 32])
     size = next((k for k, f in zip(curve.sizes, curve.faithfulness) if f >= 0.8), curve.sizes[-1])
-    circuit = ea.prune(edges, top_k=size)
-    own = circuit_faithfulness(model, pairs, circuit)
-    circuit = circuit.with_(verification=ea.verify(model, pairs, circuit, edges, top=10, sample_below=10),
-                            faithfulness=curve,
-                            meta={**circuit.meta, "faithfulness": own.faithfulness[0], "necessity": own.necessity[0]})
-    print(f"\n{circuit.n_edges} edges, faithfulness {own.faithfulness[0]:.2f}:")
+    circuit = ea.measure(setup, ea.prune(edges, top_k=size))
+    circuit = circuit.with_(verification=ea.verify(setup, circuit, edges, top=10, sample_below=10), curve=curve)
+    print(f"\n{circuit.n_edges} edges, faithfulness {circuit.faithfulness:.2f}:")
     for edge in circuit.edges():
         print("  ", edge.name)
     v = circuit.verification
     print(f"verification: rank correlation {v.rank_correlation:.2f}, sign agreement {v.sign_agreement:.2f}, "
-          f"largest effect below the cut {v.below_cut_max:.3f}")
+          f"largest |exact| of the {v.outside_checked} checked edges outside the circuit {v.outside_max:.3f}")
 
-    formats = ["json", "dot", "md"] + (["svg"] if ea.export.dot_available() else [])
-    for fmt, path in export_all(circuit, Path(args.out), formats, scores=edges).items():
+    written = ea.write_outputs(circuit, args.out, ["json", "dot", "svg", "md"], scores=edges)
+    for fmt, path in written.paths.items():
         print(f"wrote {fmt}: {path}")
+    for fmt, why in written.skipped.items():
+        print(f"skipped {fmt}: {why}")
 
 
 if __name__ == "__main__":

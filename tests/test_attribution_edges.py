@@ -9,6 +9,7 @@ from edgeatp.errors import EdgeatpError
 from edgeatp.graph import Edge, EdgeGraph, Node, NodeKind
 from edgeatp.metrics import get_metric
 from edgeatp.patching import patch_edges
+from edgeatp.setup import Setup
 
 from .conftest import random_pairs, tiny_model
 from .handbuilt import cancellation_model, cancellation_pairs, random_pairs_for, saturated_model
@@ -17,20 +18,20 @@ from .handbuilt import cancellation_model, cancellation_pairs, random_pairs_for,
 def test_edge_atp_equals_exact_patching_on_linear_paths():
     adapter = tiny_model(seed=5, attn_only=True, normalization=None, n_layers=2)
     pairs = random_pairs(n=4)
-    est = attribute_edges(adapter, pairs, "atp")
+    est = attribute_edges(Setup(adapter, pairs), "atp")
     g = est.graph
     linear = [e for e in g.edges() if e.reader.kind is NodeKind.LOGITS
               or (e.reader.kind is NodeKind.V and e.reader.layer == 1)]
-    exact = patch_edges(adapter, pairs, g, linear)
+    exact = patch_edges(Setup(adapter, pairs), g, linear)
     for j, e in enumerate(linear):
         w, r = g.index_of(e)
-        assert torch.allclose(est.per_pair[:, w, r], exact.per_pair[:, j], atol=1e-10), e.name
+        assert torch.allclose(est.per_pair[:, 0, w, r], exact.per_pair[:, j], atol=1e-10), e.name
 
 
 def test_outgoing_edges_sum_to_the_writer_node_score(variant):
     pairs = random_pairs(n=4)
-    est = attribute_edges(variant, pairs, "atp")
-    node = attribute_nodes(variant, pairs, "atp", nodes=list(est.graph.writers))
+    est = attribute_edges(Setup(variant, pairs), "atp")
+    node = attribute_nodes(Setup(variant, pairs), "atp", nodes=list(est.graph.writers))
     assert torch.allclose(est.writer_totals(), node.per_pair, atol=1e-10)
 
 
@@ -77,18 +78,18 @@ def _split_input_reference(adapter, pairs):
 
 def test_fast_edge_scores_equal_the_slow_per_edge_reference(variant):
     pairs = random_pairs(n=3)
-    assert torch.allclose(attribute_edges(variant, pairs, "atp").per_pair, _split_input_reference(variant, pairs),
-                          atol=1e-10)
+    assert torch.allclose(attribute_edges(Setup(variant, pairs), "atp").per_pair[:, 0],
+                          _split_input_reference(variant, pairs), atol=1e-10)
 
 
 def test_edge_qk_fix_is_exact_when_only_the_softmax_is_nonlinear():
     adapter = saturated_model(seed=4, n_layers=1)
     pairs = random_pairs_for(adapter, n=5)
     for positions in (False, True):
-        fixed = attribute_edges(adapter, pairs, "atp-qk", positions=positions)
-        exact = attribute_edges(adapter, pairs, "exact", positions=positions)
+        fixed = attribute_edges(Setup(adapter, pairs), "atp-qk", positions=positions)
+        exact = attribute_edges(Setup(adapter, pairs), "exact", positions=positions)
         assert torch.allclose(fixed.per_pair, exact.per_pair, atol=1e-9)
-    plain = attribute_edges(adapter, pairs, "atp", positions=True)
+    plain = attribute_edges(Setup(adapter, pairs), "atp", positions=True)
     assert float((plain.per_pair - exact.per_pair).abs().max()) > 0.1, "the saturated case must defeat plain AtP"
 
 
@@ -96,7 +97,7 @@ def test_edge_qk_fix_equals_brute_force_softmax_recomputation_with_layernorm():
     adapter = tiny_model(seed=6, rotary=True, parallel=True, scale=1.5)
     m = adapter.model
     pairs = random_pairs(n=2, length=5)
-    fixed = attribute_edges(adapter, pairs, "atp-qk")
+    fixed = attribute_edges(Setup(adapter, pairs), "atp-qk")
     g = fixed.graph
     batch = pairs.batch(torch.arange(2))
     store = {}
@@ -135,7 +136,7 @@ def test_edge_qk_fix_equals_brute_force_softmax_recomputation_with_layernorm():
                 m.run_with_hooks(batch.base, fwd_hooks=[(name, add), (f"blocks.{layer}.attn.hook_pattern", grab)])
             ref = ((new["p"] - A) * G).sum((1, 2, 3))
             wi, ri = g.index_of(e)
-            assert torch.allclose(fixed.per_pair[:, wi, ri], ref, atol=1e-10), e.name
+            assert torch.allclose(fixed.per_pair[:, 0, wi, ri], ref, atol=1e-10), e.name
     finally:
         m.cfg.use_split_qkv_input = False
 
@@ -143,12 +144,12 @@ def test_edge_qk_fix_equals_brute_force_softmax_recomputation_with_layernorm():
 def test_edge_graddrop_recovers_a_cancelled_edge():
     adapter, pairs = cancellation_model(), cancellation_pairs()
     edge = Edge.parse("input->a0.h0<v>")
-    exact = patch_edges(adapter, pairs, EdgeGraph.from_shape(adapter.shape), [edge]).per_pair
-    plain = attribute_edges(adapter, pairs, "atp")
-    dropped = attribute_edges(adapter, pairs, "atp-gd")
+    exact = patch_edges(Setup(adapter, pairs), EdgeGraph.from_shape(adapter.shape), [edge]).per_pair
+    plain = attribute_edges(Setup(adapter, pairs), "atp")
+    dropped = attribute_edges(Setup(adapter, pairs), "atp-gd")
     assert float(exact) == pytest.approx(-1.0)
     assert plain[edge] == 0.0 and dropped[edge] == pytest.approx(2.0)
-    star = attribute_edges(adapter, pairs, "atp*")
+    star = attribute_edges(Setup(adapter, pairs), "atp*")
     assert star[edge] == pytest.approx(2.0)
 
 
@@ -163,8 +164,8 @@ def test_integrated_gradients_converge_to_the_input_total_effect():
     w = g.writer_index[Node.parse("input")]
     errors = []
     for steps in (1, 4, 32):
-        ig = attribute_edges(adapter, pairs, "ig", ig_steps=steps)
-        errors.append(float((ig.per_pair[:, w].sum(-1) - total).abs().max()))
+        ig = attribute_edges(Setup(adapter, pairs), "ig", ig_steps=steps)
+        errors.append(float((ig.per_pair[:, 0, w].sum(-1) - total).abs().max()))
     assert errors[2] < errors[0] and errors[2] < 1e-2 * float(total.abs().max())
     assert ig.cost.backwards == 32
 
@@ -172,15 +173,16 @@ def test_integrated_gradients_converge_to_the_input_total_effect():
 def test_positions_chunking_and_restricted_qk_fix():
     adapter = tiny_model(seed=8, scale=1.2)
     pairs = random_pairs(n=4)
-    agg = attribute_edges(adapter, pairs, "atp*")
-    pos = attribute_edges(adapter, pairs, "atp", positions=True)
-    assert torch.allclose(pos.per_pair.sum(1), attribute_edges(adapter, pairs, "atp").per_pair, atol=1e-10)
-    tight = attribute_edges(adapter, pairs, "atp*", memory_budget_mb=0.001)
+    agg = attribute_edges(Setup(adapter, pairs), "atp*")
+    pos = attribute_edges(Setup(adapter, pairs), "atp", positions=True)
+    assert torch.allclose(pos.per_pair.sum(1, keepdim=True), attribute_edges(Setup(adapter, pairs), "atp").per_pair,
+                          atol=1e-10)
+    tight = attribute_edges(Setup(adapter, pairs), "atp*", memory_budget_mb=0.001)
     assert torch.allclose(tight.per_pair, agg.per_pair, atol=1e-10) and tight.meta["batch_size"] == 1
-    plain = attribute_edges(adapter, pairs, "atp")
+    plain = attribute_edges(Setup(adapter, pairs), "atp")
     only = [Node.parse("a1.h0<k>")]
-    part = attribute_edges(adapter, pairs, "atp-qk", qk_readers=only)
-    full = attribute_edges(adapter, pairs, "atp-qk")
+    part = attribute_edges(Setup(adapter, pairs), "atp-qk", qk_readers=only)
+    full = attribute_edges(Setup(adapter, pairs), "atp-qk")
     r = agg.graph.reader_index[only[0]]
     assert torch.allclose(part.per_pair[..., r], full.per_pair[..., r], atol=1e-12)
     others = [i for i in range(agg.graph.n_readers) if i != r]
@@ -192,17 +194,17 @@ def test_edge_results_and_errors(zoo_ioi):
     from edgeatp.tasks import make_task
 
     pairs = make_task("ioi", zoo_ioi.tokenizer, 6)
-    res = attribute_edges(zoo_ioi, pairs, "atp")
+    res = attribute_edges(Setup(zoo_ioi, pairs), "atp")
     top = res.top(5)
     assert res[top[0][0]] == top[0][1] and res.signed_of(top[0][0]) == top[0][2]
     assert len(res.to_table()) == res.graph.n_edges
-    assert bool((res.stderr[res.graph.mask] >= 0).all())
-    assert bool(((res.sign_agreement >= 0.5) | ~res.graph.mask).all())
-    with pytest.raises(EdgeatpError, match="unknown edge method"):
-        attribute_edges(zoo_ioi, pairs, "eap")
+    assert bool((res.stderr[res.graph.full_mask] >= 0).all())
+    assert bool(((res.sign_agreement >= 0.5) | ~res.graph.full_mask).all())
+    with pytest.raises(EdgeatpError, match="method 'eap' is unknown"):
+        attribute_edges(Setup(zoo_ioi, pairs), "eap")
     with pytest.raises(EdgeatpError, match="the graph has 3 positions but the prompts have 20"):
-        attribute_edges(zoo_ioi, pairs, graph=EdgeGraph.from_shape(zoo_ioi.shape, n_positions=3))
+        attribute_edges(Setup(zoo_ioi, pairs), graph=EdgeGraph.from_shape(zoo_ioi.shape, n_positions=3))
     with pytest.raises(EdgeatpError, match="not a query or key reader"):
-        attribute_edges(zoo_ioi, pairs, "atp-qk", qk_readers=[Node.parse("m1")])
+        attribute_edges(Setup(zoo_ioi, pairs), "atp-qk", qk_readers=[Node.parse("m1")])
     with pytest.raises(KeyError, match="name a position"):
-        attribute_edges(zoo_ioi, pairs, positions=True)["a0.h0->m1"]
+        attribute_edges(Setup(zoo_ioi, pairs), positions=True)["a0.h0->m1"]

@@ -11,13 +11,15 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from edgeatp.attribution.nodes import attribute_nodes
-from edgeatp.baselines import (TreeGroup, attribution_ranking, blocks, group_tree, hierarchical, iterative,
-                               joint_effects, subsampling, subset_statistics)
+from edgeatp.research.baselines import (TreeGroup, attribution_ranking, blocks, group_tree, hierarchical, iterative,
+                                        joint_effects, subsampling)
+from edgeatp.stats import subset_statistics
 from edgeatp.errors import EdgeatpError
 from edgeatp.graph import Node, NodeKind, node_set
 from edgeatp.model import ModelAdapter
 from edgeatp.patching import patch_nodes
 from edgeatp.tasks.pairs import PromptPairs
+from edgeatp.setup import Setup
 
 T = 6
 
@@ -44,7 +46,7 @@ def value_nodes(adapter: ModelAdapter, heads: range = range(3), positions: range
 
 def single_effects(adapter: ModelAdapter, pairs: PromptPairs, nodes: list[Node]) -> torch.Tensor:
     """Exact ``c(n)`` of every node patched alone."""
-    return patch_nodes(adapter, pairs, nodes).mean
+    return patch_nodes(Setup(adapter, pairs), nodes).mean
 
 
 def full_factorial(n: int) -> torch.Tensor:
@@ -94,10 +96,10 @@ def test_subsampling_recovers_exact_effects_on_an_additive_model(additive: tuple
     adapter, pairs = additive
     nodes = value_nodes(adapter, range(2), range(1, 4))
     truth = single_effects(adapter, pairs, nodes)
-    joint = patch_nodes(adapter, pairs, [nodes]).mean
+    joint = patch_nodes(Setup(adapter, pairs), [nodes]).mean
     torch.testing.assert_close(joint, truth.sum(0, keepdim=True), rtol=0, atol=1e-10)  # the model is additive
     design = full_factorial(len(nodes))
-    result = subsampling(adapter, pairs, nodes, design=design)
+    result = subsampling(Setup(adapter, pairs), nodes, design=design)
     torch.testing.assert_close(result.stats.estimate, truth, rtol=0, atol=1e-10)
     assert result.upfront == result.m == 2 ** len(nodes)
     assert result.ordered_nodes[0] == nodes[int(truth.abs().argmax())]
@@ -107,13 +109,13 @@ def test_random_subsampling_is_seeded_and_costs_m(additive: tuple[ModelAdapter, 
     """Random draws follow the seed, cost m units and their statistics come from the subset effects."""
     adapter, pairs = additive
     nodes = value_nodes(adapter)
-    a = subsampling(adapter, pairs, nodes, p=0.2, m=30, seed=3)
-    b = subsampling(adapter, pairs, nodes, p=0.2, m=30, seed=3)
+    a = subsampling(Setup(adapter, pairs), nodes, p=0.2, m=30, seed=3)
+    b = subsampling(Setup(adapter, pairs), nodes, p=0.2, m=30, seed=3)
     assert a.upfront == 30.0 and a.included.shape == (30, len(nodes))
     assert torch.equal(a.included, b.included) and torch.equal(a.order, b.order)
     ref = subset_statistics(a.subset_effects, a.included)
     torch.testing.assert_close(a.stats.estimate, ref.estimate, equal_nan=True)
-    direct = joint_effects(adapter, pairs, [[nodes[j] for j in row.nonzero()[:, 0].tolist()] for row in a.included])
+    direct = joint_effects(Setup(adapter, pairs), [[nodes[j] for j in row.nonzero()[:, 0].tolist()] for row in a.included])
     torch.testing.assert_close(a.subset_effects, direct.mean(0))
 
 
@@ -122,7 +124,7 @@ def test_never_included_nodes_rank_last(additive: tuple[ModelAdapter, PromptPair
     adapter, pairs = additive
     nodes = value_nodes(adapter, range(1), range(1, 4))
     design = torch.tensor([[True, False, False], [False, False, True], [True, False, True]])
-    result = subsampling(adapter, pairs, nodes, design=design)
+    result = subsampling(Setup(adapter, pairs), nodes, design=design)
     assert math.isnan(result.scores[1].item()) and int(result.order[-1]) == 1
 
 
@@ -130,11 +132,11 @@ def test_subsampling_rejects_bad_parameters(additive: tuple[ModelAdapter, Prompt
     """Bad p, effect kind or design shape give one-line errors that say what to change."""
     adapter, pairs = additive
     with pytest.raises(EdgeatpError, match="strictly between 0 and 1"):
-        subsampling(adapter, pairs, value_nodes(adapter), p=1.0)
+        subsampling(Setup(adapter, pairs), value_nodes(adapter), p=1.0)
     with pytest.raises(EdgeatpError, match="signed_mean"):
-        subsampling(adapter, pairs, value_nodes(adapter), effect="median")
+        subsampling(Setup(adapter, pairs), value_nodes(adapter), effect="median")
     with pytest.raises(EdgeatpError, match="design"):
-        subsampling(adapter, pairs, value_nodes(adapter), design=torch.ones(4, 3, dtype=torch.bool))
+        subsampling(Setup(adapter, pairs), value_nodes(adapter), design=torch.ones(4, 3, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------ blocks
@@ -143,7 +145,7 @@ def test_blocks_patch_jointly_and_verify_block_by_block(additive: tuple[ModelAda
     adapter, pairs = additive
     nodes = value_nodes(adapter)
     truth = single_effects(adapter, pairs, nodes)
-    result = blocks(adapter, pairs, nodes, block_size=4, seed=1)
+    result = blocks(Setup(adapter, pairs), nodes, block_size=4, seed=1)
     assert result.upfront == math.ceil(len(nodes) / 4) == len(result.block_effects)
     assert result.block_of.tolist() == [i // 4 for i in range(len(nodes))]
     sums = torch.zeros(len(result.block_effects), dtype=torch.float64).index_add_(0, result.block_of, truth)
@@ -159,8 +161,8 @@ def test_blocks_random_partition_and_tie_break_follow_the_seed(additive: tuple[M
     """A random partition depends on the seed and still costs ceil(n / B) units."""
     adapter, pairs = additive
     nodes = value_nodes(adapter)
-    a = blocks(adapter, pairs, nodes, block_size=5, partition="random", seed=0)
-    b = blocks(adapter, pairs, nodes, block_size=5, partition="random", seed=1)
+    a = blocks(Setup(adapter, pairs), nodes, block_size=5, partition="random", seed=0)
+    b = blocks(Setup(adapter, pairs), nodes, block_size=5, partition="random", seed=1)
     assert a.upfront == b.upfront == 4.0
     assert not torch.equal(a.block_of, b.block_of)
     assert sorted(torch.bincount(a.block_of).tolist()) == [3, 5, 5, 5]
@@ -186,7 +188,7 @@ def test_hierarchical_emits_in_decreasing_effect_without_cancellation(additive: 
     adapter, pairs = additive
     nodes = positive_nodes(adapter, pairs)
     for tree in ("structure", "branching"):
-        result = hierarchical(adapter, pairs, nodes, tree=tree, branching=2)
+        result = hierarchical(Setup(adapter, pairs), nodes, tree=tree, branching=2)
         emitted = single_effects(adapter, pairs, list(result.ordered_nodes))
         assert bool((emitted[:-1] >= emitted[1:] - 1e-12).all()), tree
         costs = result.verification_costs()[result.order]
@@ -204,7 +206,7 @@ def test_hierarchical_costs_by_hand(additive: tuple[ModelAdapter, PromptPairs]) 
     first_group = int(heads.sum(1).abs().argmax())
     other = float(heads.sum(1).abs()[1 - first_group])
     expected_first = 6.0 if float(heads[first_group].abs().max()) >= other else 10.0
-    result = hierarchical(adapter, pairs, nodes)
+    result = hierarchical(Setup(adapter, pairs), nodes)
     costs = result.verification_costs()[result.order]
     assert costs[0].item() == expected_first and costs[-1].item() == 10.0
     assert result.upfront == 2.0 and result.patches == 10
@@ -216,15 +218,15 @@ def test_hierarchical_stops_at_targets_and_charges_leftovers(additive: tuple[Mod
     nodes = positive_nodes(adapter, pairs)
     c = single_effects(adapter, pairs, nodes)
     top = nodes[int(c.abs().argmax())]
-    result = hierarchical(adapter, pairs, nodes, targets=[top])
+    result = hierarchical(Setup(adapter, pairs), nodes, targets=[top])
     assert result.ordered_nodes[0] == top and result.meta["emitted_by_search"] == 1
-    at_once = hierarchical(adapter, pairs, nodes, targets=[])
+    at_once = hierarchical(Setup(adapter, pairs), nodes, targets=[])
     assert at_once.meta["emitted_by_search"] == 0 and at_once.patches == len(group_tree(at_once.nodes).children)
     costs = result.verification_costs()[result.order]
     assert bool((costs[1:] >= costs[:-1]).all()) and sorted(result.ordered_nodes, key=nodes.index) == nodes
     # every node is verified once, by its own patch or by one leftover unit; groups are the overhead
     assert costs[-1].item() == len(nodes) + result.upfront
-    capped = hierarchical(adapter, pairs, value_nodes(adapter, range(2), range(2, 6)), max_patches=2)
+    capped = hierarchical(Setup(adapter, pairs), value_nodes(adapter, range(2), range(2, 6)), max_patches=2)
     assert capped.patches == 2 and capped.verification_costs().max().item() == 2 + 8
 
 
@@ -242,8 +244,8 @@ def test_attribution_costs_count_backwards_as_two_forwards(additive: tuple[Model
     """AtP costs 2 forwards + 1 backward, AtP* adds one backward per layer; backward_cost scales them."""
     adapter, pairs = additive
     nodes = node_set(adapter.shape, ["head", "v"], T)
-    atp = attribution_ranking(attribute_nodes(adapter, pairs, "atp", nodes=nodes))
-    star = attribute_nodes(adapter, pairs, "atp*", nodes=nodes)
+    atp = attribution_ranking(attribute_nodes(Setup(adapter, pairs), "atp", nodes=nodes))
+    star = attribute_nodes(Setup(adapter, pairs), "atp*", nodes=nodes)
     assert atp.upfront == 2 + 2 * 1
     assert attribution_ranking(star).upfront == 2 + 2 * (1 + adapter.shape.n_layers)
     assert attribution_ranking(star, backward_cost=1.0).upfront == 2 + 1 + adapter.shape.n_layers
@@ -255,7 +257,7 @@ def test_joint_effects_slices_agree_with_one_patch_nodes_call(additive: tuple[Mo
     adapter, pairs = additive
     nodes = value_nodes(adapter)
     sets = [[nodes[i], nodes[(i * 7) % len(nodes)]] for i in range(len(nodes))] * 4
-    sliced = joint_effects(adapter, pairs, sets, batch_size=8)  # 2 sets per forward, 64 per call
-    whole = patch_nodes(adapter, pairs, sets, batch_size=8).per_pair
+    sliced = joint_effects(Setup(adapter, pairs, batch_size=8), sets)  # 2 sets per forward, 64 per call
+    whole = patch_nodes(Setup(adapter, pairs, batch_size=8), sets).per_pair
     assert sliced.shape == whole.shape == (len(pairs), len(sets))
     np.testing.assert_allclose(sliced.numpy(), whole.numpy(), rtol=0, atol=1e-12)

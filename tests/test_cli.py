@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgeatp.circuit import Circuit
 from edgeatp.cli import main
+from edgeatp.export import read_circuit
 
 
 def run(*args: str):
@@ -25,9 +25,9 @@ def test_discover_with_no_arguments_writes_a_verified_circuit(discovered):
     names = {p.name for p in discovered.iterdir()}
     assert {"circuit.json", "circuit.dot", "circuit.svg", "circuit.md", "circuit.mib.json",
             "circuit.networkx.json"} <= names
-    circuit = Circuit.from_json(str(discovered / "circuit.json"))
+    circuit = read_circuit(discovered / "circuit.json")
     assert circuit.n_edges > 0 and circuit.verification is not None
-    assert circuit.meta["faithfulness"] >= 0.8
+    assert circuit.faithfulness >= 0.8
     assert circuit.meta["config"]["model"] == "zoo:ioi"
     assert "<svg" in (discovered / "circuit.svg").read_text()
 
@@ -36,7 +36,7 @@ def test_discover_json_summary_and_text_summary(tmp_path):
     res = run("discover", "--model", "zoo:induction", "--n-pairs", "16", "--out", str(tmp_path), "--json",
               "--format", "json", "--verify", "5", "--sample-below", "3")
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     assert summary["model"] == "zoo:induction" and summary["n_edges"] > 0
     assert summary["verification"]["n_checked"] == 8
     assert summary["direction"] == "noising" and "clean run with corrupt values" in summary["sign_convention"]
@@ -50,7 +50,7 @@ def test_node_and_neuron_levels(tmp_path, level):
     res = run("discover", "--level", level, "--n-pairs", "16", "--out", str(tmp_path), "--format", "json,md",
               "--quiet")
     assert res.exit_code == 0, res.output
-    circuit = Circuit.from_json(str(tmp_path / "circuit.json"))
+    circuit = read_circuit(tmp_path / "circuit.json")
     assert circuit.level == level and circuit.node_scores
 
 
@@ -61,26 +61,26 @@ def test_groups_and_user_data(tmp_path):
                                           "answer": "Alice", "wrong": "Bob"}) for i in range(8)) + "\n")
     res = run("discover", "--data", str(data), "--group", "layer", "--out", str(tmp_path), "--format", "json", "--json")
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     assert summary["n_pairs"] == 8
-    coarse = {g["group"]: g for g in summary["groups"]}
-    assert "m1->logits" in coarse and "exact" in coarse["m1->logits"]
+    coarse = {g["name"]: g for g in summary["top_coarse_edges"]}
+    assert "m1->logits" in coarse and coarse["m1->logits"]["exact"] is not None
     res = run("discover", "--level", "node", "--group", "head", "--n-pairs", "16", "--out", str(tmp_path),
               "--format", "json", "--json")
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
-    kept = summary["groups_kept"]
+    summary = json.loads(res.stdout)
+    kept = [g["name"] for g in summary["top_groups"] if g["in_circuit"]]
     assert kept and all(name.startswith("a") for name in kept) and summary["faithfulness"] is not None
-    circuit = Circuit.from_json(str(tmp_path / "circuit.json"))
-    assert {n for n in circuit.node_scores} >= set(kept)
-    assert circuit.verification.checks[0].edge in {g for g in kept}
+    circuit = read_circuit(tmp_path / "circuit.json")
+    assert circuit.level == "group" and {u.name for u in circuit.units if u.in_circuit} == set(kept)
+    assert all(u.exact is not None for u in circuit.units) and circuit.verification.checks[0].name in kept
 
 
 def test_verify_render_and_export_saved_circuits(discovered, tmp_path):
     res = run("verify", str(discovered / "circuit.json"), "--out", str(tmp_path / "re.json"), "--verify", "4",
               "--sample-below", "2", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["verification"]["n_checked"] == 6
+    assert json.loads(res.stdout)["verification"]["n_checked"] == 6
     res = run("render", str(discovered / "circuit.json"), "--format", "svg,png", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "circuit.png").read_bytes()[:4] == b"\x89PNG"
@@ -94,7 +94,7 @@ def test_listings():
     res = run("models")
     assert res.exit_code == 0 and "zoo:ioi" in res.output and "zoo:induction" in res.output
     assert "dup" in run("tasks").output
-    assert json.loads(run("models", "--json").output)[0]["name"].startswith("zoo:")
+    assert json.loads(run("models", "--json").stdout)[0]["name"].startswith("zoo:")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -105,7 +105,7 @@ def test_listings():
     (["discover", "--top-k", "3", "--threshold", "0.1"], "choose one of --top-k"),
     (["discover", "--format", "json,gif"], "unknown format"),
     (["discover", "--metric", "kl"], "zero gradient at the clean run"),
-    (["discover", "--level", "node", "--method", "ig"], "edge-only"),
+    (["discover", "--level", "node", "--threshold", "0.1"], "--threshold works on edges"),
     (["discover", "--model", "zoo:dup", "--task", "factual"], "natural-language tokenizer"),
     (["render", "README.md"], "not valid JSON"),
     (["discover", "--group", "head"], "at edge level --group takes 'layer'"),
@@ -126,7 +126,7 @@ def test_json_output_is_strict_json(tmp_path):
     res = run("discover", "--n-pairs", "8", "--verify", "0", "--sample-below", "2", "--format", "json", "--json",
               "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
-    assert "NaN" not in res.output and json.loads(res.output)["verification"]["rank_correlation"] is None
+    assert "NaN" not in res.output and json.loads(res.stdout)["verification"]["rank_correlation"] is None
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -10,13 +10,16 @@ import torch
 from scipy import stats as scipy_stats
 
 from edgeatp.attribution.nodes import attribute_nodes
-from edgeatp.baselines import SubsetStats, attribution_ranking, subset_statistics
-from edgeatp.diagnostics import edge_false_negative_bound, false_negative_bound, theta_star, welch_upper_bounds
+from edgeatp.research.baselines import attribution_ranking
+from edgeatp.research.diagnostics import false_negative_bound
+from edgeatp.stats import SubsetStats, subset_statistics, theta_star, welch_upper_bounds
+from edgeatp.verification import edge_false_negative_bound
 from edgeatp.errors import EdgeatpError
 from edgeatp.graph import EdgeGraph, NodeIndex, node_set
 from edgeatp.model import ModelAdapter
 from edgeatp.patching import patch_edges, patch_nodes
 from edgeatp.tasks import PromptPairs, make_task
+from edgeatp.setup import Setup
 
 T_6_95 = 1.943180  # Student t, 6 degrees of freedom, 95th percentile (printed tables)
 
@@ -78,15 +81,15 @@ def induction(zoo_induction: ModelAdapter) -> tuple[ModelAdapter, PromptPairs, N
     adapter = zoo_induction
     pairs = make_task("induction", adapter.tokenizer, 8, seed=0)
     nodes = node_set(adapter.shape, ["head", "q", "k", "v"], pairs.n_positions)
-    truth = patch_nodes(adapter, pairs, list(nodes), batch_size=512).mean
+    truth = patch_nodes(Setup(adapter, pairs, batch_size=512), list(nodes)).mean
     return adapter, pairs, nodes, truth
 
 
 def test_false_negative_bound_covers_the_unverified_nodes(induction: tuple[ModelAdapter, PromptPairs, NodeIndex, torch.Tensor]) -> None:
     """After verifying AtP's top 20, θ* bounds the exact effect of every other node."""
     adapter, pairs, nodes, truth = induction
-    scores = attribute_nodes(adapter, pairs, "atp", nodes=nodes)
-    bound = false_negative_bound(adapter, pairs, scores, k=20, p=0.05, m=300, alpha=0.05, batch_size=512)
+    scores = attribute_nodes(Setup(adapter, pairs), "atp", nodes=nodes)
+    bound = false_negative_bound(Setup(adapter, pairs, batch_size=512), scores, 20, p=0.05, m=300, alpha=0.05)
     verified = set(bound.verified)
     assert len(verified) == 20 and verified == {nodes[i] for i in scores.order()[:20].tolist()}
     assert len(bound.unverified) == len(nodes) - 20 and not verified & set(bound.unverified)
@@ -100,14 +103,14 @@ def test_false_negative_bound_covers_the_unverified_nodes(induction: tuple[Model
 def test_bound_accepts_orders_and_rankings(induction: tuple[ModelAdapter, PromptPairs, NodeIndex, torch.Tensor]) -> None:
     """Rankings and explicit node orders verify the same top k; too few subsets and k = n are refused."""
     adapter, pairs, nodes, _ = induction
-    ranking = attribution_ranking(attribute_nodes(adapter, pairs, "atp", nodes=nodes))
-    a = false_negative_bound(adapter, pairs, ranking, k=5, m=300, p=0.05, batch_size=512)
-    b = false_negative_bound(adapter, pairs, list(ranking.ordered_nodes), k=5, m=300, p=0.05, batch_size=512)
+    ranking = attribution_ranking(attribute_nodes(Setup(adapter, pairs), "atp", nodes=nodes))
+    a = false_negative_bound(Setup(adapter, pairs, batch_size=512), ranking, 5, m=300, p=0.05)
+    b = false_negative_bound(Setup(adapter, pairs, batch_size=512), list(ranking.ordered_nodes), 5, m=300, p=0.05)
     assert a.verified == b.verified == ranking.ordered_nodes[:5] and set(a.unverified) == set(b.unverified)
     with pytest.raises(EdgeatpError, match=r"first: a\d\.h\d.*raise m"):
-        false_negative_bound(adapter, pairs, ranking, k=5, m=4, p=0.05)
+        false_negative_bound(Setup(adapter, pairs), ranking, 5, m=4, p=0.05)
     with pytest.raises(EdgeatpError, match="unverified"):
-        false_negative_bound(adapter, pairs, ranking, k=len(nodes))
+        false_negative_bound(Setup(adapter, pairs), ranking, len(nodes))
 
 
 def test_edge_bound_covers_the_listed_edges(induction: tuple[ModelAdapter, PromptPairs, NodeIndex, torch.Tensor]) -> None:
@@ -115,10 +118,10 @@ def test_edge_bound_covers_the_listed_edges(induction: tuple[ModelAdapter, Promp
     adapter, pairs, _, _ = induction
     graph = EdgeGraph.from_shape(adapter.shape)
     edges = list(graph.edges())
-    exact = patch_edges(adapter, pairs, graph, edges).mean.abs()
+    exact = patch_edges(Setup(adapter, pairs), graph, edges).mean.abs()
     rest = [edges[i] for i in torch.argsort(exact, descending=True)[3:].tolist()]
-    bound = edge_false_negative_bound(adapter, pairs, graph, rest, samples=400, p=0.03)
+    bound = edge_false_negative_bound(Setup(adapter, pairs), graph, rest, samples=400, p=0.03)
     assert bound.cost == 400 and bound.edges == tuple(rest) and bound.n_forwards >= 1
     assert float(exact.sort(descending=True).values[3]) <= bound.theta == pytest.approx(float(bound.welch.upper.max()))
-    with pytest.raises(EdgeatpError, match="raise m"):
-        edge_false_negative_bound(adapter, pairs, graph, rest, samples=3, p=0.1)
+    with pytest.raises(EdgeatpError, match="raise bound_samples"):
+        edge_false_negative_bound(Setup(adapter, pairs), graph, rest, samples=3, p=0.1)

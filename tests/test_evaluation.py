@@ -10,14 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeatp.baselines import HierarchicalResult, Ranking
+from edgeatp.research.baselines import HierarchicalResult, Ranking
 from edgeatp.errors import EdgeatpError
-from edgeatp.evaluation import (GroundTruth, MethodSpec, compute_ground_truth, cost_curve, default_horizon,
+from edgeatp.research.evaluation import (GroundTruth, MethodSpec, compute_ground_truth, cost_curve, default_horizon,
                                 evaluate_methods, evaluate_ranking, irwrgm, oracle_curve, recall_at_k)
 from edgeatp.graph import Node, NodeIndex, NodeKind, node_set
 from edgeatp.model import ModelAdapter
 from edgeatp.patching import patch_nodes
 from edgeatp.tasks import Direction, PromptPairs, make_task
+from edgeatp.setup import Setup
 
 
 def heads(n: int) -> NodeIndex:
@@ -114,8 +115,8 @@ def test_ground_truth_is_exact_patching(induction: tuple[ModelAdapter, PromptPai
     """The ground truth is exhaustive single-node patching, as signed mean and mean |effect|."""
     adapter, pairs = induction
     nodes = node_set(adapter.shape, ["head", "k"], pairs.n_positions)
-    truth = compute_ground_truth(adapter, pairs, nodes, kind="mean_abs")
-    exact = patch_nodes(adapter, pairs, list(nodes))
+    truth = compute_ground_truth(Setup(adapter, pairs), nodes, kind="mean_abs")
+    exact = patch_nodes(Setup(adapter, pairs), list(nodes))
     torch.testing.assert_close(truth.signed, exact.mean)
     torch.testing.assert_close(truth.magnitude, exact.mean_abs)
     assert truth.cost == len(nodes)
@@ -124,10 +125,8 @@ def test_ground_truth_is_exact_patching(induction: tuple[ModelAdapter, PromptPai
 def test_evaluate_methods_table(induction: tuple[ModelAdapter, PromptPairs]) -> None:
     """The method table on the induction model: documented costs, sane metrics, AtP beats Iterative."""
     adapter, pairs = induction
-    table = evaluate_methods(adapter, pairs, nodes=["head", "q", "k", "v"],
-                             methods=["iterative", "atp", "atp-qk", "atp*", MethodSpec("subsampling", {"p": 0.1, "m": 40}),
-                                      MethodSpec("blocks", {"block_size": 32}), "hierarchical"],
-                             batch_size=512)
+    table = evaluate_methods(Setup(adapter, pairs, batch_size=512), ["iterative", "atp", "atp-qk", "atp*", MethodSpec("subsampling", {"p": 0.1, "m": 40}),
+                                      MethodSpec("blocks", {"block_size": 32}), "hierarchical"], nodes=["head", "q", "k", "v"])
     n = len(table.truth.nodes)
     L = adapter.shape.n_layers
     rows = {r.label: r for r in table.rows}
@@ -145,4 +144,4 @@ def test_evaluate_methods_table(induction: tuple[ModelAdapter, PromptPairs]) -> 
     oracle = evaluate_ranking(table.truth, table.truth.oracle(), table.horizon)
     assert oracle.irwrgm == 1.0 and oracle.recall[10] == 1.0
     with pytest.raises(EdgeatpError, match="unknown method"):
-        evaluate_methods(adapter, pairs, methods=["magic"], truth=table.truth)
+        evaluate_methods(Setup(adapter, pairs), ["magic"], truth=table.truth)

@@ -9,6 +9,7 @@ from edgeatp.errors import ModelError
 from edgeatp.model import ModelAdapter, Site, load_model
 from edgeatp.patching import patch_nodes
 from edgeatp.graph import Node
+from edgeatp.setup import Setup
 
 from .conftest import random_pairs, tiny_model
 
@@ -101,7 +102,7 @@ def test_algorithms_leave_the_model_as_it_was_and_work_in_eval_mode():
     m.train()
     pairs = random_pairs()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    eff = patch_nodes(adapter, pairs, [Node.parse("a0.h0")])
+    eff = patch_nodes(Setup(adapter, pairs), [Node.parse("a0.h0")])
     assert m.training
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert eff.per_pair.shape == (5, 1)
@@ -111,7 +112,7 @@ def test_foreign_hooks_are_refused():
     adapter = tiny_model()
     adapter.model.add_hook("blocks.0.attn.hook_z", lambda t, hook: t)
     with pytest.raises(ModelError, match="has hooks attached"):
-        patch_nodes(adapter, random_pairs(), [Node.parse("a0.h0")])
+        patch_nodes(Setup(adapter, random_pairs()), [Node.parse("a0.h0")])
     adapter.model.reset_hooks()
 
 
@@ -122,7 +123,7 @@ def test_user_flags_do_not_change_results():
     flagged.model.cfg.use_attn_result = True
     pairs = random_pairs()
     nodes = [Node.parse("a1.h0"), Node.parse("a0.h1<k>")]
-    assert torch.allclose(patch_nodes(plain, pairs, nodes).per_pair, patch_nodes(flagged, pairs, nodes).per_pair)
+    assert torch.allclose(patch_nodes(Setup(plain, pairs), nodes).per_pair, patch_nodes(Setup(flagged, pairs), nodes).per_pair)
 
 
 def test_zoo_models_load_in_eval_mode_with_their_vocabulary(zoo_ioi, zoo_induction):
@@ -159,7 +160,7 @@ def test_cached_pretrained_names_load_offline_and_restore_the_flags(monkeypatch)
     import huggingface_hub.constants as hc
     from transformer_lens import HookedTransformer
 
-    import edgeatp.model as em
+    import edgeatp.model.loading as em
 
     seen = {}
     tiny = tiny_model(seed=1).model
@@ -194,9 +195,9 @@ def test_bad_devices_and_pairs_the_model_cannot_run():
     adapter = tiny_model()  # n_ctx 12, vocabulary 20
     long = PromptPairs.from_lists([list(range(13))], [list(range(13))], [1], [2])
     with pytest.raises(DataError, match="13 tokens exceed tiny's context of 12"):
-        patch_nodes(adapter, long, [Node.parse("a0.h0")])
+        patch_nodes(Setup(adapter, long), [Node.parse("a0.h0")])
     big = PromptPairs.from_lists([[1, 25]], [[1, 3]], [1], [2])
-    with pytest.raises(DataError, match="pair 0: clean token id 25 is outside tiny's vocabulary of 20"):
-        ea.attribute_edges(adapter, big)
+    with pytest.raises(DataError, match="pair 0: clean token id 25 is outside tiny's vocabulary 0..19"):
+        ea.attribute_edges(Setup(adapter, big))
     with pytest.raises(ea.EdgeatpError, match="the node list is empty"):
-        ea.attribute_nodes(adapter, random_pairs(), nodes=[])
+        ea.attribute_nodes(Setup(adapter, random_pairs()), nodes=[])

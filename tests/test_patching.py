@@ -11,6 +11,7 @@ from edgeatp.tasks import make_task
 from edgeatp.tasks.pairs import PromptPairs
 from edgeatp.zoo import ZOO, read_reference
 from edgeatp.zoo.reference import TABLE_PAIRS, TABLE_SEED, reference_nodes
+from edgeatp.setup import Setup
 
 from .conftest import random_pairs, tiny_model
 
@@ -49,7 +50,7 @@ def test_batched_node_sweep_equals_naive_loop(variant, direction):
     pairs = random_pairs(n=4, length=6)
     fams = ["head", "q", "k", "v", "input"] + (["mlp", "neuron"] if variant.shape.has_mlp else [])
     nodes = list(node_set(variant.shape, fams))[::3] + list(node_set(variant.shape, fams, positions=6))[::17]
-    fast = patch_nodes(variant, pairs, nodes, direction=direction, batch_size=7)
+    fast = patch_nodes(Setup(variant, pairs, direction=direction, batch_size=7), nodes)
     for j, node in enumerate(nodes):
         assert torch.allclose(fast.per_pair[:, j], naive_node_effect(variant, pairs, node, direction), atol=1e-10), node.name
     assert fast.n_forwards < len(nodes) * len(pairs)
@@ -58,8 +59,8 @@ def test_batched_node_sweep_equals_naive_loop(variant, direction):
 def test_joint_patch_of_several_nodes_and_variable_lengths():
     adapter = tiny_model(seed=1)
     pairs = PromptPairs.from_lists([[1, 2, 3, 4], [5, 6, 7]], [[1, 9, 3, 8], [5, 9, 7]], [1, 2], [3, 4])
-    both = patch_nodes(adapter, pairs, [[Node.parse("a0.h0"), Node.parse("m1")]])
-    only_first = patch_nodes(adapter, pairs.subset([0]), [[Node.parse("a0.h0"), Node.parse("m1")]])
+    both = patch_nodes(Setup(adapter, pairs), [[Node.parse("a0.h0"), Node.parse("m1")]])
+    only_first = patch_nodes(Setup(adapter, pairs.subset([0])), [[Node.parse("a0.h0"), Node.parse("m1")]])
     assert torch.allclose(both.per_pair[0], only_first.per_pair[0])
     assert both.labels == ("a0.h0+m1",)
 
@@ -67,10 +68,10 @@ def test_joint_patch_of_several_nodes_and_variable_lengths():
 def test_patching_with_own_values_changes_nothing(variant):
     pairs = random_pairs(n=3)
     same = PromptPairs.from_lists(pairs.clean.tolist(), pairs.clean.tolist(), [1] * 3, [2] * 3)
-    eff = patch_nodes(variant, same, list(node_set(variant.shape, ["head", "q", "k", "v"])))
+    eff = patch_nodes(Setup(variant, same), list(node_set(variant.shape, ["head", "q", "k", "v"])))
     assert eff.per_pair.abs().max() < 1e-12  # stacked batches may round differently, nothing more
     g = EdgeGraph.from_shape(variant.shape)
-    assert patch_edges(variant, same, g, list(g.edges())).per_pair.abs().max() < 1e-12
+    assert patch_edges(Setup(variant, same), g, list(g.edges())).per_pair.abs().max() < 1e-12
 
 
 def test_all_outgoing_edges_equal_the_writer_node(variant):
@@ -78,8 +79,8 @@ def test_all_outgoing_edges_equal_the_writer_node(variant):
     g = EdgeGraph.from_shape(variant.shape)
     for w, writer in enumerate(g.writers):
         out_edges = [g.edge(w, r) for r in range(g.n_readers) if g.mask[w, r]]
-        node = patch_nodes(variant, pairs, [writer]).per_pair[:, 0]
-        edges = patch_edges(variant, pairs, g, [out_edges]).per_pair[:, 0]
+        node = patch_nodes(Setup(variant, pairs), [writer]).per_pair[:, 0]
+        edges = patch_edges(Setup(variant, pairs), g, [out_edges]).per_pair[:, 0]
         assert torch.allclose(node, edges, atol=1e-10), writer.name
 
 
@@ -131,7 +132,7 @@ def test_batched_edge_patches_equal_split_input_reference(variant):
     pairs = random_pairs(n=3, length=6)
     g = EdgeGraph.from_shape(variant.shape)
     edges = list(g.edges())[::5] + [Edge(e.writer, e.reader, 2) for e in list(g.edges())[1::11]]
-    fast = patch_edges(variant, pairs, g, edges, batch_size=16)
+    fast = patch_edges(Setup(variant, pairs, batch_size=16), g, edges)
     for j, e in enumerate(edges):
         assert torch.allclose(fast.per_pair[:, j], naive_edge_effect(variant, pairs, e), atol=1e-10), e.name
 
@@ -140,16 +141,16 @@ def test_whole_circuit_runs():
     adapter = tiny_model(seed=2)
     pairs = random_pairs(n=4)
     g = EdgeGraph.from_shape(adapter.shape)
-    full, empty = g.mask.clone(), torch.zeros_like(g.mask)
-    keep_all = run_circuit(adapter, pairs, g, full)
+    full, empty = g.full_mask.clone(), torch.zeros_like(g.full_mask)
+    keep_all = run_circuit(Setup(adapter, pairs), g, full)
     assert keep_all.per_pair.abs().max() < 1e-12
-    nothing = run_circuit(adapter, pairs, g, empty).per_pair[:, 0]
+    nothing = run_circuit(Setup(adapter, pairs), g, empty).per_pair[:, 0]
     corrupt = pairs.batch(torch.arange(4))
     metric = get_metric("logit_diff")
     with torch.no_grad():
         gap = metric(adapter.forward(corrupt.source), corrupt) - metric(adapter.forward(corrupt.base), corrupt)
     assert torch.allclose(nothing, gap.double(), atol=1e-10), "no edges kept = the corrupt run"
-    knocked = run_circuit(adapter, pairs, g, full, knockout=True).per_pair[:, 0]
+    knocked = run_circuit(Setup(adapter, pairs), g, full, knockout=True).per_pair[:, 0]
     assert torch.allclose(knocked, nothing, atol=1e-10)
 
 
@@ -163,11 +164,11 @@ def test_zoo_reference_tables_are_reproduced(name):
     assert [n.name for n in nodes] == list(table["noising"]["nodes"])
     sample = nodes[: 4 * adapter.shape.n_heads * adapter.shape.n_layers] + nodes[::25]
     for direction in ("noising", "denoising"):
-        eff = patch_nodes(adapter, pairs, sample, direction=direction, batch_size=256)
+        eff = patch_nodes(Setup(adapter, pairs, direction=direction, batch_size=256), sample)
         for n, mean in zip(sample, eff.mean.tolist()):
             assert mean == pytest.approx(table[direction]["nodes"][n.name][0], abs=2e-5), (direction, n.name)
         g = EdgeGraph.from_shape(adapter.shape)
         edges = list(g.edges())
-        eff = patch_edges(adapter, pairs, g, edges, direction=direction, batch_size=256)
+        eff = patch_edges(Setup(adapter, pairs, direction=direction, batch_size=256), g, edges)
         for e, mean in zip(edges, eff.mean.tolist()):
             assert mean == pytest.approx(table[direction]["edges"][e.name][0], abs=2e-5), (direction, e.name)

@@ -7,7 +7,7 @@ import torch
 
 from edgeatp.errors import DataError
 from edgeatp.tasks import Direction, PromptPairs, load_pairs, make_task
-from edgeatp.tasks.builtin import NAME_VOCAB
+from edgeatp.tasks.vocab import NAME_VOCAB
 from edgeatp.tokenizer import HFTokenizer, WordTokenizer
 
 TOK = WordTokenizer(NAME_VOCAB)
@@ -74,7 +74,7 @@ def test_real_lm_tasks_with_a_natural_language_tokenizer():
 
 
 def test_unknown_task_and_missing_tokenizer():
-    with pytest.raises(DataError, match="unknown task 'nope'.*--data FILE"):
+    with pytest.raises(DataError, match="unknown task 'nope'.*your own prompt pairs"):
         make_task("nope", TOK)
     with pytest.raises(DataError, match="needs a tokenizer"):
         make_task("ioi", None)

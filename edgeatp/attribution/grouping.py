@@ -16,21 +16,20 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import EdgeatpError
-from ..graph import ModelShape, Node, NodeKind, check_nodes, node_set
-from ..metrics import Metric, get_metric
-from ..model import ModelAdapter, Site, load_model
-from ..patching import PatchEffects, patch_nodes
-from ..scores import Cost, _Result
-from ..tasks.pairs import Direction, PromptPairs
-from .nodes import NODE_METHODS, _linear, _Need, _sites, check_gradient_metric, qk_score_shift
-from .passes import GradDropMode, GradRun, gradient_run, graddrop_units, nonzero_terms
-from .qk_fix import joint_fix
+from ..errors import EdgeatpError, option_error
+from ..graph import EdgeGraph, ModelShape, Node, NodeKind, check_nodes, node_set
+from ..methods import Cost, Kind, Method, get_method
+from ..model import ModelAdapter, Site
+from ..patching import PatchEffects, patch_edges, patch_nodes
+from ..scores import EdgeScores, PairStats, _Result
+from ..setup import Setup
+from .nodes import QK, Family, NodeTerms, family
+from .passes import GradDropMode, GradRun, estimate_pairs, fold_passes, graddrop_units, nonzero_terms
+from .qk_fix import joint, softmax_change
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,14 @@ class GroupScores(_Result):
 
     groups: tuple[Group, ...] = field(default=())
 
+    @classmethod
+    def from_effects(cls, effects: PatchEffects, groups: Sequence[Group], cost: Cost, meta: dict[str, Any]
+                     ) -> "GroupScores":
+        """Exact group effects as scores (magnitude ``|effect|`` per pair)."""
+        per_pair = effects.per_pair
+        return cls(PairStats.of(per_pair), "exact", effects.direction, effects.metric, cost, meta, per_pair,
+                   per_pair.abs(), tuple(groups))
+
     def __getitem__(self, name: str) -> float:
         return float(self.scores[self._index(name)])
 
@@ -61,8 +68,9 @@ class GroupScores(_Result):
         raise KeyError(f"no group named {name!r}")
 
     def top(self, k: int | None = None) -> list[tuple[Group, float, float]]:
-        order = torch.sort(self.scores, descending=True, stable=True).indices[: len(self.groups) if k is None else k]
-        return [(self.groups[i], float(self.scores[i]), float(self.signed[i])) for i in order.tolist()]
+        scores, signed = self.scores.cpu(), self.signed.cpu()
+        order = torch.sort(scores, descending=True, stable=True).indices[: len(self.groups) if k is None else k]
+        return [(self.groups[i], float(scores[i]), float(signed[i])) for i in order.tolist()]
 
     def to_table(self, k: int | None = None) -> list[dict]:
         se = self.stderr
@@ -120,15 +128,16 @@ def parse_groups(spec: str, shape: ModelShape, n_positions: int) -> list[Group]:
         for part in spec[5:].split(","):
             m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
             if m is None:
-                raise EdgeatpError(f"--group {spec!r}: write spans as start-end, e.g. span:0-3,4-9")
+                raise option_error(f"{{group}} {spec!r}: write spans as start-end, e.g. span:0-3,4-9")
             spans.append((int(m[1]), int(m[2])))
         if max(e for _, e in spans) >= n_positions:
-            raise EdgeatpError(f"--group {spec!r}: the prompts have positions 0..{n_positions - 1}")
+            raise option_error(f"{{group}} {spec!r}: the prompts have positions 0..{n_positions - 1}")
         fams = ["head", "mlp"] if shape.has_mlp else ["head"]
         return span_groups(node_set(shape, fams), spans)
     path = Path(spec)
     if not path.exists():
-        raise EdgeatpError(f"--group {spec!r}: use layer, head, span:a-b,... or a JSON file of named node lists")
+        raise option_error(f"{{group}} {spec!r} is neither layer, head, span:a-b,... nor an existing JSON file of "
+                           "named node lists")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -146,116 +155,96 @@ def parse_groups(spec: str, shape: ModelShape, n_positions: int) -> list[Group]:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def patch_groups(model: ModelAdapter | object, pairs: PromptPairs, groups: Sequence[Group],
-                 metric: str | Metric = "logit_diff", direction: Direction | str = Direction.NOISING,
-                 batch_size: int = 64, progress: bool = False) -> PatchEffects:
-    """Exact effect of patching each group's members jointly (one forward per group and batch)."""
-    adapter = load_model(model)
-    eff = patch_nodes(adapter, pairs, [list(g.members) for g in groups], metric, direction, batch_size, progress)
-    return PatchEffects(tuple(g.name for g in groups), eff.per_pair, eff.base_metric, eff.direction, eff.metric,
-                        eff.n_forwards)
-
-
-def attribute_groups(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
-    groups: Sequence[Group],
-    method: str = "atp",
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 32,
-    graddrop: GradDropMode = "block",
-    progress: bool = False,
-) -> GroupScores:
-    """First-order scores of groups of nodes (see the module docstring for how members combine)."""
-    if method not in NODE_METHODS:
-        raise EdgeatpError(f"unknown node method {method!r}; choose from {', '.join(NODE_METHODS)}")
+def _check_groups(model: ModelAdapter, groups: Sequence[Group], n_positions: int) -> None:
     if not groups:
         raise EdgeatpError("no groups to score")
-    adapter = load_model(model)
-    metric_obj, direction = get_metric(metric), Direction(direction)
-    check_gradient_metric(metric_obj, direction)
-    qk_fix, use_gd = NODE_METHODS[method]
-    adapter.check_pairs(pairs)
-    T = pairs.n_positions
     for g in groups:
-        check_nodes(adapter.shape, g.members)
+        try:
+            check_nodes(model.shape, g.members)
+        except ValueError as exc:
+            raise EdgeatpError(f"group {g.name}: {exc}") from None
         for n in g.members:
-            if n.position is not None and n.position >= T:
-                raise EdgeatpError(f"group {g.name}: node {n.name} is beyond the prompts' {T} positions")
-    keys = {(n.kind, n.layer if n.layer is not None else 0) for g in groups for n in g.members}
-    act, grad, base = _sites(_Need(frozenset(), frozenset(keys)), qk_fix)
-    units = graddrop_units(adapter, graddrop) if use_gd else []
-    norm = torch.tensor([nonzero_terms(units, {adapter.shape.block_of(n) for n in g.members}) if units else 1
-                         for g in groups], dtype=torch.float64)
-    signed = torch.zeros(len(pairs), len(groups), dtype=torch.float64)
-    magnitude = torch.zeros_like(signed)
-    masks = [_member_masks(g, T, adapter.shape) for g in groups]
-    with adapter.session():
-        for batch in tqdm(list(pairs.batches(batch_size, direction, same_length=not adapter.causal)),
-                          disable=not progress, desc=f"group {method}", leave=False):
-            batch = batch.to(adapter.device)
-            run = gradient_run(adapter, batch, metric_obj, act, grad, graddrop if use_gd else None, base)
-            with torch.no_grad():
-                shifts = _qk_shifts(adapter, run, keys) if qk_fix else {}
-                values = []
-                for g_pass in run.grads:
-                    lin = {k: _pad(_linear(run, g_pass, *k).double(), T) for k in keys
-                           if not (qk_fix and k[0] in (NodeKind.Q, NodeKind.K))}
-                    values.append(torch.stack([_group_value(m, lin, shifts, run, g_pass) for m in masks], 1))
-            rows = batch.index.cpu()
-            signed[rows] = values[0].cpu()
-            if use_gd:
-                terms = torch.stack(values[1:]).abs().sum(0).cpu() / norm.clamp(min=1)
-                magnitude[rows] = torch.where(norm > 0, terms, values[0].abs().cpu())
+            if n.position is not None and n.position >= n_positions:
+                raise EdgeatpError(f"group {g.name}: node {n.name} is beyond the prompts' {n_positions} positions")
+
+
+def patch_groups(setup: Setup, groups: Sequence[Group]) -> PatchEffects:
+    """Exact effect of patching each group's members jointly (one forward per group and batch)."""
+    _check_groups(setup.model, groups, setup.pairs.n_positions)
+    return patch_nodes(setup, [list(g.members) for g in groups], labels=[g.name for g in groups])
+
+
+class GroupEstimator:
+    """First-order group estimates: members' linear estimates added per pair; a group's queries
+    (and, apart, its keys) recomputed together through the softmax."""
+
+    def __init__(self, model: ModelAdapter, groups: Sequence[Group], qk_fix: bool, units: list, n_positions: int
+                 ) -> None:
+        self.terms = NodeTerms(model, {family(n) for g in groups for n in g.members}, qk_fix)
+        self.needs = self.terms.needs
+        self.shape = (len(groups),)
+        self.n_terms = torch.tensor([nonzero_terms(units, {model.shape.block_of(n) for n in g.members})
+                                     for g in groups], dtype=torch.float64) if units else None
+        self.masks = [_member_masks(g, n_positions, model.shape) for g in groups]
+
+    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
+        return self.terms.gradient_side(point, grads)
+
+    def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shifts = {f: self.terms.score_shift(run, f) for f in self.terms.qk}
+        return fold_passes(self._one_pass(run, side, shifts) for side in sides)
+
+    def _one_pass(self, run: GradRun, side: dict[Any, torch.Tensor], shifts: dict) -> torch.Tensor:
+        lin = {f: self.terms.linear(run, side, f) for f in self.terms.families if f not in shifts}
+        return torch.stack([self._group_value(m, lin, shifts, side) for m in self.masks], 1)
+
+    def _group_value(self, masks: dict[Family, torch.Tensor], lin: dict, shifts: dict, side: dict) -> torch.Tensor:
+        """``[b]`` first-order estimate of one group for one gradient pass."""
+        total = None
+        for fam, m in masks.items():
+            if fam in shifts:
+                S, A, shift = shifts[fam]
+                mm = m[: S.shape[-1]].to(S.device)  # [T, H]
+                sel = mm.T[None, :, :, None] if fam[0] is NodeKind.Q else mm.T[None, :, None, :]
+                v = joint(softmax_change(S, S + shift * sel, A), self.terms.pattern_grad(side, fam)).sum(-1)
             else:
-                magnitude[rows] = values[0].abs().cpu()
-    cost = Cost(forwards=2 + int(metric_obj.needs_reference), backwards=1 + len(units))
-    return GroupScores(signed, magnitude, method, direction, metric_obj.name, cost,
-                       {"model": adapter.name, "graddrop": graddrop if use_gd else None}, tuple(groups))
+                x = lin[fam]  # [b, T, n]
+                v = (x * m[: x.shape[1]].to(x.device)).sum((1, 2))
+            total = v if total is None else total + v
+        return total  # type: ignore[return-value]
 
 
-def _pad(x: torch.Tensor, T: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) if x.shape[1] < T else x
+def attribute_groups(setup: Setup, groups: Sequence[Group], method: str | Method = "atp", *,
+                     graddrop: GradDropMode = "block", ig_steps: int = 8) -> GroupScores:
+    """Scores of groups of nodes: first-order estimates (see the module docstring for how members
+    combine) or, with ``method="exact"``, each group patched as one."""
+    m = get_method(method, "group")
+    model = setup.model
+    _check_groups(model, groups, setup.pairs.n_positions)
+    meta = {"model": model.name, "graddrop": graddrop if m.graddrop else None}
+    if m.kind is Kind.EXACT:
+        return GroupScores.from_effects(patch_groups(setup, groups), groups, m.cost(patches=len(groups)), meta)
+    setup.check_gradient_metric()
+    if ig_steps < 1:
+        raise option_error("{ig_steps} must be at least 1")
+    units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
+    est = GroupEstimator(model, groups, m.qk_fix, units, setup.pairs.n_positions)
+    stats, per_pair, per_abs = estimate_pairs(setup, m, est, f"group {m.name}", units=units, ig_steps=ig_steps)
+    cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)
+    return GroupScores(stats, m.name, setup.direction, setup.metric.name, cost, meta, per_pair, per_abs,
+                       tuple(groups))
 
 
-def _member_masks(group: Group, T: int, shape: ModelShape) -> dict[tuple[NodeKind, int], torch.Tensor]:
+def _member_masks(group: Group, T: int, shape: ModelShape) -> dict[Family, torch.Tensor]:
     """Per (family, layer), a ``[T, n]`` mask of the group's members (all positions if unpositioned)."""
-    out: dict[tuple[NodeKind, int], torch.Tensor] = {}
+    out: dict[Family, torch.Tensor] = {}
     for n in group.members:
-        key = (n.kind, n.layer if n.layer is not None else 0)
         width = shape.n_heads if n.is_attention else (shape.d_mlp if n.kind is NodeKind.NEURON else 1)
-        m = out.setdefault(key, torch.zeros(T, width or 1, dtype=torch.bool))
+        m = out.setdefault(family(n), torch.zeros(T, width or 1, dtype=torch.bool))
         j = n.head if n.is_attention else (n.neuron if n.kind is NodeKind.NEURON else 0)
         m[slice(None) if n.position is None else n.position, j] = True
     return out
-
-
-def _qk_shifts(adapter: ModelAdapter, run: GradRun, keys: set[tuple[NodeKind, int]]) -> dict:
-    """Per query/key family and layer: base scores, probabilities and the score shift of patching."""
-    return {(kind, layer): qk_score_shift(adapter, run, kind, layer)
-            for kind, layer in keys if kind in (NodeKind.Q, NodeKind.K)}
-
-
-def _group_value(masks: dict, lin: dict, shifts: dict, run, g_pass: dict) -> torch.Tensor:
-    """``[b]`` first-order estimate of one group for one gradient pass."""
-    total = None
-    for key, m in masks.items():
-        if key in shifts:
-            S, A, shift = shifts[key]
-            G = g_pass[Site("pattern", key[1])].double()
-            Tb = S.shape[-1]
-            mm = m[:Tb].to(S.device)  # [T, H]
-            if key[0] is NodeKind.Q:
-                sel = mm.T[None, :, :, None]  # patched query rows
-            else:
-                sel = mm.T[None, :, None, :]  # patched key columns
-            v = joint_fix(S, S + shift * sel, A, G).sum(-1)
-        else:
-            x = lin[key]  # [b, T, n]
-            v = (x * m.to(x.device)).sum((1, 2))
-        total = v if total is None else total + v
-    return total  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------ coarse to fine
@@ -269,28 +258,19 @@ class CoarseToFine:
     cost: Cost
 
 
-def coarse_to_fine(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
-    method: str = "atp-qk",
-    keep: float = 0.5,
-    positions: bool = True,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 32,
-) -> CoarseToFine:
+def coarse_to_fine(setup: Setup, method: str | Method = "atp-qk", keep: float = 0.5, positions: bool = True
+                   ) -> CoarseToFine:
     """Score layers, then the heads/MLPs of the layers holding ``keep`` of the total score,
     then (``positions``) their positions — refining only what matters at each level."""
     if not 0 < keep <= 1:
-        raise EdgeatpError("keep must be a share in (0, 1]")
-    adapter = load_model(model)
-    shape, T = adapter.shape, pairs.n_positions
+        raise option_error("{keep} must be a share in (0, 1]")
+    shape, T = setup.model.shape, setup.pairs.n_positions
     levels, kept_names = [], []
     cost = Cost()
     current = layer_groups(shape)
     refine = [_split_layer, *([_split_positions] if positions else [])]
     for step in range(len(refine) + 1):
-        scores = attribute_groups(adapter, pairs, current, method, metric, direction, batch_size)
+        scores = attribute_groups(setup, current, method)
         levels.append(scores)
         cost = cost + scores.cost
         if step == len(refine):
@@ -349,7 +329,8 @@ class CoarseEdgeScores(_Result):
 
     def top(self, k: int | None = None) -> list[tuple[str, float, float]]:
         """The ``k`` best coarse edges as ``(name, score, signed mean)``."""
-        rows = [(n, float(self.scores[i, j]), float(self.signed[i, j])) for n, i, j in self.names()]
+        scores, signed = self.scores.cpu(), self.signed.cpu()
+        rows = [(n, float(scores[i, j]), float(signed[i, j])) for n, i, j in self.names()]
         return sorted(rows, key=lambda r: -r[1])[: len(rows) if k is None else k]
 
     def to_table(self, k: int | None = None) -> list[dict]:
@@ -373,7 +354,7 @@ def layer_reader_groups(shape: ModelShape) -> list[Group]:
     return out
 
 
-def _membership(graph, groups: Sequence[Group], index: dict[Node, int], what: str) -> torch.Tensor:
+def _membership(groups: Sequence[Group], index: dict[Node, int], what: str) -> torch.Tensor:
     """``[G, n]`` bool: which of the graph's writers (readers) each group holds."""
     out = torch.zeros(len(groups), len(index), dtype=torch.bool)
     for g, group in enumerate(groups):
@@ -384,31 +365,28 @@ def _membership(graph, groups: Sequence[Group], index: dict[Node, int], what: st
     return out
 
 
-def coarse_edges(scores, writer_groups: Sequence[Group] | None = None,
+def coarse_edges(scores: EdgeScores, writer_groups: Sequence[Group] | None = None,
                  reader_groups: Sequence[Group] | None = None) -> CoarseEdgeScores:
     """First-order scores of coarse edges: member edges' signed estimates added **per prompt pair**
     (exact for plain AtP by linearity; for QK-fixed or GradDrop scores the sum is of the fine
     estimates, not a joint recomputation), then ``|·|`` and the mean over pairs. Default groups:
     layers (:func:`layer_writer_groups`, :func:`layer_reader_groups`). Position-aggregated only."""
     g = scores.graph
-    if g.n_positions is not None:
-        raise EdgeatpError("coarse edges are built from position-aggregated edge scores; drop --positions")
+    if g.positional:
+        raise option_error("coarse edges are built from position-aggregated edge scores; drop {positions}")
     wgs = list(writer_groups or layer_writer_groups(g.shape))
     rgs = list(reader_groups or layer_reader_groups(g.shape))
-    W = _membership(g, wgs, g.writer_index, "writer").double()
-    R = _membership(g, rgs, g.reader_index, "reader").double()
-    per_pair = torch.einsum("iw,nwr,jr->nij", W, scores.per_pair * g.mask, R)
+    W = _membership(wgs, g.writer_index, "writer").double()
+    R = _membership(rgs, g.reader_index, "reader").double()
+    per_pair = torch.einsum("iw,nwr,jr->nij", W, scores.need_per_pair("coarse edges")[:, 0] * g.mask, R)
     members = (W[:, None, :, None] * R[None, :, None, :]).bool() & g.mask
-    return CoarseEdgeScores(per_pair, per_pair.abs(), scores.method, scores.direction, scores.metric, scores.cost,
-                            {**scores.meta, "coarse": True}, tuple(wgs), tuple(rgs), members)
+    return CoarseEdgeScores(PairStats.of(per_pair), scores.method, scores.direction, scores.metric, scores.cost,
+                            {**scores.meta, "coarse": True}, per_pair, per_pair.abs(), tuple(wgs), tuple(rgs),
+                            members)
 
 
-def patch_coarse_edges(model: ModelAdapter | object, pairs: PromptPairs, coarse: CoarseEdgeScores, graph,
-                       batch_size: int = 64, progress: bool = False) -> PatchEffects:
+def patch_coarse_edges(setup: Setup, coarse: CoarseEdgeScores, graph: EdgeGraph) -> PatchEffects:
     """Exact effect of each coarse edge: all its member edges patched in one forward."""
-    from ..patching import patch_edges
-
     names = coarse.names()
-    masks = torch.stack([coarse.members[i, j] for _, i, j in names])
-    return patch_edges(load_model(model), pairs, graph, masks, coarse.metric, coarse.direction, batch_size,
-                       labels=[n for n, _, _ in names], progress=progress)
+    masks = torch.stack([coarse.members[i, j] for _, i, j in names])[:, None]
+    return patch_edges(setup, graph, masks, labels=[n for n, _, _ in names])

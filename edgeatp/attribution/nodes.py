@@ -1,4 +1,4 @@
-"""Node attribution: AtP, AtP + QK fix, AtP + GradDrop and AtP* (Kramár et al. 2024).
+"""Node attribution: AtP, AtP + QK fix, AtP + GradDrop, AtP*, integrated gradients and exact patching.
 
 For a node ``n`` and a prompt pair, AtP estimates the patching effect as
 ``(n(source) − n(base))ᵀ ∂L/∂n`` at the base run. The QK fix replaces the linear estimate of
@@ -6,243 +6,213 @@ query and key nodes by an exact softmax recomputation followed by the base gradi
 the attention probabilities. GradDrop repeats the backward pass once per layer with that
 layer's residual write cut from the gradient, and averages the per-layer ``|estimates|``.
 Absolute values are always taken per prompt pair (and per GradDrop term), never of a mean.
+
+:class:`NodeTerms` computes the per-family, per-layer pieces (linear products and QK-fixed
+softmax changes) that node and group attribution both assemble.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import EdgeatpError
+from ..errors import EdgeatpError, option_error
 from ..graph import Node, NodeIndex, NodeKind, check_nodes, node_set
-from ..metrics import Metric, get_metric
-from ..model import ModelAdapter, Site, load_model
-from ..patching import NODE_SITE
-from ..scores import Cost, NodeScores
-from ..tasks.pairs import Direction, PromptPairs
-from .passes import GradDropMode, GradRun, gradient_run, graddrop_units, nonzero_terms
-from .qk_fix import key_fix, key_shift, softmax_change
+from ..methods import Kind, Method, get_method
+from ..model import ModelAdapter, Site
+from ..model.sites import NODE_SITE
+from ..patching import patch_nodes
+from ..scores import NodeScores
+from ..setup import Setup
+from .passes import GradDropMode, GradRun, SiteNeeds, estimate_pairs, fold_passes, graddrop_units, nonzero_terms
+from .qk_fix import joint, key_fix, key_shift, per_query, softmax_change
 
-NodeMethod = Literal["atp", "atp-qk", "atp-gd", "atp*"]
-NODE_METHODS: dict[str, tuple[bool, bool]] = {  # name -> (qk fix, graddrop)
-    "atp": (False, False),
-    "atp-qk": (True, False),
-    "atp-gd": (False, True),
-    "atp*": (True, True),
-}
+Family = tuple[NodeKind, int]  # (kind, layer)
+QK = (NodeKind.Q, NodeKind.K)
 
 
-def check_gradient_metric(metric: Metric, direction: Direction) -> None:
-    """KL to the clean run has zero gradient on the clean run: gradient methods cannot noise with it."""
-    if metric.needs_reference and direction is Direction.NOISING:
-        raise EdgeatpError(f"metric {metric.name} has zero gradient at the clean run, so gradient methods "
-                           "cannot estimate noising effects with it; use --direction denoising or another metric")
-
-
-def resolve_nodes(adapter: ModelAdapter, nodes: NodeIndex | Sequence[Node] | Iterable[str] | None,
+def resolve_nodes(model: ModelAdapter, nodes: NodeIndex | Sequence[Node] | Iterable[str] | None,
                   positions: bool, n_positions: int) -> NodeIndex:
     """A node index from an explicit list, family names (``head``, ``q``, …) or the default families."""
     if nodes is None:
-        return node_set(adapter.shape, ("head", "q", "k", "v", "mlp") if adapter.shape.has_mlp else ("head", "q", "k", "v"),
-                        n_positions if positions else None)
+        fams = ("head", "q", "k", "v", "mlp") if model.shape.has_mlp else ("head", "q", "k", "v")
+        return node_set(model.shape, fams, n_positions if positions else None)
     if isinstance(nodes, NodeIndex):
         index = nodes
     else:
         items = list(nodes)
-        if all(isinstance(x, str) and x in ("head", "q", "k", "v", "mlp", "neuron", "input") for x in items):
-            return node_set(adapter.shape, items, n_positions if positions else None)  # type: ignore[arg-type]
-        index = NodeIndex(tuple(Node.parse(x) if isinstance(x, str) else x for x in items))
-    check_nodes(adapter.shape, index)
+        if items and all(isinstance(x, str) and x in ("head", "q", "k", "v", "mlp", "neuron", "input") for x in items):
+            return node_set(model.shape, items, n_positions if positions else None)  # type: ignore[arg-type]
+        try:
+            index = NodeIndex(tuple(Node.parse(x) if isinstance(x, str) else x for x in items))
+        except ValueError as exc:
+            raise EdgeatpError(str(exc)) from None
+    try:
+        check_nodes(model.shape, index)
+    except ValueError as exc:
+        raise EdgeatpError(str(exc)) from None
     for n in index:
         if n.position is not None and n.position >= n_positions:
             raise EdgeatpError(f"node {n.name}: the prompts have only {n_positions} positions")
+    if len(index) == 0:
+        raise EdgeatpError("no nodes to attribute: the node list is empty")
     return index
 
 
-@dataclass(frozen=True)
-class _Need:
-    """Which (family, layer) estimates a node set needs, per position and/or aggregated."""
-
-    per_pos: frozenset[tuple[NodeKind, int]]
-    agg: frozenset[tuple[NodeKind, int]]
-
-    @classmethod
-    def of(cls, index: NodeIndex) -> "_Need":
-        per_pos, agg = set(), set()
-        for n in index:
-            key = (n.kind, n.layer if n.layer is not None else 0)
-            (agg if n.position is None else per_pos).add(key)
-        return cls(frozenset(per_pos), frozenset(agg))
-
-    @property
-    def keys(self) -> set[tuple[NodeKind, int]]:
-        return set(self.per_pos | self.agg)
+def family(node: Node) -> Family:
+    """The (kind, layer) whose site holds a node."""
+    return (node.kind, node.layer if node.layer is not None else 0)
 
 
-def _sites(need: _Need, qk_fix: bool) -> tuple[list[Site], list[Site], list[Site]]:
-    """(activation sites of both runs, gradient sites, base-only sites)."""
-    act, grad, base = [], [], []
-    for kind, layer in sorted(need.keys, key=lambda k: (k[1], k[0].value)):
-        if qk_fix and kind in (NodeKind.Q, NodeKind.K):
-            act += [Site("rot_q", layer), Site("rot_k", layer)]
-            base += [Site("scores", layer), Site("pattern", layer)]
-            grad.append(Site("pattern", layer))
+class NodeTerms:
+    """Per-family pieces of node estimates from gradient runs.
+
+    Linear families give ``[b, T, n]`` products ``Δact · ∂L/∂act`` (``n`` = heads, neurons or 1);
+    query and key families under the QK fix give the base scores, probabilities and the score
+    change of patching (``[b, H, T, T]``, float64) and take ``G = ∂L/∂pattern`` from each pass.
+    """
+
+    def __init__(self, model: ModelAdapter, families: Iterable[Family], qk_fix: bool) -> None:
+        self.model = model
+        self.families = sorted(set(families), key=lambda f: (f[1], f[0].value))
+        self.qk = {f for f in self.families if qk_fix and f[0] in QK}
+        act, grad, base = [], [], []
+        for kind, layer in self.families:
+            if (kind, layer) in self.qk:
+                act += [Site("rot_q", layer), Site("rot_k", layer)]
+                base += [Site("scores", layer), Site("pattern", layer)]
+                grad.append(Site("pattern", layer))
+            else:
+                s = Site(NODE_SITE[kind], layer)
+                act.append(s)
+                grad.append(s)
+        self.needs = SiteNeeds.of(act, grad, base)
+
+    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
+        """The gradients each family needs (pattern gradients for QK-fixed families)."""
+        return {s: grads[s] for s in self.needs.grad}
+
+    def linear(self, run: GradRun, side: dict[Any, torch.Tensor], fam: Family) -> torch.Tensor:
+        """``[b, T, n]`` per-position linear estimates of a family, float64."""
+        kind, layer = fam
+        s = Site(NODE_SITE[kind], layer)
+        prod = ((run.source[s] - run.base[s]) * side[s]).double()
+        if kind is NodeKind.NEURON:
+            return prod
+        return prod.sum(-1) if kind in (NodeKind.HEAD, *QK, NodeKind.V) else prod.sum(-1, keepdim=True)
+
+    def score_shift(self, run: GradRun, fam: Family) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Base scores, base probabilities and the score change when the family's queries (or
+        keys) take their source values, all ``[b, H, T, T]`` float64 (masked scores stay ``-inf``)."""
+        kind, layer = fam
+        score = self.model.attention_score_fn
+        Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
+        F0 = score(layer, Q, K)
+        if kind is NodeKind.Q:
+            shift = score(layer, run.source[Site("rot_q", layer)], K) - F0
         else:
-            s = Site(NODE_SITE[kind], layer)
-            act.append(s)
-            grad.append(s)
-    return list(dict.fromkeys(act)), list(dict.fromkeys(grad)), list(dict.fromkeys(base))
+            shift = score(layer, Q, run.source[Site("rot_k", layer)]) - F0
+        return run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(), shift.double()
+
+    @staticmethod
+    def pattern_grad(side: dict[Any, torch.Tensor], fam: Family) -> torch.Tensor:
+        return side[Site("pattern", fam[1])].double()
 
 
-def _linear(run: GradRun, g: dict[Site, torch.Tensor], kind: NodeKind, layer: int) -> torch.Tensor:
-    """``[b, T, n]`` per-position linear estimates (n = heads, neurons or 1)."""
-    s = Site(NODE_SITE[kind], layer)
-    prod = (run.source[s] - run.base[s]) * g[s]
-    if kind in (NodeKind.HEAD, NodeKind.Q, NodeKind.K, NodeKind.V):
-        return prod.sum(-1)
-    if kind is NodeKind.NEURON:
-        return prod
-    return prod.sum(-1, keepdim=True)
+class NodeEstimator:
+    """Estimates for a node index: per position or aggregated over positions."""
+
+    def __init__(self, model: ModelAdapter, index: NodeIndex, qk_fix: bool, units: list, n_positions: int) -> None:
+        self.index, self.T = index, n_positions
+        self.terms = NodeTerms(model, {family(n) for n in index}, qk_fix)
+        self.needs = self.terms.needs
+        self.shape = (len(index),)
+        self.n_terms = torch.tensor([nonzero_terms(units, {model.shape.block_of(n)}) for n in index],
+                                    dtype=torch.float64) if units else None
+        self.per_pos = {family(n) for n in index if n.position is not None}
+        self.agg = {family(n) for n in index if n.position is None}
+        cols: dict[tuple[Family, bool], tuple[list[int], list[int], list[int]]] = {}
+        for i, n in enumerate(index):
+            j = n.head if n.is_attention else (n.neuron if n.kind is NodeKind.NEURON else 0)
+            c, pos, js = cols.setdefault((family(n), n.position is None), ([], [], []))
+            c.append(i)
+            pos.append(n.position or 0)
+            js.append(j)  # type: ignore[arg-type]
+        self.layout = {k: tuple(torch.tensor(x, dtype=torch.long) for x in v) for k, v in cols.items()}
+
+    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
+        return self.terms.gradient_side(point, grads)
+
+    def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shifts = {f: self._softmax_part(run, f) for f in self.terms.qk}  # shared by every pass
+        return fold_passes(self._one_pass(run, side, shifts) for side in sides)
+
+    def _softmax_part(self, run: GradRun, fam: Family) -> tuple:
+        S, A, shift = self.terms.score_shift(run, fam)
+        dA = softmax_change(S, S + shift, A) if fam[0] is NodeKind.Q or fam in self.agg else None
+        ks = key_shift(S, shift) if fam[0] is NodeKind.K and fam in self.per_pos else None
+        return S, shift, dA, ks
+
+    def _one_pass(self, run: GradRun, side: dict[Any, torch.Tensor], shifts: dict) -> torch.Tensor:
+        per_pos: dict[Family, torch.Tensor] = {}
+        agg: dict[Family, torch.Tensor] = {}
+        for fam in self.terms.families:
+            if fam in shifts:
+                S, shift, dA, ks = shifts[fam]
+                G = self.terms.pattern_grad(side, fam)
+                if fam[0] is NodeKind.Q:
+                    rows = per_query(dA, G)  # [b, H, T]: each query row patched alone
+                    per_pos[fam], agg[fam] = rows.transpose(1, 2), rows.sum(-1)
+                else:
+                    if fam in self.per_pos:
+                        per_pos[fam] = key_fix(S, shift, G, ks).transpose(1, 2)
+                    if fam in self.agg:
+                        agg[fam] = joint(dA, G)  # all keys at once, recomputed jointly
+            else:
+                pp = self.terms.linear(run, side, fam)
+                per_pos[fam], agg[fam] = pp, pp.sum(1)
+        b = run.base_metric.shape[0]
+        out = torch.zeros(b, len(self.index), dtype=torch.float64, device=run.base_metric.device)
+        for (fam, aggregated), (cols, pos, js) in self.layout.items():
+            if aggregated:
+                out[:, cols] = agg[fam][:, js.to(out.device)]
+            else:
+                pp = per_pos[fam]
+                inside = pos < pp.shape[1]  # positions beyond this batch's prompts hold only padding
+                out[:, cols[inside]] = pp[:, pos[inside].to(out.device), js[inside].to(out.device)]
+        return out
 
 
-def qk_score_shift(adapter: ModelAdapter, run: GradRun, kind: NodeKind, layer: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Base scores, base probabilities and the score change when the layer's queries (or keys)
-    take their source values, all ``[b, H, T, T]`` float64 (masked scores stay ``-inf``)."""
-    Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
-    F0 = adapter.attention_score_fn(layer, Q, K)
-    if kind is NodeKind.Q:
-        shift = adapter.attention_score_fn(layer, run.source[Site("rot_q", layer)], K) - F0
-    else:
-        shift = adapter.attention_score_fn(layer, Q, run.source[Site("rot_k", layer)]) - F0
-    return run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(), shift.double()
-
-
-def _qk(adapter: ModelAdapter, run: GradRun, g: dict[Site, torch.Tensor], kind: NodeKind, layer: int,
-        per_pos: bool, agg: bool, cache: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """QK-fixed estimates for query or key nodes: ``[b, T, H]`` per position and ``[b, H]`` aggregated."""
-    key = (kind, layer, per_pos, agg)
-    if key not in cache:  # the softmax part does not depend on the gradient pass
-        S, A, shift = qk_score_shift(adapter, run, kind, layer)
-        dA = softmax_change(S, S + shift, A) if kind is NodeKind.Q or agg else None
-        ks = key_shift(S, shift) if kind is NodeKind.K and per_pos else None
-        cache[key] = (S, shift, dA, ks)
-    S, shift, dA, ks = cache[key]
-    G = g[Site("pattern", layer)].double()
-    pp = ag = None
-    if kind is NodeKind.Q:
-        rows = (dA * G).sum(-1)  # [b, H, T]: each query row patched alone (rows are independent)
-        pp, ag = rows.transpose(1, 2), rows.sum(-1)
-    else:
-        if per_pos:
-            pp = key_fix(S, shift, G, ks).transpose(1, 2)
-        if agg:
-            ag = (dA * G).sum((-1, -2))  # all keys at once, recomputed jointly
-    return pp, ag
-
-
-def attribute_nodes(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
-    method: NodeMethod | str = "atp*",
-    nodes: NodeIndex | Sequence[Node] | Iterable[str] | None = None,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 32,
-    positions: bool = False,
-    graddrop: GradDropMode = "block",
-    progress: bool = False,
-) -> NodeScores:
+def attribute_nodes(setup: Setup, method: str | Method = "atp*",
+                    nodes: NodeIndex | Sequence[Node] | Iterable[str] | None = None, *, positions: bool = False,
+                    graddrop: GradDropMode = "block", ig_steps: int = 8) -> NodeScores:
     """Attribution scores for nodes (default: every head output, query, key, value and MLP,
     aggregated over positions; ``positions=True`` for one node per position).
 
-    ``method``: ``atp`` (plain), ``atp-qk`` (QK fix), ``atp-gd`` (GradDrop) or ``atp*``
-    (QK fix inside every GradDrop term). GradDrop's score is ``Σ_l |Î_l| / n_terms`` where
-    ``n_terms`` excludes the one identically zero term of a node inside a dropped unit
-    (``L − 1`` for layer nodes, ``L`` for the embedding); a node with no non-trivial term
-    (a one-layer model) keeps its plain ``|estimate|``. In a two-layer model the only
-    non-trivial term of a layer-0 node drops every indirect path through layer 1.
+    ``method``: ``atp`` (plain), ``atp-qk`` (QK fix), ``atp-gd`` (GradDrop), ``atp*`` (QK fix
+    inside every GradDrop term), ``ig`` (integrated gradients over ``ig_steps`` points of the
+    embedding path) or ``exact`` (one patched forward per node). GradDrop's score is
+    ``Σ_l |Î_l| / n_terms`` where ``n_terms`` excludes the one identically zero term of a node
+    inside a dropped unit (``L − 1`` for layer nodes, ``L`` for the embedding); a node with no
+    non-trivial term (a one-layer model) keeps its plain ``|estimate|``. In a two-layer model
+    the only non-trivial term of a layer-0 node drops every indirect path through layer 1.
     """
-    if method not in NODE_METHODS:
-        raise EdgeatpError(f"unknown node method {method!r}; choose from {', '.join(NODE_METHODS)}")
-    adapter = load_model(model)
-    metric_obj, direction = get_metric(metric), Direction(direction)
-    check_gradient_metric(metric_obj, direction)
-    qk_fix, use_gd = NODE_METHODS[method]
-    adapter.check_pairs(pairs)
-    index = resolve_nodes(adapter, nodes, positions, pairs.n_positions)
-    if len(index) == 0:
-        raise EdgeatpError("no nodes to attribute: the node list is empty")
-    need = _Need.of(index)
-    act, grad, base = _sites(need, qk_fix)
-    gd_mode = graddrop if use_gd else None
-    units = graddrop_units(adapter, graddrop) if use_gd else []
-    n_nodes = len(index)
-    signed = torch.zeros(len(pairs), n_nodes, dtype=torch.float64)
-    magnitude = torch.zeros_like(signed)
-    norm = torch.tensor([nonzero_terms(units, {adapter.shape.block_of(n)}) if units else 1 for n in index],
-                        dtype=torch.float64)
-    with adapter.session():
-        for batch in tqdm(list(pairs.batches(batch_size, direction, same_length=not adapter.causal)),
-                          disable=not progress, desc=f"node {method}", leave=False):
-            batch = batch.to(adapter.device)
-            run = gradient_run(adapter, batch, metric_obj, act, grad, gd_mode, base)
-            cache: dict = {}
-            with torch.no_grad():
-                values = [_gather(adapter, run, g, need, index, qk_fix, cache, pairs.n_positions) for g in run.grads]
-            rows = batch.index.cpu()
-            signed[rows] = values[0]
-            if use_gd:
-                terms = torch.stack(values[1:]).abs().sum(0) / norm.clamp(min=1)
-                magnitude[rows] = torch.where(norm > 0, terms, values[0].abs())
-            else:
-                magnitude[rows] = values[0].abs()
-    cost = Cost(forwards=2 + int(metric_obj.needs_reference), backwards=1 + len(units))
-    meta = {"graddrop": graddrop if use_gd else None, "n_terms": len(units), "batch_size": batch_size,
-            "model": adapter.name}
-    return NodeScores(signed, magnitude, method, direction, metric_obj.name, cost, meta, index)
-
-
-def _gather(adapter: ModelAdapter, run: GradRun, g: dict[Site, torch.Tensor], need: _Need, index: NodeIndex,
-            qk_fix: bool, cache: dict, n_positions: int) -> torch.Tensor:
-    """``[b, n_nodes]`` estimates of one gradient pass, in the index's order."""
-    per_pos: dict[tuple[NodeKind, int], torch.Tensor] = {}
-    agg: dict[tuple[NodeKind, int], torch.Tensor] = {}
-    for key in need.keys:
-        kind, layer = key
-        if qk_fix and kind in (NodeKind.Q, NodeKind.K):
-            pp, ag = _qk(adapter, run, g, kind, layer, key in need.per_pos, key in need.agg, cache)
-            if pp is not None:
-                per_pos[key] = pp
-            if ag is not None:
-                agg[key] = ag
-        else:
-            pp = _linear(run, g, kind, layer).double()
-            per_pos[key], agg[key] = pp, pp.sum(1)
-    for key, pp in per_pos.items():
-        if pp.shape[1] < n_positions:
-            per_pos[key] = torch.nn.functional.pad(pp, (0, 0, 0, n_positions - pp.shape[1]))
-    b = next(iter(per_pos.values() or agg.values())).shape[0]
-    out = torch.zeros(b, len(index), dtype=torch.float64)
-    for (key, aggregated), (cols, pos, js) in _layout(index).items():
-        if aggregated:
-            out[:, cols] = agg[key][:, js].cpu()
-        else:
-            out[:, cols] = per_pos[key][:, pos, js].cpu()
-    return out
-
-
-def _layout(index: NodeIndex) -> dict[tuple[tuple[NodeKind, int], bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per (family, layer) and aggregation: output columns, positions and head/neuron indices."""
-    groups: dict[tuple[tuple[NodeKind, int], bool], tuple[list[int], list[int], list[int]]] = {}
-    for i, n in enumerate(index):
-        key = (n.kind, n.layer if n.layer is not None else 0)
-        j = n.head if n.is_attention else (n.neuron if n.kind is NodeKind.NEURON else 0)
-        cols, pos, js = groups.setdefault((key, n.position is None), ([], [], []))
-        cols.append(i)
-        pos.append(n.position or 0)
-        js.append(j)  # type: ignore[arg-type]
-    return {k: tuple(torch.tensor(x, dtype=torch.long) for x in v) for k, v in groups.items()}  # type: ignore[misc]
+    m = get_method(method, "node")
+    model = setup.model
+    index = resolve_nodes(model, nodes, positions, setup.pairs.n_positions)
+    if m.kind is Kind.EXACT:
+        eff = patch_nodes(setup, list(index))
+        return NodeScores.from_per_pair(eff.per_pair, None, m.name, setup.direction, setup.metric.name, index,
+                                        m.cost(patches=len(index)), {"model": model.name})
+    setup.check_gradient_metric()
+    if ig_steps < 1:
+        raise option_error("{ig_steps} must be at least 1")
+    units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
+    est = NodeEstimator(model, index, m.qk_fix, units, setup.pairs.n_positions)
+    stats, per_pair, per_abs = estimate_pairs(setup, m, est, f"node {m.name}", units=units, ig_steps=ig_steps)
+    cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)
+    meta = {"graddrop": graddrop if m.graddrop else None, "n_terms": len(units), "batch_size": setup.batch_size,
+            "ig_steps": ig_steps if m.kind is Kind.INTEGRATED else None, "model": model.name}
+    return NodeScores(stats, m.name, setup.direction, setup.metric.name, cost, meta, per_pair, per_abs, index)

@@ -26,18 +26,28 @@ def softmax_change(S: torch.Tensor, S_new: torch.Tensor, A: torch.Tensor) -> tor
     return torch.where(mask | torch.isnan(A_new), torch.zeros_like(A_new), A_new - A)
 
 
+def per_query(dA: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``[..., T_query]``: each query row's effect ``Σ_s G[t, s] ΔA[t, s]`` of a softmax change ``dA``."""
+    return (dA * G).sum(-1)
+
+
+def joint(dA: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``[...]``: the whole pattern's effect ``Σ_{t,s} G ΔA`` of a softmax change ``dA``."""
+    return (dA * G).sum((-1, -2))
+
+
 def query_fix(S: torch.Tensor, S_new: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Per-query estimates ``[..., T_query]``: each row recomputed with its patched query (E5).
 
     ``S_new[t, s]`` is the score of the patched query ``t`` against the clean key ``s``; rows
     are independent, so one softmax gives every single-query patch at once.
     """
-    return (softmax_change(S, S_new, A) * G).sum(-1)
+    return per_query(softmax_change(S, S_new, A), G)
 
 
 def joint_fix(S: torch.Tensor, S_new: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Estimate ``[...]`` for patching all queries and/or all keys of a head at once (exact softmax)."""
-    return (softmax_change(S, S_new, A) * G).sum((-1, -2))
+    return joint(softmax_change(S, S_new, A), G)
 
 
 def _exclusive_lse(x: torch.Tensor) -> torch.Tensor:

@@ -54,13 +54,13 @@ def exact_effects(circuit: Circuit) -> dict[str, float]:
     """Verified exact effects keyed by edge name (empty when the circuit was not verified)."""
     if circuit.verification is None:
         return {}
-    return {c.edge: c.exact for c in circuit.verification.checks}
+    return {c.name: c.exact for c in circuit.verification.checks}
 
 
 def edge_rows(circuit: Circuit, include_all: bool = False) -> list[EdgeRow]:
     """The circuit's kept edges (or every existing edge) by decreasing score, ties in graph order."""
     g = circuit.graph
-    mask = g.mask.expand_as(circuit.in_graph) if include_all else circuit.in_graph & g.mask.expand_as(circuit.in_graph)
+    mask = g.full_mask if include_all else circuit.in_graph & g.full_mask
     coords = mask.nonzero()
     score = circuit.score[tuple(coords.T)].double()
     order = torch.sort(score, descending=True, stable=True).indices
@@ -70,7 +70,7 @@ def edge_rows(circuit: Circuit, include_all: bool = False) -> list[EdgeRow]:
     exact = exact_effects(circuit)
     rows = []
     for c, s, x, k in zip(coords.tolist(), scores, signed, kept):
-        edge = g.edge(c[-2], c[-1], c[0] if len(c) == 3 else None)
+        edge = g.edge_at(tuple(c))
         rows.append(EdgeRow(edge, s, x, exact.get(edge.name), bool(k)))
     return rows
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from ..circuit import Faithfulness
+from ..circuit import FaithfulnessCurve
 
 SERIES = (("faithfulness", "#2166ac", "", "circle"), ("necessity", "#d6604d", "6 4", "square"))
 
@@ -54,7 +54,7 @@ def _marker(shape: str, x: float, y: float, colour: str, tip: str) -> str:
     return f'<rect x="{x - 3.5:.1f}" y="{y - 3.5:.1f}" width="7" height="7" fill="{colour}">{title}</rect>'
 
 
-def faithfulness_svg(f: Faithfulness, *, title: str = "Faithfulness and necessity by circuit size",
+def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and necessity by circuit size",
                      width: int = 560, height: int = 340) -> str:
     """An SVG document plotting ``f.faithfulness`` and ``f.necessity`` against ``f.sizes``."""
     left, right, top, bottom = 64, 60, 62, 52

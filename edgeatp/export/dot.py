@@ -21,6 +21,7 @@ from ..circuit import Circuit
 from ..errors import EdgeatpError
 from ..graph import Node, NodeKind
 from ._view import EdgeRow, edge_rows, kept_nodes, layer_rank, node_score_map, node_sort_key, sign_legend
+from .files import atomic_write
 
 POSITIVE, NEGATIVE, NEUTRAL = "#2166ac", "#b2182b", "#8c8c8c"
 READER_STYLE = {"q": ("solid", "normal"), "k": ("dashed", "empty"), "v": ("dotted", "odot"),
@@ -139,19 +140,23 @@ def dot_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def render(dot_text: str, path: str | Path, fmt: str | None = None) -> Path:
-    """Render DOT text to ``path`` as svg, png or pdf (default: the file suffix) with Graphviz ``dot``."""
-    out = Path(path)
-    kind = (fmt or out.suffix.lstrip(".")).lower()
+def render_bytes(dot_text: str, fmt: str) -> bytes:
+    """DOT text rendered as svg, png or pdf by Graphviz ``dot``."""
+    kind = fmt.lower()
     if kind not in FORMATS:
-        raise EdgeatpError(f"cannot render to {kind or 'a file without suffix'!r}; choose one of {', '.join(FORMATS)}")
+        raise EdgeatpError(f"cannot render to {kind or 'an empty format'!r}; choose one of {', '.join(FORMATS)}")
     exe = shutil.which("dot")
     if exe is None:
-        raise EdgeatpError(f"the Graphviz 'dot' program is not on the PATH, so {out.name} cannot be rendered; "
+        raise EdgeatpError(f"the Graphviz 'dot' program is not on the PATH, so {kind} cannot be rendered; "
                            f"{INSTALL_HINT} (the .dot text can be written without it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([exe, f"-T{kind}", "-o", str(out)], input=dot_text.encode(), capture_output=True)
+    done = subprocess.run([exe, f"-T{kind}"], input=dot_text.encode(), capture_output=True)
     if done.returncode != 0:
         msg = done.stderr.decode(errors="replace").strip().splitlines()
-        raise EdgeatpError(f"Graphviz dot failed to render {out.name}: {msg[0] if msg else 'no message'}")
-    return out
+        raise EdgeatpError(f"Graphviz dot failed to render {kind}: {msg[0] if msg else 'no message'}")
+    return done.stdout
+
+
+def render(dot_text: str, path: str | Path, fmt: str | None = None) -> Path:
+    """Render DOT text to ``path`` as svg, png or pdf (default: the file suffix), atomically."""
+    out = Path(path)
+    return atomic_write(out, render_bytes(dot_text, fmt or out.suffix.lstrip(".")))

@@ -1,9 +1,9 @@
 """Circuits as JSON: a versioned edgeatp format that round-trips exactly, and the EAP-IG/MIB format.
 
-**edgeatp format, version 1** (``mode="edgeatp"``; JSON Schema in ``circuit.schema.json``)::
+**edgeatp format, version 2** (``mode="edgeatp"``; JSON Schema in ``circuit.schema.json``)::
 
-    {"format": "edgeatp.circuit", "version": 1,
-     "level": "edge" | "node" | "neuron", "method": "atp-qk", "direction": "noising" | "denoising",
+    {"format": "edgeatp.circuit", "version": 2,
+     "level": "edge" | "node" | "neuron" | "group", "method": "atp-qk", "direction": "noising" | "denoising",
      "metric": "logit_diff", "sign_convention": "...",          # informational, ignored on read
      "shape": {"n_layers", "n_heads", "d_model", "d_head", "d_mlp", "attn_only", "parallel_attn_mlp"},
      "graph": {"writers": ["input", "a0.h0", ...], "readers": ["a0.h0<q>", ..., "logits"],
@@ -12,24 +12,29 @@
      "n_edges": 16,                                              # kept edges, checked on read
      "edges": {"name": ["input->a0.h0<q>", ...],  "position": [null | p, ...],
                "score": [...], "signed": [...], "in_graph": [true, ...]},
-     "node_scores": {"a1.h3": 0.8, ...},
-     "verification": null | {"checks": [{"edge", "estimate", "exact", "score", "in_circuit"}, ...],
+     "selection": null | {"rule", "value", "requested", "kept", "notes": [...]},
+     "warnings": [...],                                          # the selection's notes (informational)
+     "faithfulness": 0.86 | null, "necessity": 0.002 | null,     # the circuit's own
+     "units": [{"name", "kind", "score", "signed", "exact", "in_circuit"}, ...],  # components, groups,
+                                                                 # coarse edges
+     "curve": null | {"sizes", "faithfulness", "necessity", "clean_metric", "corrupt_metric", "label"},
+     "verification": null | {"checks": [{"name", "estimate", "exact", "score", "in_circuit"}, ...], "n_ranked",
                              "rank_correlation", "sign_agreement", "largest_miss", "largest_miss_size",
-                             "below_cut_max", "below_cut_bound", "bound_alpha", "n_forwards"},
-     "faithfulness": null | {"sizes", "faithfulness", "necessity", "clean_metric", "corrupt_metric"},
+                             "outside_max", "outside_checked", "bound", "bound_alpha", "n_forwards"},
      "meta": {...}}
 
 ``edges`` is columnar (one entry per edge, ``pandas.DataFrame(data["edges"])`` gives a table) and
 lists every existing edge of the graph in canonical order (positions outermost), kept or not;
 ``circuit_to_json(..., all_edges=False)`` lists only kept edges, and on reading, unlisted edges
-get score 0 and stay out of the circuit. Positional edge names carry ``@p``. Entries of the dense
-tensors for edges that do not exist are 0 (as in every edgeatp score tensor). ``score`` is the
+get score 0 and stay out of the circuit. Positional edge names carry ``@p``. ``score`` is the
 non-negative ranking score (mean over prompt pairs of per-pair ``|estimate|``), ``signed`` the
 signed mean estimate. A real number is a JSON number or, when not finite, one of the strings
 ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (the output is strict JSON); ``null`` means "none".
 Floats are written with Python's shortest round-trip repr, so tensors come back bit-identical.
 ``meta`` must hold JSON-able values: tuples come back as lists, enums as their values, tensors as
-lists, non-finite floats as the strings above and other objects as ``str(obj)``.
+lists, non-finite floats as the strings above and other objects as ``str(obj)``. Files are
+checked against the schema on reading; version 1 files (the curve under ``faithfulness``, the
+circuit's own numbers and the selection rule in ``meta``) are read too.
 
 **MIB mode** (``mode="mib"``): the EAP-IG ``Graph.to_json`` / MIB circuit-track format,
 ``{"cfg": {n_layers, n_heads, parallel_attn_mlp, d_model}, "nodes": {name: {"in_graph", "score"?}},
@@ -68,17 +73,17 @@ from typing import Any, Literal
 
 import torch
 
-from ..circuit import Circuit, EdgeCheck, Faithfulness, Verification
+from ..circuit import LEVELS, Check, Circuit, FaithfulnessCurve, Selection, Unit, Verification
 from ..errors import EdgeatpError
 from ..graph import EdgeGraph, ModelShape, Node, NodeKind
 from ..tasks.pairs import Direction
+from .files import atomic_write
+from .schema import load_schema, violations
 
 FORMAT = "edgeatp.circuit"
-SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
 MIB_EXTENSION = "edgeatp.circuit.mib"
-VERSION = 1
+VERSION = 2
 MODES = ("edgeatp", "mib")
-LEVELS = ("edge", "node", "neuron")
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 PositionReduce = Literal["sum", "max"]
 
@@ -149,100 +154,149 @@ def _edge_lookup(graph: EdgeGraph) -> dict[str, tuple[int, int]]:
 def _native(circuit: Circuit, all_edges: bool) -> dict[str, Any]:
     """The edgeatp-format dictionary of a circuit."""
     g = circuit.graph
-    exists = g.mask.expand_as(circuit.in_graph)
+    exists = g.full_mask
     coords = (exists if all_edges else exists & circuit.in_graph).nonzero()
     idx = tuple(coords.T)
-    wn, rn = [w.name for w in g.writers], [r.name for r in g.readers]
-    c = coords.tolist()
-    if g.n_positions is None:
-        names, positions = [f"{wn[w]}->{rn[r]}" for w, r in c], [None] * len(c)
-    else:
-        names, positions = [f"{wn[w]}->{rn[r]}@{p}" for p, w, r in c], [p for p, _, _ in c]
+    edges = [g.edge_at(tuple(c)) for c in coords.tolist()]
     return {
         "format": FORMAT, "version": VERSION, "level": circuit.level, "method": circuit.method,
         "direction": circuit.direction.value, "metric": circuit.metric, "sign_convention": circuit.sign_convention,
         "shape": asdict(g.shape),
-        "graph": {"writers": wn, "readers": rn, "n_positions": g.n_positions},
+        "graph": {"writers": [w.name for w in g.writers], "readers": [r.name for r in g.readers],
+                  "n_positions": g.n_positions},
         "dtype": {"score": _dtype_name(circuit.score), "signed": _dtype_name(circuit.signed)},
         "n_edges": circuit.n_edges,
-        "edges": {"name": names, "position": positions,
+        "edges": {"name": [e.name for e in edges], "position": [e.position for e in edges],
                   "score": _reals(circuit.score[idx].tolist()), "signed": _reals(circuit.signed[idx].tolist()),
                   "in_graph": circuit.in_graph[idx].tolist()},
-        "node_scores": {k: encode_real(float(v)) for k, v in circuit.node_scores.items()},
+        "selection": None if circuit.selection is None else jsonable(asdict(circuit.selection)),
+        "warnings": list(circuit.warnings),
+        "faithfulness": None if circuit.faithfulness is None else encode_real(circuit.faithfulness),
+        "necessity": None if circuit.necessity is None else encode_real(circuit.necessity),
+        "units": [jsonable(asdict(u)) for u in circuit.units],
+        "curve": None if circuit.curve is None else jsonable(asdict(circuit.curve)),
         "verification": None if circuit.verification is None else jsonable(asdict(circuit.verification)),
-        "faithfulness": None if circuit.faithfulness is None else jsonable(asdict(circuit.faithfulness)),
         "meta": jsonable(circuit.meta),
     }
 
 
-def _verification_from(d: dict[str, Any]) -> Verification:
-    """Rebuild :class:`Verification` from its JSON data."""
-    checks = tuple(EdgeCheck(str(c["edge"]), decode_real(c["estimate"], "verification.checks.estimate"),
-                             decode_real(c["exact"], "verification.checks.exact"),
-                             decode_real(c["score"], "verification.checks.score"), bool(c["in_circuit"]))
-                   for c in d["checks"])
+def _real_list(values: list[Any], where: str) -> tuple[float, ...]:
+    return tuple(decode_real(x, where) for x in values)
+
+
+def _check_from(c: dict[str, Any], name_key: str) -> Check:
+    return Check(str(c[name_key]), decode_real(c["estimate"], "verification.checks.estimate"),
+                 decode_real(c["exact"], "verification.checks.exact"),
+                 decode_real(c["score"], "verification.checks.score"), bool(c["in_circuit"]))
+
+
+def _verification_from(d: dict[str, Any], version: int, n_ranked_hint: int | None) -> Verification:
+    """Rebuild :class:`Verification` (version 1 files: renamed fields, ranked count from the config)."""
+    if version == 1:
+        checks = tuple(_check_from(c, "edge") for c in d["checks"])
+        n_ranked = min(len(checks), n_ranked_hint if n_ranked_hint is not None else len(checks))
+        outside = [abs(c.exact) for c in checks if not c.in_circuit]
+        return Verification(checks, n_ranked, decode_real(d["rank_correlation"], "verification.rank_correlation"),
+                            decode_real(d["sign_agreement"], "verification.sign_agreement"), str(d["largest_miss"]),
+                            decode_real(d["largest_miss_size"], "verification.largest_miss_size"),
+                            max(outside, default=0.0), len(outside),
+                            _optional_real(d["below_cut_bound"], "verification.below_cut_bound"),
+                            _optional_real(d["bound_alpha"], "verification.bound_alpha"), int(d["n_forwards"]))
     return Verification(
-        checks, decode_real(d["rank_correlation"], "verification.rank_correlation"),
+        tuple(_check_from(c, "name") for c in d["checks"]), int(d["n_ranked"]),
+        decode_real(d["rank_correlation"], "verification.rank_correlation"),
         decode_real(d["sign_agreement"], "verification.sign_agreement"), str(d["largest_miss"]),
         decode_real(d["largest_miss_size"], "verification.largest_miss_size"),
-        decode_real(d["below_cut_max"], "verification.below_cut_max"),
-        _optional_real(d["below_cut_bound"], "verification.below_cut_bound"),
-        _optional_real(d["bound_alpha"], "verification.bound_alpha"), int(d["n_forwards"]))
+        decode_real(d["outside_max"], "verification.outside_max"), int(d["outside_checked"]),
+        _optional_real(d["bound"], "verification.bound"), _optional_real(d["bound_alpha"], "verification.bound_alpha"),
+        int(d["n_forwards"]))
 
 
-def _faithfulness_from(d: dict[str, Any]) -> Faithfulness:
-    """Rebuild :class:`Faithfulness` from its JSON data."""
-    return Faithfulness(tuple(int(s) for s in d["sizes"]),
-                        tuple(decode_real(x, "faithfulness.faithfulness") for x in d["faithfulness"]),
-                        tuple(decode_real(x, "faithfulness.necessity") for x in d["necessity"]),
-                        decode_real(d["clean_metric"], "faithfulness.clean_metric"),
-                        decode_real(d["corrupt_metric"], "faithfulness.corrupt_metric"))
+def _curve_from(d: dict[str, Any]) -> FaithfulnessCurve:
+    """Rebuild :class:`FaithfulnessCurve` from its JSON data."""
+    return FaithfulnessCurve(tuple(int(s) for s in d["sizes"]), _real_list(d["faithfulness"], "curve.faithfulness"),
+                             _real_list(d["necessity"], "curve.necessity"),
+                             decode_real(d["clean_metric"], "curve.clean_metric"),
+                             decode_real(d["corrupt_metric"], "curve.corrupt_metric"), str(d.get("label", "")))
+
+
+def _selection_from(d: dict[str, Any] | None) -> Selection | None:
+    if d is None:
+        return None
+    return Selection(str(d["rule"]), _optional_real(d["value"], "selection.value"), d["requested"], int(d["kept"]),
+                     tuple(str(n) for n in d["notes"]))
 
 
 def _edge_coords(graph: EdgeGraph, names: list[str], positions: list[int | None]) -> torch.Tensor:
-    """Dense coordinates ``[n, 2 or 3]`` of listed edges, with clear errors for unknown ones."""
+    """Dense ``[n, 3]`` (position, writer, reader) coordinates of listed edges, with clear errors."""
     lookup = _edge_lookup(graph)
-    P = graph.n_positions
     out = []
     for name, pos in zip(names, positions):
         base, at, suffix = name.partition("@")
         if base not in lookup:
             raise EdgeatpError(f"edge {name!r} is not an edge of the graph described in the file")
-        if P is None:
+        if not graph.positional:
             if at or pos is not None:
                 raise EdgeatpError(f"edge {name!r} has a position but the graph is position-aggregated")
-            out.append(lookup[base])
+            out.append((0, *lookup[base]))
         else:
-            if not isinstance(pos, int) or not 0 <= pos < P or suffix != str(pos):
-                raise EdgeatpError(f"edge {name!r}: position {pos!r} must match its '@p' suffix and lie in 0..{P - 1}")
+            if not isinstance(pos, int) or not 0 <= pos < graph.P or suffix != str(pos):
+                raise EdgeatpError(f"edge {name!r}: position {pos!r} must match its '@p' suffix and lie in "
+                                   f"0..{graph.P - 1}")
             out.append((pos, *lookup[base]))
-    return torch.tensor(out, dtype=torch.long).reshape(len(out), 2 if P is None else 3)
+    return torch.tensor(out, dtype=torch.long).reshape(len(out), 3)
+
+
+def _graph_from(d: dict[str, Any]) -> EdgeGraph:
+    """The graph a file describes, checked against its own shape."""
+    gd = d["graph"]
+    try:
+        shape = ModelShape(**d["shape"])
+        writers = [Node.parse(n) for n in gd["writers"]]
+        readers = [Node.parse(n) for n in gd["readers"]]
+        graph = EdgeGraph.from_shape(shape, n_positions=gd["n_positions"], writers=writers, readers=readers)
+    except (ValueError, TypeError) as exc:
+        raise EdgeatpError(f"the file's graph does not fit its shape: {exc}") from None
+    top = max((n.layer for n in (*writers, *readers) if n.layer is not None), default=-1)
+    if top + 1 != shape.n_layers:
+        raise EdgeatpError(f"shape.n_layers is {shape.n_layers} but the graph's nodes reach layer {top}; "
+                           "the file was edited or is corrupt")
+    return graph
 
 
 def _from_native(d: dict[str, Any]) -> Circuit:
-    """Rebuild a circuit from edgeatp-format data."""
+    """Rebuild a circuit from edgeatp-format data (versions 1 and 2), validated against the schema."""
     if d["format"] != FORMAT:
         raise EdgeatpError(f"not an edgeatp circuit: format is {d['format']!r}, expected {FORMAT!r}")
-    if not isinstance(d["version"], int) or d["version"] > VERSION or d["version"] < 1:
-        raise EdgeatpError(f"circuit file version {d['version']!r} is not supported (this edgeatp reads "
+    version = d["version"]
+    if not isinstance(version, int) or version > VERSION or version < 1:
+        raise EdgeatpError(f"circuit file version {version!r} is not supported (this edgeatp reads "
                            f"version 1 to {VERSION}); upgrade edgeatp")
+    if version == VERSION:
+        problems = violations(d, load_schema())
+        if problems:
+            raise EdgeatpError(f"the circuit file does not follow the schema: {problems[0]}"
+                               + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     if d["level"] not in LEVELS:
         raise EdgeatpError(f"unknown circuit level {d['level']!r}; expected one of {', '.join(LEVELS)}")
-    gd = d["graph"]
-    graph = EdgeGraph.from_shape(ModelShape(**d["shape"]), n_positions=gd["n_positions"],
-                                 writers=[Node.parse(n) for n in gd["writers"]],
-                                 readers=[Node.parse(n) for n in gd["readers"]])
-    lead = (graph.n_positions,) if graph.n_positions else ()
-    dims = (*lead, graph.n_writers, graph.n_readers)
+    graph = _graph_from(d)
+    dims = graph.full_mask.shape
     e = d["edges"]
     n = len(e["name"])
     if any(len(e[k]) != n for k in ("position", "score", "signed", "in_graph")):
         raise EdgeatpError("edges: the name, position, score, signed and in_graph lists must have equal lengths")
-    idx = tuple(_edge_coords(graph, e["name"], e["position"]).T)
+    coords = _edge_coords(graph, e["name"], e["position"])
+    if len({tuple(c) for c in coords.tolist()}) != n:
+        raise EdgeatpError("edges: an edge is listed twice")
+    idx = tuple(coords.T)
     score = torch.zeros(dims, dtype=_dtype(d["dtype"]["score"]))
     signed = torch.zeros(dims, dtype=_dtype(d["dtype"]["signed"]))
     in_graph = torch.zeros(dims, dtype=torch.bool)
-    score[idx] = torch.tensor([decode_real(x, "edges.score") for x in e["score"]], dtype=torch.float64).to(score.dtype)
+    scores = [decode_real(x, "edges.score") for x in e["score"]]
+    if any(x < 0 for x in scores):
+        raise EdgeatpError("edges.score holds a negative value; scores are magnitudes (the signed estimate is "
+                           "edges.signed)")
+    score[idx] = torch.tensor(scores, dtype=torch.float64).to(score.dtype)
     signed[idx] = torch.tensor([decode_real(x, "edges.signed") for x in e["signed"]],
                                dtype=torch.float64).to(signed.dtype)
     if not all(isinstance(b, bool) for b in e["in_graph"]):
@@ -250,10 +304,29 @@ def _from_native(d: dict[str, Any]) -> Circuit:
     in_graph[idx] = torch.tensor(e["in_graph"], dtype=torch.bool)
     if int(in_graph.sum()) != d["n_edges"]:
         raise EdgeatpError(f"the file says n_edges={d['n_edges']} but {int(in_graph.sum())} edges are in_graph")
+    meta = dict(d["meta"])
+    if version == 1:
+        units = tuple(Unit(str(k), "component", decode_real(v, f"node_scores.{k}"), math.nan, None, True)
+                      for k, v in d["node_scores"].items())
+        rule, value = meta.pop("rule", None), meta.pop("value", None)
+        selection = Selection(str(rule), value if isinstance(value, (int, float)) else None, None,
+                              int(in_graph.sum())) if rule is not None else None
+        n_verify = (meta.get("config") or {}).get("n_verify")
+        return Circuit(graph, in_graph, score, signed, d["level"], str(d["method"]), Direction(d["direction"]),
+                       str(d["metric"]), selection, units,
+                       _optional_real(meta.pop("faithfulness", None), "meta.faithfulness"),
+                       _optional_real(meta.pop("necessity", None), "meta.necessity"),
+                       None if d["faithfulness"] is None else _curve_from(d["faithfulness"]),
+                       None if d["verification"] is None else _verification_from(d["verification"], 1, n_verify),
+                       meta)
+    units = tuple(Unit(str(u["name"]), u["kind"], decode_real(u["score"], "units.score"),
+                       decode_real(u["signed"], "units.signed"), _optional_real(u["exact"], "units.exact"),
+                       bool(u["in_circuit"])) for u in d["units"])
     return Circuit(graph, in_graph, score, signed, d["level"], str(d["method"]), Direction(d["direction"]),
-                   str(d["metric"]), {str(k): decode_real(v, f"node_scores.{k}") for k, v in d["node_scores"].items()},
-                   None if d["verification"] is None else _verification_from(d["verification"]),
-                   None if d["faithfulness"] is None else _faithfulness_from(d["faithfulness"]), dict(d["meta"]))
+                   str(d["metric"]), _selection_from(d["selection"]), units,
+                   _optional_real(d["faithfulness"], "faithfulness"), _optional_real(d["necessity"], "necessity"),
+                   None if d["curve"] is None else _curve_from(d["curve"]),
+                   None if d["verification"] is None else _verification_from(d["verification"], 2, None), meta)
 
 
 # ------------------------------------------------------------------------------------ MIB format
@@ -263,11 +336,9 @@ def _mib_name(node: Node) -> str:
 
 
 def _reduce_positions(circuit: Circuit, how: PositionReduce) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[W, R]`` score, signed and kept of a circuit, positions reduced by ``how``."""
-    kept = circuit.in_graph & circuit.graph.mask.expand_as(circuit.in_graph)
+    """``[W, R]`` score, signed and kept of a circuit, positions reduced by ``how`` (sum or max score)."""
+    kept = circuit.in_graph & circuit.graph.full_mask
     score, signed = circuit.score.double(), circuit.signed.double()
-    if circuit.graph.n_positions is None:
-        return score, signed, kept
     if how == "sum":
         return score.sum(0), signed.sum(0), kept.any(0)
     if how == "max":
@@ -338,16 +409,16 @@ def _from_mib(d: dict[str, Any]) -> Circuit:
         signed[w, r] = decode_real(entry["signed"], f"edges[{name!r}].signed") if "signed" in entry else value
         score[w, r] = value if "signed" in entry else abs(value)
         in_graph[w, r] = bool(entry["in_graph"])
-    node_scores = {}
+    units = []
     for name, entry in d["nodes"].items():
         value = decode_real(entry["score"], f"nodes[{name!r}].score") if "score" in entry else 0.0
         if name != "logits" and value == value and value != 0.0:
-            node_scores[name] = value
+            units.append(Unit(name, "component", abs(value), value, None, bool(entry.get("in_graph", False))))
     ext = d.get("edgeatp") or {}
     level = "node" if ext.get("level") == "neuron" else ext.get("level", "edge")
-    return Circuit(graph, in_graph, score, signed, level, str(ext.get("method", "mib")),
-                   Direction(ext.get("direction", "noising")), str(ext.get("metric", "logit_diff")), node_scores,
-                   meta={**ext.get("meta", {}), "imported_from": "mib"})
+    return Circuit(graph, in_graph[None], score[None], signed[None], level, str(ext.get("method", "mib")),
+                   Direction(ext.get("direction", "noising")), str(ext.get("metric", "logit_diff")),
+                   units=tuple(units), meta={**ext.get("meta", {}), "imported_from": "mib"})
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -371,7 +442,12 @@ def load_json_data(data: dict[str, Any] | str | Path) -> dict[str, Any]:
         path = Path(data)
         if not path.is_file():
             raise EdgeatpError(f"circuit file {str(path)!r} does not exist")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise EdgeatpError(f"{path} is not a text (UTF-8) file; pass a circuit JSON file") from None
+        except OSError as exc:
+            raise EdgeatpError(f"{path}: {exc.strerror or exc}") from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as err:
@@ -400,9 +476,6 @@ def circuit_from_json(data: dict[str, Any] | str | Path) -> Circuit:
 
 def write_json(circuit: Circuit, path: str | Path, mode: str = "edgeatp", *, indent: int | None = None,
                all_edges: bool = True, position_reduce: PositionReduce = "sum") -> Path:
-    """Write :func:`circuit_to_json` to ``path`` as strict JSON (UTF-8); returns the path."""
+    """Write :func:`circuit_to_json` to ``path`` as strict JSON (UTF-8), atomically; returns the path."""
     data = circuit_to_json(circuit, mode, all_edges=all_edges, position_reduce=position_reduce)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=indent, allow_nan=False, ensure_ascii=False), encoding="utf-8")
-    return out
+    return atomic_write(Path(path), json.dumps(data, indent=indent, allow_nan=False, ensure_ascii=False))

@@ -17,12 +17,14 @@ from html import escape
 from pathlib import Path
 from typing import Literal, Sequence, Union
 
-from ..circuit import Circuit, same_sign
+from ..circuit import Circuit
+from ..verification import same_sign
 from ..errors import EdgeatpError
 from ..scores import EdgeScores
 from ._view import EdgeRow, edge_rows
 from .chart import faithfulness_svg
-from .dot import INSTALL_HINT, dot_available, render, to_dot
+from .dot import INSTALL_HINT, dot_available, render_bytes, to_dot
+from .files import atomic_write
 
 ReportFormat = Literal["md", "html"]
 
@@ -94,17 +96,16 @@ def stderr_lookup(circuit: Circuit, scores: EdgeScores | None) -> dict[str, floa
     se = scores.stderr
     if tuple(se.shape) != tuple(circuit.score.shape):
         raise EdgeatpError("the scores passed to the report belong to a different graph than the circuit")
-    coords = (circuit.in_graph & circuit.graph.mask.expand_as(circuit.in_graph)).nonzero()
-    values = se[tuple(coords.T)].tolist()
-    return {circuit.graph.edge(c[-2], c[-1], c[0] if len(c) == 3 else None).name: v
-            for c, v in zip(coords.tolist(), values)}
+    coords = (circuit.in_graph & circuit.graph.full_mask).nonzero()
+    values = se.cpu()[tuple(coords.T)].tolist()
+    return {circuit.graph.edge_at(tuple(c)).name: v for c, v in zip(coords.tolist(), values)}
 
 
 def header_blocks(circuit: Circuit, task: str | None, title: str | None) -> list[Block]:
     """Title and the run summary: model, data, method, direction, metric, sign convention, sizes."""
     g = circuit.graph
     model = str(circuit.meta.get("model", "unknown model"))
-    rule = circuit.meta.get("rule")
+    sel = circuit.selection
     n_nodes = len(circuit.nodes())
     items: list[tuple[str, Cell]] = [
         ("model", Code(model)), ("task / data", Code(task or str(circuit.meta.get("task", "not recorded")))),
@@ -114,7 +115,8 @@ def header_blocks(circuit: Circuit, task: str | None, title: str | None) -> list
         ("graph", f"{g.n_writers} writers × {g.n_readers} readers, {g.n_edges} edges"
                   + ("" if g.n_positions is None else f" over {g.n_positions} positions")),
         ("circuit size", f"{circuit.n_edges} edges, {n_nodes} components"),
-        ("selection", "not recorded" if rule is None else f"{rule} = {circuit.meta.get('value')}"),
+        ("selection", "not recorded" if sel is None else f"{sel.rule} = {number(sel.value)}"),
+        ("faithfulness", number(circuit.faithfulness)), ("necessity", number(circuit.necessity)),
         ("scores", "score = mean over prompt pairs of per-pair |estimate| (ranking); signed = mean estimate"),
     ]
     return [Heading(1, title or f"Circuit report: {model}"), KeyValues(tuple(items))]
@@ -162,16 +164,16 @@ def verification_blocks(circuit: Circuit) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Verification")]
     if v is None:
         return blocks + [Para(("Not verified: no edge was exactly patched.",))]
-    bound = "not run" if v.below_cut_bound is None else f"{number(v.below_cut_bound)} (alpha = {number(v.bound_alpha)})"
+    bound = "not run" if v.bound is None else f"{number(v.bound)} (alpha = {number(v.bound_alpha)})"
     blocks.append(KeyValues((
         ("rank correlation (Spearman, |estimate| vs |exact|, top edges)", number(v.rank_correlation)),
         ("sign agreement (top edges)", number(v.sign_agreement)),
         ("largest miss", Code(v.largest_miss)), ("largest miss size |estimate − exact|", number(v.largest_miss_size)),
-        ("below-cut max |exact| (sampled edges outside the circuit)", number(v.below_cut_max)),
+        (f"largest |exact| among the {v.outside_checked} checked edges outside the circuit", number(v.outside_max)),
         ("bound on any unverified edge's |effect|", bound),
         ("forward passes", v.n_forwards),
     )))
-    body = tuple((Code(c.edge), "yes" if c.in_circuit else "no", number(c.score), number(c.estimate),
+    body = tuple((Code(c.name), "yes" if c.in_circuit else "no", number(c.score), number(c.estimate),
                   number(c.exact), number(c.estimate - c.exact), "yes" if same_sign(c.estimate, c.exact) else "no")
                  for c in v.checks)
     header = ("edge", "in circuit", "score", "estimate", "exact", "estimate − exact", "same sign")
@@ -180,7 +182,7 @@ def verification_blocks(circuit: Circuit) -> list[Block]:
 
 def faithfulness_blocks(circuit: Circuit, chart_file: str) -> list[Block]:
     """The faithfulness/necessity chart and its numbers (or a note that none were computed)."""
-    f = circuit.faithfulness
+    f = circuit.curve
     blocks: list[Block] = [Heading(2, "Faithfulness")]
     if f is None:
         return blocks + [Para(("No faithfulness curve was computed.",))]
@@ -268,27 +270,35 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ files
-def write_report(circuit: Circuit, out_dir: str | Path, fmt: ReportFormat = "md", *, name: str = "circuit",
-                 task: str | None = None, title: str | None = None, scores: EdgeScores | None = None,
-                 top: int = 20) -> Path:
-    """Write ``<name>.md`` or ``<name>.html`` with ``<name>.dot``, ``<name>.svg`` (if Graphviz is
-    installed) and ``<name>_faithfulness.svg`` into ``out_dir``; returns the report's path.
-    ``scores`` (the :class:`EdgeScores` the circuit was pruned from) adds standard errors."""
+def report_files(circuit: Circuit, fmt: ReportFormat = "md", *, name: str = "circuit", task: str | None = None,
+                 title: str | None = None, scores: EdgeScores | None = None, top: int = 20,
+                 graph_svg: str | None = None) -> dict[str, str]:
+    """The report ``<name>.md`` or ``<name>.html`` and the files it refers to: ``<name>.dot`` and
+    the faithfulness chart ``<name>_faithfulness.svg`` (file name → text). ``graph_svg`` is the
+    rendered circuit (``None`` when Graphviz is missing); ``scores`` (the :class:`EdgeScores` the
+    circuit was pruned from) adds standard errors."""
     if fmt not in ("md", "html"):
         raise EdgeatpError(f"report format must be 'md' or 'html', got {fmt!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dot_text = to_dot(circuit)
-    (out / f"{name}.dot").write_text(dot_text, encoding="utf-8")
-    graph_svg = None
-    if dot_available():
-        graph_svg = render(dot_text, out / f"{name}.svg", "svg").read_text(encoding="utf-8")
-    if circuit.faithfulness is not None:
-        (out / f"{name}_faithfulness.svg").write_text(faithfulness_svg(circuit.faithfulness), encoding="utf-8")
+    files = {f"{name}.dot": to_dot(circuit)}
+    if circuit.curve is not None:
+        files[f"{name}_faithfulness.svg"] = faithfulness_svg(circuit.curve)
     blocks = report_blocks(circuit, graph_svg=graph_svg, name=name, task=task, title=title,
                            stderr=stderr_lookup(circuit, scores), top=top)
     page_title = title or f"Circuit report: {circuit.meta.get('model', name)}"
-    text = to_markdown(blocks) if fmt == "md" else to_html(blocks, page_title)
-    path = out / f"{name}.{fmt}"
-    path.write_text(text, encoding="utf-8")
-    return path
+    files[f"{name}.{fmt}"] = to_markdown(blocks) if fmt == "md" else to_html(blocks, page_title)
+    return files
+
+
+def write_report(circuit: Circuit, out_dir: str | Path, fmt: ReportFormat = "md", *, name: str = "circuit",
+                 task: str | None = None, title: str | None = None, scores: EdgeScores | None = None,
+                 top: int = 20) -> Path:
+    """Write the report with its DOT file, rendered graph (when Graphviz is installed) and chart
+    into ``out_dir``; returns the report's path."""
+    out = Path(out_dir)
+    graph_svg = render_bytes(to_dot(circuit), "svg").decode() if dot_available() else None
+    files = report_files(circuit, fmt, name=name, task=task, title=title, scores=scores, top=top, graph_svg=graph_svg)
+    if graph_svg is not None:
+        files[f"{name}.svg"] = graph_svg
+    for file, text in files.items():
+        atomic_write(out / file, text)
+    return out / f"{name}.{fmt}"

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import DataError
 from ..tokenizer import Tokenizer, WordTokenizer, single_token
-from .pairs import PromptPairs
+from .vocab import NAME_VOCAB, SYMBOL_VOCAB, ZOO_FILLERS, ZOO_NAMES
 
-# --------------------------------------------------------------------------- zoo vocabularies
-ZOO_NAMES = (
-    "Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "Ivan", "Judy",
-    "Mallory", "Nina", "Oscar", "Peggy", "Rupert", "Sybil", "Trent", "Ursula", "Victor", "Wendy",
-)
-ZOO_FILLERS = tuple(f"f{i}" for i in range(40))
-NAME_VOCAB = ("BOS", "AND", "GAVE", "TO", *ZOO_NAMES, *ZOO_FILLERS)  # 64 words: the ioi and dup models
-SYMBOL_VOCAB = ("BOS", *(f"t{i}" for i in range(1, 64)))  # 64 words: the induction model
+if TYPE_CHECKING:  # tensors are built only when a task is made, so listing tasks stays light
+    from .pairs import PromptPairs
 
 
 @dataclass(frozen=True)
@@ -41,6 +35,8 @@ def _is_vocab(tok: Tokenizer, vocab: Sequence[str]) -> bool:
 
 def _finish(name: str, tok: Tokenizer, rows: list[tuple[str, str, str | int, str | int]], bos: bool) -> PromptPairs:
     """Tokenize (clean, corrupt, answer, wrong) rows into prompt pairs (answers as text or token ids)."""
+    from .pairs import PromptPairs
+
     clean, corrupt, ans, wrong, texts = [], [], [], [], []
     prefix = [tok.bos_id] if bos and tok.bos_id is not None else []
     for c, x, a, w in rows:
@@ -76,6 +72,8 @@ def _induction(tok: Tokenizer, n: int, seed: int, bos: bool, seg_len: int = 8, k
             rows.append((" ".join(s + s[:k]), " ".join(first + s[:k]), s[k], r))
         # The symbol vocabulary has BOS as a word; the zoo model always sees it first.
         return _finish("induction", tok, [("BOS " + c, "BOS " + x, a, w) for c, x, a, w in rows], False)
+    from .pairs import PromptPairs
+
     ids = _plain_token_pool(tok)
     clean, corrupt, ans, wrong = [], [], [], []
     prefix = [tok.bos_id] if bos and tok.bos_id is not None else []
@@ -257,9 +255,10 @@ TASKS: dict[str, TaskSpec] = {
 def make_task(name: str, tokenizer: Tokenizer | None, n: int = 64, seed: int = 0, prepend_bos: bool = True) -> PromptPairs:
     """``n`` prompt pairs of a built-in task, reproducible from ``seed``."""
     if name not in TASKS:
-        raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)} (or pass --data FILE)")
+        raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}, or a file of your own prompt pairs")
     if tokenizer is None:
-        raise DataError(f"task {name} needs a tokenizer, and this model has none; pass token ids with --data")
+        raise DataError(f"task {name} needs a tokenizer, and this model has none; build pairs from token ids with "
+                        "PromptPairs.from_tokens")
     if n < 1:
         raise DataError("the number of prompt pairs must be at least 1")
     return TASKS[name].make(tokenizer, n, seed, prepend_bos)

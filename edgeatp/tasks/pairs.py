@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -37,6 +38,11 @@ class PairBatch:
     def __len__(self) -> int:
         return int(self.base.shape[0])
 
+    @property
+    def corrupt(self) -> torch.Tensor:
+        """The corrupt prompts (the source when noising, the base when denoising)."""
+        return self.source if self.direction is Direction.NOISING else self.base
+
     def repeat_rows(self, rows: torch.Tensor) -> "PairBatch":
         """A batch whose row ``i`` is this batch's row ``rows[i]`` (for stacked patch sweeps)."""
         return PairBatch(
@@ -68,6 +74,7 @@ class PromptPairs:
     pad_id: int = 0
     name: str = "pairs"
     texts: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)
+    row_labels: tuple[str, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = self.clean.shape[0]
@@ -92,6 +99,19 @@ class PromptPairs:
             raise DataError(f"{self.name}: lengths must lie in 1..{self.clean.shape[1]}")
         if self.texts is not None and len(self.texts) != n:
             raise DataError(f"{self.name}: texts must have one entry per pair")
+        if self.row_labels is not None and len(self.row_labels) != n:
+            raise DataError(f"{self.name}: row labels must have one entry per pair")
+
+    def label(self, i: int) -> str:
+        """Where pair ``i`` came from: its file line/row, else ``pair i``."""
+        return self.row_labels[i] if self.row_labels is not None else f"pair {i}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Count and content hash of the pairs (tokens, answers, positions), to recognise the same data."""
+        h = hashlib.sha256()
+        for t in (self.clean, self.corrupt, self.answer, self.wrong, self.answer_pos, self.lengths):
+            h.update(t.contiguous().numpy().tobytes())
+        return {"n_pairs": len(self), "sha256": h.hexdigest()}
 
     @classmethod
     def from_lists(
@@ -138,7 +158,30 @@ class PromptPairs:
             wrong_t[i, : len(w)] = torch.tensor(w)
         pos = torch.tensor(list(answer_pos)) if answer_pos is not None else torch.tensor(lengths) - 1
         return cls(pad(clean), pad(corrupt), torch.tensor(list(answer), dtype=torch.long), wrong_t,
-                   pos.long(), torch.tensor(lengths), pad_id, name, tuple(texts) if texts is not None else None)
+                   pos.long(), torch.tensor(lengths), pad_id, name, tuple(texts) if texts is not None else None,
+                   tuple(row_labels) if row_labels is not None else None)
+
+    @classmethod
+    def from_tokens(cls, clean: torch.Tensor, corrupt: torch.Tensor, answer: torch.Tensor | Sequence[int],
+                    wrong: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], *,
+                    answer_pos: torch.Tensor | Sequence[int] | None = None,
+                    lengths: torch.Tensor | Sequence[int] | None = None, pad_id: int = 0,
+                    name: str = "pairs") -> "PromptPairs":
+        """Pairs from token tensors ``clean``/``corrupt`` ``[pairs, positions]``, one answer id per
+        pair and one or more wrong ids per pair (``[pairs]`` or ``[pairs, k]``, ``-1`` = unused slot).
+
+        ``lengths`` default to the full width (no padding) and ``answer_pos`` to the last real
+        token of each pair; pass them for right-padded batches.
+        """
+        c, x = torch.as_tensor(clean), torch.as_tensor(corrupt)
+        if c.dim() != 2 or c.shape != x.shape:
+            raise DataError(f"{name}: clean and corrupt must be [pairs, positions] tensors of one shape, "
+                            f"got {tuple(c.shape)} and {tuple(x.shape)}")
+        n, T = c.shape
+        lens = torch.full((n,), T) if lengths is None else torch.as_tensor(lengths).long()
+        pos = lens - 1 if answer_pos is None else torch.as_tensor(answer_pos).long()
+        return cls(c.long(), x.long(), torch.as_tensor(answer).long().reshape(-1), torch.as_tensor(wrong).long(),
+                   pos, lens, pad_id, name)
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -156,8 +199,9 @@ class PromptPairs:
         idx = torch.as_tensor(rows, dtype=torch.long)
         T = int(self.lengths[idx].max())
         texts = tuple(self.texts[i] for i in idx.tolist()) if self.texts is not None else None
+        labels = tuple(self.label(i) for i in idx.tolist())
         return PromptPairs(self.clean[idx, :T], self.corrupt[idx, :T], self.answer[idx], self.wrong[idx],
-                           self.answer_pos[idx], self.lengths[idx], self.pad_id, self.name, texts)
+                           self.answer_pos[idx], self.lengths[idx], self.pad_id, self.name, texts, labels)
 
     def batch(self, rows: torch.Tensor, direction: Direction | str = Direction.NOISING) -> PairBatch:
         """Rows as a :class:`PairBatch` (trimmed to their longest sequence)."""
@@ -169,14 +213,15 @@ class PromptPairs:
                          self.lengths[rows], rows, d)
 
     def batches(self, batch_size: int, direction: Direction | str = Direction.NOISING,
-                same_length: bool = False) -> Iterator[PairBatch]:
-        """Consecutive batches; ``same_length`` groups pairs of equal length (needed by
-        position-resolved results and by bidirectional models, where padding is visible)."""
+                same_length: bool = False, rows: torch.Tensor | None = None) -> Iterator[PairBatch]:
+        """Consecutive batches of ``rows`` (default: every pair); ``same_length`` groups pairs of
+        equal length (needed by position-resolved results and by bidirectional models, where
+        padding is visible)."""
         if batch_size < 1:
             raise ValueError("batch size must be at least 1")
-        order = torch.arange(len(self))
+        order = torch.arange(len(self)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         if same_length:
-            order = torch.sort(self.lengths, stable=True).indices
+            order = order[torch.sort(self.lengths[order], stable=True).indices]
         chunk: list[int] = []
         for i in order.tolist():
             if chunk and (len(chunk) == batch_size or (same_length and self.lengths[i] != self.lengths[chunk[0]])):

@@ -4,7 +4,8 @@ Each model has ``weights/<name>.safetensors`` (a HookedTransformer state dict), 
 ``weights/<name>.json`` (architecture, vocabulary, task, accuracy, training recipe) and an
 exhaustive exact-patching reference table ``weights/<name>.reference.json``. The training
 code that made them is :mod:`edgeatp.zoo.train`; ``python -m edgeatp.zoo.train NAME``
-regenerates a model in a few CPU minutes.
+regenerates a model in a few CPU minutes. This package holds data only; loading a zoo model
+as an adapter is :func:`edgeatp.model.load_model` (``"zoo:NAME"``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from ..tasks.builtin import NAME_VOCAB, SYMBOL_VOCAB
+from ..tasks.vocab import NAME_VOCAB, SYMBOL_VOCAB
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -63,16 +64,23 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
-def zoo_config(name: str) -> Any:
+def entry(name: str) -> ZooEntry:
+    """The zoo entry called ``name``, or a one-line error listing the zoo."""
+    if name not in ZOO:
+        raise ModelError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def hooked_config(name: str) -> Any:
     """The HookedTransformerConfig of a zoo model."""
     from transformer_lens import HookedTransformerConfig
 
-    return HookedTransformerConfig(**ZOO[name].config)
+    return HookedTransformerConfig(**entry(name).config)
 
 
 def read_card(name: str) -> dict[str, Any]:
     """The model card (JSON) of a trained zoo model."""
-    path = WEIGHTS / f"{name}.json"
+    path = WEIGHTS / f"{entry(name).name}.json"
     if not path.exists():
         raise ModelError(f"zoo model {name!r} has not been trained: run `python -m edgeatp.zoo.train {name}`")
     return json.loads(path.read_text())
@@ -80,29 +88,20 @@ def read_card(name: str) -> dict[str, Any]:
 
 def read_reference(name: str) -> dict[str, Any]:
     """The shipped exhaustive exact-patching table of a zoo model."""
-    path = WEIGHTS / f"{name}.reference.json"
+    path = WEIGHTS / f"{entry(name).name}.reference.json"
     if not path.exists():
         raise ModelError(f"zoo model {name!r} has no reference table: run `python -m edgeatp.zoo.reference {name}`")
     return json.loads(path.read_text())
 
 
-def load_zoo_model(name: str) -> Any:
-    """A shipped zoo model as a :class:`~edgeatp.model.ModelAdapter` (float32, CPU)."""
+def state_dict(name: str) -> dict[str, Any]:
+    """The shipped weights of a zoo model (a HookedTransformer state dict, float32)."""
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer
 
-    from ..model import ModelAdapter
-    from ..tokenizer import WordTokenizer
-
-    if name not in ZOO:
-        raise ModelError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}")
-    card = read_card(name)
-    model = HookedTransformer(zoo_config(name))
-    state = load_file(str(WEIGHTS / f"{name}.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
-    tok = WordTokenizer(ZOO[name].vocab, bos="BOS", name=f"zoo:{name}")
-    return ModelAdapter(model, tok, name=f"zoo:{name}", card=card)
+    path = WEIGHTS / f"{entry(name).name}.safetensors"
+    if not path.exists():
+        raise ModelError(f"zoo model {name!r} has no weights: run `python -m edgeatp.zoo.train {name}`")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-__all__ = ["ZOO", "ZooEntry", "load_zoo_model", "read_card", "read_reference", "zoo_config", "WEIGHTS"]
+__all__ = ["ZOO", "ZooEntry", "WEIGHTS", "entry", "hooked_config", "read_card", "read_reference", "state_dict"]

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from ..graph import EdgeGraph, node_set
-from ..model import ModelAdapter
+from ..model import ModelAdapter, load_zoo_model
 from ..patching import PatchEffects, patch_edges, patch_nodes
+from ..setup import Setup
 from ..tasks.builtin import make_task
-from . import WEIGHTS, ZOO, load_zoo_model
+from . import WEIGHTS, ZOO
 
 TABLE_PAIRS = 64
 TABLE_SEED = 1234
@@ -60,9 +61,9 @@ def build_table(name: str, n_pairs: int = TABLE_PAIRS, seed: int = TABLE_SEED, b
         "sign_convention": "effect = metric(patched base run) - metric(base run); base = clean for noising, corrupt for denoising",
     }
     for direction in ("noising", "denoising"):
-        node_eff = patch_nodes(adapter, pairs, nodes, direction=direction, batch_size=batch_size)
+        node_eff = patch_nodes(Setup(adapter, pairs, direction=direction, batch_size=batch_size), nodes)
         edges = list(graph.edges())
-        edge_eff = patch_edges(adapter, pairs, graph, edges, direction=direction, batch_size=batch_size)
+        edge_eff = patch_edges(Setup(adapter, pairs, direction=direction, batch_size=batch_size), graph, edges)
         table[direction] = {
             "base_metric_mean": round(float(node_eff.base_metric.mean()), 6),
             "nodes": _rows(node_eff),

@@ -18,7 +18,7 @@ import torch
 from ..tasks.builtin import make_task
 from ..tasks.pairs import PromptPairs
 from ..tokenizer import WordTokenizer
-from . import WEIGHTS, ZOO, zoo_config
+from . import WEIGHTS, ZOO, hooked_config
 
 EVAL_SEED = 10_000_019  # held-out prompt pairs; training batches use seeds 0, 1, 2, ...
 
@@ -77,7 +77,7 @@ def train(name: str, out_dir: Path = WEIGHTS, max_steps: int | None = None, log:
     entry = ZOO[name]
     torch.set_num_threads(1)
     torch.manual_seed(entry.config["seed"])
-    model = HookedTransformer(zoo_config(name))
+    model = HookedTransformer(hooked_config(name))
     tok = WordTokenizer(entry.vocab, bos="BOS", name=f"zoo:{name}")
     recipe = {"optimizer": "AdamW", "lr": 1e-3, "weight_decay": 0.01, "batch": 128 if name != "induction" else 64,
               "max_steps": max_steps or (4000 if name == "induction" else 3000), "eval_every": 100 if name != "induction" else 250,

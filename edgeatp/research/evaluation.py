@@ -26,16 +26,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .attribution.nodes import NODE_METHODS, attribute_nodes, resolve_nodes
+from ..attribution.nodes import attribute_nodes, resolve_nodes
+from ..errors import EdgeatpError
+from ..graph import NodeIndex
+from ..methods import METHODS, Kind
+from ..setup import Setup
+from ..tasks.pairs import Direction
 from .baselines import (EFFECT_KINDS, EffectKind, NodesArg, Ranking, attribution_ranking, blocks, hierarchical,
                         iterative, joint_effects, subsampling)
-from .errors import EdgeatpError
-from .graph import NodeIndex
-from .metrics import Metric, get_metric
-from .model import ModelAdapter, load_model
-from .tasks.pairs import Direction, PromptPairs
 
 BASELINE_METHODS = ("iterative", "subsampling", "blocks", "hierarchical")
+ATTRIBUTION_METHODS = tuple(name for name, m in METHODS.items() if m.kind is not Kind.EXACT)
 DEFAULT_METHODS = ("iterative", "atp", "atp-qk", "atp*", "subsampling", "blocks", "hierarchical")
 
 
@@ -75,21 +76,12 @@ class GroundTruth:
         return self.oracle().order[:x].tolist()
 
 
-def compute_ground_truth(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
-    nodes: NodeIndex,
-    kind: EffectKind = "signed_mean",
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 256,
-) -> GroundTruth:
+def compute_ground_truth(setup: Setup, nodes: NodeIndex, kind: EffectKind = "signed_mean") -> GroundTruth:
     """Patch every node alone (exhaustive activation patching) to get the true effects."""
     if kind not in EFFECT_KINDS:
         raise EdgeatpError(f"unknown ground truth {kind!r}; use 'signed_mean' or 'mean_abs'")
-    adapter = load_model(model)
-    per_pair = joint_effects(adapter, pairs, [[n] for n in nodes], metric, direction, batch_size)
-    return GroundTruth(nodes, per_pair, kind, get_metric(metric).name, Direction(direction))
+    per_pair = joint_effects(setup, [[n] for n in nodes])
+    return GroundTruth(nodes, per_pair, kind, setup.metric.name, setup.direction)
 
 
 # ------------------------------------------------------------------------------------ curves
@@ -220,8 +212,9 @@ class EvaluationTable:
 def _as_spec(method: str | MethodSpec) -> MethodSpec:
     """Accept bare names and check them."""
     spec = MethodSpec(method) if isinstance(method, str) else method
-    if spec.name not in NODE_METHODS and spec.name not in BASELINE_METHODS:
-        raise EdgeatpError(f"unknown method {spec.name!r}; choose from {', '.join([*NODE_METHODS, *BASELINE_METHODS])}")
+    if spec.name not in ATTRIBUTION_METHODS and spec.name not in BASELINE_METHODS:
+        raise EdgeatpError(f"unknown method {spec.name!r}; choose from "
+                           f"{', '.join([*ATTRIBUTION_METHODS, *BASELINE_METHODS])}")
     return spec
 
 
@@ -236,19 +229,15 @@ def _timed(fn: Callable[[], Ranking], repeats: int) -> tuple[Ranking, float]:
 
 
 def evaluate_methods(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
+    setup: Setup,
     methods: Iterable[str | MethodSpec] = DEFAULT_METHODS,
     nodes: NodesArg = None,
     positions: bool = True,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
     ground_truth: EffectKind = "signed_mean",
     horizon: int | None = None,
     negligible: float = 1e-3,
     ks: Sequence[int] = (10, 50),
     backward_cost: float = 2.0,
-    batch_size: int = 256,
     seed: int = 0,
     repeats: int = 1,
     truth: GroundTruth | None = None,
@@ -259,36 +248,33 @@ def evaluate_methods(
     stops its search once the true top-``X`` is emitted (later emissions do not enter the
     curve). ``truth`` reuses an earlier ground truth for the same nodes, pairs and metric.
     """
-    adapter = load_model(model)
     specs = [_as_spec(m) for m in methods]
     if repeats < 1:
         raise EdgeatpError(f"repeats={repeats} must be at least 1")
-    index = resolve_nodes(adapter, nodes, positions, pairs.n_positions)
+    index = resolve_nodes(setup.model, nodes, positions, setup.pairs.n_positions)
     truth_time = float("nan")
     if truth is None:
         t0 = time.perf_counter()
-        truth = compute_ground_truth(adapter, pairs, index, ground_truth, metric, direction, batch_size)
+        truth = compute_ground_truth(setup, index, ground_truth)
         truth_time = time.perf_counter() - t0
     elif tuple(truth.nodes) != tuple(index):
         raise EdgeatpError("the given ground truth covers other nodes; pass the same nodes or drop truth=")
     X = _horizon(len(index), horizon if horizon is not None else default_horizon(truth.magnitude, negligible))
     targets = [index[i] for i in truth.top(X)]
-    common = dict(metric=metric, direction=direction, batch_size=batch_size)
     effect = truth.kind
 
     def runner(spec: MethodSpec) -> Callable[[], Ranking]:
         """A no-argument call that runs one method on the shared nodes and settings."""
         p = dict(spec.params)
-        if spec.name in NODE_METHODS:
-            return lambda: attribution_ranking(attribute_nodes(adapter, pairs, spec.name, nodes=index, **common, **p),
-                                               backward_cost)
+        if spec.name in ATTRIBUTION_METHODS:
+            return lambda: attribution_ranking(attribute_nodes(setup, spec.name, index, **p), backward_cost)
         if spec.name == "iterative":
             return lambda: iterative(index, seed=p.get("seed", seed))
         if spec.name == "subsampling":
-            return lambda: subsampling(adapter, pairs, index, **{"seed": seed, "effect": effect, **common, **p})
+            return lambda: subsampling(setup, index, **{"seed": seed, "effect": effect, **p})
         if spec.name == "blocks":
-            return lambda: blocks(adapter, pairs, index, **{"seed": seed, "effect": effect, **common, **p})
-        return lambda: hierarchical(adapter, pairs, index, **{"effect": effect, "targets": targets, **common, **p})
+            return lambda: blocks(setup, index, **{"seed": seed, "effect": effect, **p})
+        return lambda: hierarchical(setup, index, **{"effect": effect, "targets": targets, **p})
 
     rows = []
     for spec in specs:

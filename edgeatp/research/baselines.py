@@ -38,14 +38,13 @@ from typing import Any, Collection, Iterable, Literal, Sequence
 
 import torch
 
-from .attribution.nodes import resolve_nodes
-from .errors import EdgeatpError
-from .graph import Node, NodeIndex
-from .metrics import Metric
-from .model import ModelAdapter, load_model
-from .patching import patch_nodes
-from .scores import NodeScores
-from .tasks.pairs import Direction, PromptPairs
+from ..attribution.nodes import resolve_nodes
+from ..errors import EdgeatpError
+from ..graph import Node, NodeIndex
+from ..patching import patch_nodes
+from ..scores import NodeScores
+from ..setup import Setup
+from ..stats import SubsetStats, subset_statistics
 
 EffectKind = Literal["signed_mean", "mean_abs"]
 EFFECT_KINDS = ("signed_mean", "mean_abs")
@@ -93,26 +92,6 @@ class Ranking:
         return self.upfront + self.ranks.double()
 
 
-@dataclass(frozen=True, eq=False)
-class SubsetStats:
-    """Algorithm 1's statistics per node over the subsets that included (+) / excluded (−) it.
-
-    Means are nan for a count of 0 and sample variances (``ddof=1``) nan for a count below 2.
-    """
-
-    n_plus: torch.Tensor  # [n] long
-    n_minus: torch.Tensor
-    mean_plus: torch.Tensor  # [n] float64
-    mean_minus: torch.Tensor
-    var_plus: torch.Tensor
-    var_minus: torch.Tensor
-
-    @property
-    def estimate(self) -> torch.Tensor:
-        """``ĉ = ī+ − ī−``: the node's expected marginal effect in a random context."""
-        return self.mean_plus - self.mean_minus
-
-
 @dataclass(frozen=True, eq=False, kw_only=True)
 class SubsamplingResult(Ranking):
     """Subsampling's order plus the per-node subset statistics it came from."""
@@ -146,20 +125,12 @@ class HierarchicalResult(Ranking):
 
 
 # ------------------------------------------------------------------------------------ shared pieces
-def joint_effects(
-    adapter: ModelAdapter,
-    pairs: PromptPairs,
-    sets: Sequence[Sequence[Node]],
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
-    batch_size: int = 256,
-) -> torch.Tensor:
+def joint_effects(setup: Setup, sets: Sequence[Sequence[Node]]) -> torch.Tensor:
     """Exact ``[pairs, sets]`` effects of patching each set jointly, via :func:`patch_nodes` in
     slices of sets (its per-call mask tables grow with the number of sets)."""
-    per_forward = max(1, batch_size // max(1, min(len(pairs), batch_size)))
+    per_forward = max(1, setup.batch_size // max(1, min(setup.n_pairs, setup.batch_size)))
     step = 32 * per_forward
-    parts = [patch_nodes(adapter, pairs, sets[i: i + step], metric, direction, batch_size).per_pair
-             for i in range(0, len(sets), step)]
+    parts = [patch_nodes(setup, sets[i: i + step]).per_pair for i in range(0, len(sets), step)]
     return torch.cat(parts, dim=1)
 
 
@@ -180,9 +151,9 @@ def _order_by(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(key, descending=True, stable=True).indices
 
 
-def _index(adapter: ModelAdapter, pairs: PromptPairs, nodes: NodesArg, positions: bool) -> NodeIndex:
+def _index(setup: Setup, nodes: NodesArg, positions: bool) -> NodeIndex:
     """The candidate node index (same defaults and checks as :func:`attribute_nodes`)."""
-    index = resolve_nodes(adapter, nodes, positions, pairs.n_positions)
+    index = resolve_nodes(setup.model, nodes, positions, setup.pairs.n_positions)
     if len(index) == 0:
         raise EdgeatpError("no candidate nodes: pass at least one node or node family")
     return index
@@ -213,24 +184,6 @@ def iterative(nodes: NodeIndex | Sequence[Node], seed: int = 0) -> Ranking:
 
 
 # ------------------------------------------------------------------------------------ subsampling
-def subset_statistics(effects: torch.Tensor, included: torch.Tensor) -> SubsetStats:
-    """Per-node counts, means and sample variances of subset effects ``[m]`` split by the
-    inclusion masks ``[m, n]`` (Algorithm 1's output)."""
-    if effects.dim() != 1 or included.dim() != 2 or included.shape[0] != effects.shape[0]:
-        raise EdgeatpError("subset statistics need effects [m] and inclusion masks [m, nodes] with the same m")
-    e = effects.double()[:, None]
-    stats = []
-    for mask in (included.bool(), ~included.bool()):
-        count = mask.sum(0)
-        w = mask.double()
-        mean = (w * e).sum(0) / count.double()
-        sq = (w * (e - torch.nan_to_num(mean)[None]) ** 2).sum(0)
-        var = torch.where(count >= 2, sq / (count.double() - 1), torch.tensor(math.nan, dtype=torch.float64))
-        stats.append((count, torch.where(count > 0, mean, torch.tensor(math.nan, dtype=torch.float64)), var))
-    (n_p, m_p, v_p), (n_m, m_m, v_m) = stats
-    return SubsetStats(n_p, n_m, m_p, m_m, v_p, v_m)
-
-
 def _per_pair_estimates(per_pair: torch.Tensor, included: torch.Tensor) -> torch.Tensor:
     """``[pairs, n]`` per-pair ``ī+ − ī−`` from ``[pairs, m]`` effects (nan where a side is empty)."""
     w = included.double()
@@ -240,16 +193,12 @@ def _per_pair_estimates(per_pair: torch.Tensor, included: torch.Tensor) -> torch
 
 
 def subsampling(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
+    setup: Setup,
     nodes: NodesArg = None,
     p: float = 0.05,
     m: int = 256,
     seed: int = 0,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
     effect: EffectKind = "signed_mean",
-    batch_size: int = 256,
     positions: bool = False,
     design: torch.Tensor | None = None,
 ) -> SubsamplingResult:
@@ -259,9 +208,8 @@ def subsampling(
     ``design`` (``[m, n]`` bool) replaces the random draws, e.g. by a full factorial design.
     Cost: ``m`` units. With ``effect="mean_abs"`` the score is ``E_pairs|ī+ − ī−|`` per pair.
     """
-    adapter = load_model(model)
     _check_effect(effect)
-    index = _index(adapter, pairs, nodes, positions)
+    index = _index(setup, nodes, positions)
     n = len(index)
     if design is not None:
         if design.dim() != 2 or design.shape[1] != n:
@@ -276,7 +224,7 @@ def subsampling(
         gen = torch.Generator().manual_seed(seed)
         included = torch.rand(m, n, generator=gen, dtype=torch.float64) < p
     sets = [[index[j] for j in row.nonzero()[:, 0].tolist()] for row in included]
-    per_pair = joint_effects(adapter, pairs, sets, metric, direction, batch_size)
+    per_pair = joint_effects(setup, sets)
     subset_effects = per_pair.mean(0)
     stats = subset_statistics(subset_effects, included)
     if effect == "signed_mean":
@@ -290,28 +238,23 @@ def subsampling(
 
 # ------------------------------------------------------------------------------------ blocks
 def blocks(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
+    setup: Setup,
     nodes: NodesArg = None,
     block_size: int = 8,
     partition: Literal["contiguous", "random"] = "contiguous",
     seed: int = 0,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
     effect: EffectKind = "signed_mean",
-    batch_size: int = 256,
     positions: bool = False,
 ) -> BlocksResult:
     """Patch blocks of ``block_size`` nodes jointly (contiguous in the index's canonical order,
     or a seeded random partition); verify block by block in decreasing ``|block effect|``,
     within a block in a seeded random order. Cost: ``⌈n / block_size⌉`` units."""
-    adapter = load_model(model)
     _check_effect(effect)
     if block_size < 1:
         raise EdgeatpError(f"block_size={block_size} must be at least 1")
     if partition not in ("contiguous", "random"):
         raise EdgeatpError(f"unknown partition {partition!r}; use 'contiguous' or 'random'")
-    index = _index(adapter, pairs, nodes, positions)
+    index = _index(setup, nodes, positions)
     n = len(index)
     gen = torch.Generator().manual_seed(seed)
     layout = torch.arange(n) if partition == "contiguous" else torch.randperm(n, generator=gen)
@@ -319,8 +262,7 @@ def blocks(
     block_of = torch.empty(n, dtype=torch.long)
     for b, idx in enumerate(members):
         block_of[idx] = b
-    per_pair = joint_effects(adapter, pairs, [[index[j] for j in idx.tolist()] for idx in members],
-                             metric, direction, batch_size)
+    per_pair = joint_effects(setup, [[index[j] for j in idx.tolist()] for idx in members])
     block_effects = per_pair.mean(0) if effect == "signed_mean" else per_pair.abs().mean(0)
     block_order = _order_by(_magnitude(per_pair, effect))
     order = torch.cat([members[b][torch.randperm(len(members[b]), generator=gen)] for b in block_order.tolist()])
@@ -399,16 +341,12 @@ def group_tree(index: NodeIndex, tree: Literal["structure", "branching"] = "stru
 
 
 def hierarchical(
-    model: ModelAdapter | object,
-    pairs: PromptPairs,
+    setup: Setup,
     nodes: NodesArg = None,
     tree: Literal["structure", "branching"] = "structure",
     branching: int = 4,
     max_children: int = 4,
-    metric: str | Metric = "logit_diff",
-    direction: Direction | str = Direction.NOISING,
     effect: EffectKind = "signed_mean",
-    batch_size: int = 256,
     positions: bool = False,
     max_patches: int | None = None,
     targets: Collection[Node] | None = None,
@@ -421,9 +359,8 @@ def hierarchical(
     once every node of ``targets`` is emitted; leftover nodes follow in the priority order of
     their queued groups (canonical order inside a group), each costing one verification unit.
     """
-    adapter = load_model(model)
     _check_effect(effect)
-    index = _index(adapter, pairs, nodes, positions)
+    index = _index(setup, nodes, positions)
     root = group_tree(index, tree, branching, max_children)
     waiting = {index.position_of(t) for t in targets} if targets is not None else None
     n = len(index)
@@ -437,8 +374,7 @@ def hierarchical(
     def patch(groups: Sequence[TreeGroup]) -> None:
         """Patch each group jointly (1 unit each) and queue it by its |effect|."""
         nonlocal patches, group_patches
-        per_pair = joint_effects(adapter, pairs, [[index[i] for i in g.members] for g in groups], metric,
-                                 direction, batch_size)
+        per_pair = joint_effects(setup, [[index[i] for i in g.members] for g in groups])
         patches += len(groups)
         group_patches += sum(not g.is_leaf for g in groups)
         for g, value in zip(groups, _magnitude(per_pair, effect).tolist()):

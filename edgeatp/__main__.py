@@ -1,0 +1,5 @@
+"""``python -m edgeatp``: the command line (what ``torchrun -m edgeatp`` runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The circuit JSON Schema and a small checker for the part of JSON Schema it uses.
+
+The schema (``circuit.schema.json``, draft 2020-12) documents the edgeatp circuit format; files
+are checked against it when read, so a hand-edited or truncated file is refused with the first
+problem named instead of failing somewhere later.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The shipped JSON Schema of the circuit format."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """Follow a local ``$ref`` to its definition."""
+    return _resolve(root["$defs"][schema["$ref"].split("/")[-1]], root) if "$ref" in schema else schema
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[kind])
+
+
+def violations(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = None, where: str = "$") -> list[str]:
+    """The problems found checking ``value`` against ``schema`` (type, const, enum, required,
+    properties, additionalProperties, items, minimum, anyOf, local ``$ref``); empty when valid."""
+    root = schema if root is None else root
+    schema = _resolve(schema, root)
+    if "anyOf" in schema:
+        if any(not violations(value, s, root, where) for s in schema["anyOf"]):
+            return []
+        return [f"{where}: {value!r} matches none of the allowed forms"]
+    if "type" in schema:
+        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_is(value, t) for t in allowed):
+            return [f"{where}: {value!r} is not {' or '.join(allowed)}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{where}: expected {schema['const']!r}, got {value!r}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{where}: {value!r} is not one of {schema['enum']}"]
+    if "minimum" in schema and _is(value, "number") and value < schema["minimum"]:
+        return [f"{where}: {value!r} is below the minimum {schema['minimum']}"]
+    out: list[str] = []
+    if isinstance(value, dict):
+        out += [f"{where}: missing {k}" for k in schema.get("required", []) if k not in value]
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for k, v in value.items():
+            if k in props:
+                out += violations(v, props[k], root, f"{where}.{k}")
+            elif extra is False:
+                out.append(f"{where}: unexpected key {k}")
+            elif isinstance(extra, dict):
+                out += violations(v, extra, root, f"{where}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            out += violations(v, schema["items"], root, f"{where}[{i}]")
+    return out

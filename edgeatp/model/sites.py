@@ -1,0 +1,112 @@
+"""Named activations of a model and the maps from graph nodes to them.
+
+A :class:`Site` names an activation (``q`` of layer 2, the MLP hidden units of layer 0, …)
+independently of any library; only the adapter turns it into a hook. This module also knows
+which site each kind of node lives at (:func:`node_site`), how graph writers read their residual
+writes off their sites (:class:`WriterLayout`) and how to capture site values in one forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from ..graph import EdgeGraph, Node, NodeKind
+
+if TYPE_CHECKING:
+    from .adapter import ModelAdapter
+
+FwdHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+SITE_KINDS = frozenset({
+    "resid_pre", "q", "k", "v", "rot_q", "rot_k", "scores", "pattern", "z", "attn_out",
+    "mlp_in", "mlp_post", "mlp_out", "resid_final",
+})
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named activation of the model.
+
+    ``kind`` is one of: ``resid_pre`` (block input; block 0's is the embedding write),
+    ``q``/``k``/``v`` (per head, before rotary), ``rot_q``/``rot_k`` (what the softmax sees),
+    ``scores`` (masked pre-softmax scores), ``pattern``, ``z``, ``attn_out``, ``mlp_in``
+    (the MLP's private copy of the residual), ``mlp_post`` (hidden units), ``mlp_out``,
+    ``resid_final`` (the residual read by the unembedding).
+    """
+
+    kind: str
+    layer: int = -1
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r}")
+
+
+EMBED = Site("resid_pre", 0)
+
+NODE_SITE = {  # the site each kind of node lives at
+    NodeKind.HEAD: "z", NodeKind.Q: "q", NodeKind.K: "k", NodeKind.V: "v",
+    NodeKind.MLP: "mlp_out", NodeKind.NEURON: "mlp_post", NodeKind.INPUT: "resid_pre"}
+
+
+def node_site(node: Node) -> tuple[Site, int | None]:
+    """The site a node lives at and its index along the site's head/neuron axis."""
+    if node.kind is NodeKind.LOGITS:
+        raise ValueError("logits is an output, not a patchable node")
+    site = Site(NODE_SITE[node.kind], node.layer if node.layer is not None else 0)
+    index = node.head if node.is_attention else node.neuron
+    return site, index
+
+
+class WriterLayout:
+    """Where each writer of a graph writes from: its site and its index along the site's axis."""
+
+    def __init__(self, adapter: "ModelAdapter", graph: EdgeGraph) -> None:
+        self.adapter = adapter
+        self.graph = graph
+        self.groups: dict[Site, tuple[list[int], list[int] | None]] = {}
+        for i, w in enumerate(graph.writers):
+            site, idx = node_site(w)
+            rows, sel = self.groups.setdefault(site, ([], [] if idx is not None else None))
+            rows.append(i)
+            if sel is not None:
+                sel.append(idx)  # type: ignore[arg-type]
+
+    def sites(self) -> list[Site]:
+        return list(self.groups)
+
+    def writes(self, site: Site, act: torch.Tensor) -> torch.Tensor:
+        """``[b, T, n, d_model]`` residual writes of this site's writers from the site's activation."""
+        _, sel = self.groups[site]
+        if site.kind == "z":
+            return self.adapter.head_writes(site.layer, act[:, :, sel])
+        if site.kind == "mlp_post":
+            return self.adapter.neuron_writes(site.layer, act[:, :, sel])
+        return act[:, :, None, :]
+
+    def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> torch.Tensor:
+        """``[b, T, W, d]`` writer differences source − base, in graph writer order."""
+        parts: dict[int, torch.Tensor] = {}
+        for site, (idx, _) in self.groups.items():
+            d = self.writes(site, source[site] - base[site])
+            for k, w in enumerate(idx):
+                parts[w] = d[:, :, k]
+        return torch.stack([parts[w] for w in range(self.graph.n_writers)], dim=2)
+
+
+def capture(adapter: "ModelAdapter", tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True
+            ) -> tuple[torch.Tensor | None, dict[Site, torch.Tensor]]:
+    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient)."""
+    cache: dict[Site, torch.Tensor] = {}
+
+    def keep(site: Site) -> FwdHook:
+        def fn(t: torch.Tensor) -> None:
+            cache[site] = t.detach()
+        return fn
+
+    with torch.no_grad():
+        out = adapter.forward(tokens, [(s, keep(s)) for s in dict.fromkeys(sites)], logits=logits)
+    return out, cache

@@ -1,0 +1,102 @@
+"""A run's setup: the model, the prompt pairs, the metric, the direction, batching and progress.
+
+Every attribution, patching, verification and faithfulness function takes one :class:`Setup`
+instead of six loose arguments, and every loop over prompt pairs is :meth:`Setup.batches`: it
+runs inside the model's session (eval mode, flags and hooks restored), moves each batch to the
+model's device, keeps pairs of equal length together where padding would be visible, and
+shows progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+
+from .errors import EdgeatpError, option_error
+from .metrics import Metric, get_metric
+from .model import ModelAdapter, capture, load_model
+from .progress import Progress, silent
+from .scores import Accumulator
+from .tasks.pairs import Direction, PairBatch, PromptPairs
+
+KEEP_PER_PAIR_MB = 256.0  # per-pair estimates are kept (for per-pair analyses) up to this size
+
+
+@dataclass(frozen=True, eq=False)
+class Setup:
+    """What every computation on prompt pairs needs, validated once.
+
+    ``model`` may be anything :func:`~edgeatp.model.load_model` accepts; ``metric`` a name or a
+    :class:`~edgeatp.metrics.Metric`; ``direction`` ``"noising"`` (patch corrupt values into the
+    clean run) or ``"denoising"``. ``keep_per_pair`` keeps every pair's estimates in results
+    (default: when they take at most 256 MB).
+    """
+
+    model: ModelAdapter
+    pairs: PromptPairs
+    metric: Metric = field(default="logit_diff")  # type: ignore[assignment]
+    direction: Direction = Direction.NOISING
+    batch_size: int = 32
+    progress: Progress = field(default=silent, repr=False)
+    keep_per_pair: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelAdapter):
+            object.__setattr__(self, "model", load_model(self.model))
+        if not isinstance(self.pairs, PromptPairs):
+            raise EdgeatpError(f"pairs must be PromptPairs (make_task, load_pairs or PromptPairs.from_tokens), "
+                               f"got {type(self.pairs).__name__}")
+        object.__setattr__(self, "metric", get_metric(self.metric))
+        try:
+            object.__setattr__(self, "direction", Direction(self.direction))
+        except ValueError:
+            raise option_error(f"{{direction}} {self.direction!r} is unknown; use noising or denoising") from None
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise option_error(f"{{batch_size}} must be a positive integer, got {self.batch_size!r}")
+        self.model.check_pairs(self.pairs)
+
+    def with_(self, **changes: Any) -> "Setup":
+        """The same setup with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+    def batches(self, description: str, *, same_length: bool = False, batch_size: int | None = None
+                ) -> Iterator[PairBatch]:
+        """The prompt pairs in batches on the model's device, inside the model's session.
+
+        ``same_length`` keeps pairs of one length together (position-resolved results need it;
+        bidirectional models always get it, as they see padding).
+        """
+        model = self.model
+        chunks = list(self.pairs.batches(batch_size or self.batch_size, self.direction,
+                                         same_length=same_length or not model.causal))
+        with model.session(), self.progress(description, len(chunks)) as bar:
+            for batch in chunks:
+                yield batch.to(model.device)
+                bar.update(1)
+
+    def reference(self, batch: PairBatch) -> torch.Tensor | None:
+        """Clean-run log-probabilities at the answer position, for metrics that compare with them."""
+        if not self.metric.needs_reference:
+            return None
+        logits, _ = capture(self.model, batch.clean, [])
+        rows = torch.arange(len(batch), device=logits.device)
+        return torch.log_softmax(logits[rows, batch.answer_pos.to(logits.device)], -1)
+
+    def check_gradient_metric(self) -> None:
+        """KL to the clean run has zero gradient on the clean run: gradient methods cannot noise with it."""
+        if self.metric.needs_reference and self.direction is Direction.NOISING:
+            raise option_error(f"{{metric}} {self.metric.name} has zero gradient at the clean run, so gradient "
+                               "methods cannot estimate noising effects with it; use {direction} denoising or "
+                               "another metric")
+
+    def accumulator(self, shape: tuple[int, ...]) -> Accumulator:
+        """A collector of per-pair estimates of ``shape`` (per pairs kept when small or when asked)."""
+        size_mb = 16 * self.n_pairs * float(torch.tensor(shape).prod()) / 2 ** 20 if shape else 0.0
+        keep = self.keep_per_pair if self.keep_per_pair is not None else size_mb <= KEEP_PER_PAIR_MB
+        return Accumulator(self.n_pairs, shape, keep)
