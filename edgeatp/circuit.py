@@ -184,6 +184,10 @@ class Circuit:
         order = {n: i for i, n in enumerate([*self.graph.writers, Node(NodeKind.LOGITS)])}
         return sorted(seen, key=lambda n: order.get(n, len(order)))
 
+    def components(self) -> list[Node]:
+        """The heads, MLPs and neurons the circuit keeps (its nodes without the input and the logits)."""
+        return [n for n in self.nodes() if n.kind not in (NodeKind.INPUT, NodeKind.LOGITS)]
+
     def with_(self, **changes: Any) -> "Circuit":
         return replace(self, **changes)
 

@@ -23,13 +23,14 @@ import click
 
 from . import __version__
 from .config import DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
-from .errors import EdgeatpError, OptionError
+from .errors import EdgeatpError
 from .methods import METHODS
 
 FORMATS = ("json", "mib", "dot", "svg", "png", "pdf", "md", "html", "networkx")
 DEFAULT_FORMATS = "json,dot,svg,md"
 FLAG_NAMES = {"n_verify": "--verify", "memory_budget_mb": "--memory-budget", "top": "--verify",
-              "m": "--bound-samples", "samples": "--bound-samples", "p": "--bound-p", "alpha": "--bound-alpha"}
+              "m": "--bound-samples", "samples": "--bound-samples", "p": "--bound-p", "out_dir": "--out",
+              "overwrite": "--force"}
 
 
 def flag(option: str) -> str:
@@ -47,7 +48,7 @@ class UserError(click.ClickException):
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OptionError):
+    if isinstance(exc, EdgeatpError):
         text = exc.render({k: flag(v) for k, v in exc.options.items()})
     else:
         text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)

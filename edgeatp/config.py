@@ -60,7 +60,8 @@ class DiscoverConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise OptionError(f"{where} has unknown option(s) {', '.join(unknown)}; it was written by another "
-                              "edgeatp version: pass the options yourself (--model, --task or --data)")
+                              "edgeatp version: pass the options yourself ({model}, {task} or {data})",
+                              model="model", task="task", data="data")
         return cls(**data)
 
 

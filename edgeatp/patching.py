@@ -85,6 +85,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
         ref = setup.reference(batch)
         base_logits, _ = capture(model, batch.base, [])
         base = metric(base_logits, batch, ref)
+        setup.check_finite(base, "metric values of the unpatched run")
         base_metric[batch.index] = base.double().cpu()
         _, source = capture(model, batch.source, intervention.source_sites(), logits=False)
         forwards += 2
@@ -97,6 +98,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
             with torch.no_grad():
                 logits = model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
             value = metric(logits, rows, ref[pair_rows] if ref is not None else None)
+            setup.check_finite(value, "patched metric values")
             eff = (value - base[pair_rows]).double().cpu().view(C, B)
             per_pair[batch.index[:, None].cpu(), sets.cpu()[None, :]] = eff.T
             forwards += 1

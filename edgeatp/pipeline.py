@@ -97,7 +97,7 @@ class DiscoverResult:
         out: dict[str, Any] = {
             "model": self.config.model, "data": self.data_label, "n_pairs": self.n_pairs, "method": c.method,
             "level": c.level, "direction": c.direction.value, "metric": c.metric, "n_edges": c.n_edges,
-            "n_nodes": len(c.nodes()), "faithfulness": c.faithfulness, "necessity": c.necessity,
+            "n_components": len(c.components()), "faithfulness": c.faithfulness, "necessity": c.necessity,
             "target": self.config.target, "selection": None if c.selection is None else asdict(c.selection),
             "warnings": list(c.warnings), "sign_convention": c.sign_convention,
         }
@@ -124,7 +124,7 @@ class DiscoverResult:
         s, c = self.summary(5), self.circuit
         what = {"edge": "edges", "node": "components", "neuron": "components", "group": "groups"}[c.level]
         lines = [f"{s['model']} on {s['data']}: {c.level} circuit by {c.method} ({s['direction']}, {s['metric']})",
-                 f"  {c.n_edges} edges, {s['n_nodes']} components; faithfulness {_fmt(c.faithfulness)}, "
+                 f"  {c.n_edges} edges, {s['n_components']} components; faithfulness {_fmt(c.faithfulness)}, "
                  f"necessity {_fmt(c.necessity)} (1 = full clean behaviour, 0 = corrupt)"]
         v = c.verification
         if v is not None:
@@ -147,9 +147,9 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
 
 
-def _curve_sizes(n: int, cap: int | None = None) -> list[int]:
-    """Circuit sizes for a faithfulness curve over ``n`` items (up to ``cap``)."""
-    return sorted(k for k in {*CURVE_SIZES, n} if 0 < k <= n and (cap is None or k <= cap))
+def _curve_sizes(n: int) -> list[int]:
+    """Circuit sizes for a faithfulness curve over ``n`` items."""
+    return sorted(k for k in {*CURVE_SIZES, n} if 0 < k <= n)
 
 
 def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = lambda s: None) -> DiscoverResult:
@@ -218,7 +218,7 @@ def _smallest_faithful(setup: Setup, cfg: DiscoverConfig, n_max: int, build: Cal
                        label: str) -> Circuit:
     """Component circuits of growing size and the one to keep: the ``top_k`` one, else the
     smallest reaching the target (else the most faithful), with its curve."""
-    sizes = [cfg.top_k] if cfg.top_k is not None else _curve_sizes(n_max, cap=64)
+    sizes = [cfg.top_k] if cfg.top_k is not None else _curve_sizes(n_max)
     circuits = [build(k) for k in sizes]  # type: ignore[arg-type]
     curve = component_curve(setup, circuits, label)
     pick = 0 if cfg.top_k is not None else _pick(curve, cfg.target)
@@ -242,7 +242,8 @@ def _node_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
     n_comp = len({n.component.head_node for n in nodes})
     circuit = _smallest_faithful(setup, cfg, n_comp, lambda k: node_circuit(scores, graph, top_k=k),
                                  f"top-k components of {cfg.method}")
-    log(f"kept {sum(u.in_circuit for u in circuit.units)} components; faithfulness {circuit.faithfulness:.3f}")
+    kept = sum(u.in_circuit for u in circuit.units)
+    log(f"kept {kept} of {len(circuit.units)} components; faithfulness {circuit.faithfulness:.3f}")
     if cfg.n_verify or cfg.sample_below:
         circuit = verify_components(setup, circuit, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed)
     return circuit
@@ -315,9 +316,9 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
                                f"{setup.pairs.n_positions}; verify it on prompts of that length")
         recorded_print = circuit.meta.get("data_fingerprint")
         if own_data and n_pairs is None and recorded_print and recorded_print != setup.pairs.fingerprint():
-            raise EdgeatpError(f"the data for {path} ({label}, {setup.n_pairs} pairs) is not the data it was found "
-                               f"on ({recorded_print.get('n_pairs')} pairs with another content); pass the "
-                               "original file, or --data/--task to verify on other data on purpose")
+            raise OptionError(f"the data for {path} ({label}, {setup.n_pairs} pairs) is not the data it was found "
+                              f"on ({recorded_print.get('n_pairs')} pairs with another content); pass the original "
+                              "file, or {data}/{task} to verify on other data on purpose", data="data", task="task")
         circuit = _reverified(setup, cfg, circuit)
         meta = {**circuit.meta, "reverified": {"data": label, "n_pairs": setup.n_pairs,
                                                "data_fingerprint": setup.pairs.fingerprint()}}

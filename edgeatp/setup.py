@@ -95,6 +95,14 @@ class Setup:
                                "methods cannot estimate noising effects with it; use {direction} denoising or "
                                "another metric")
 
+    def check_finite(self, values: torch.Tensor, what: str) -> None:
+        """Refuse non-finite results: they would rank first, or silently drop out, everywhere downstream."""
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            raise EdgeatpError(f"{int(bad.sum())} {what} are not finite (NaN or infinite): the model overflowed in "
+                               f"{str(self.model.dtype).removeprefix('torch.')}; run it in float32 or float64 "
+                               "({dtype})", dtype="dtype")
+
     def accumulator(self, shape: tuple[int, ...]) -> Accumulator:
         """A collector of per-pair estimates of ``shape`` (per pairs kept when small or when asked)."""
         size_mb = 16 * self.n_pairs * float(torch.tensor(shape).prod()) / 2 ** 20 if shape else 0.0

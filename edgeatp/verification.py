@@ -82,37 +82,32 @@ def faithfulness_curve(setup: Setup, scores: EdgeScores, sizes: Sequence[int], c
     return circuits_faithfulness(setup, circuits, label=f"top-k of {scores.method}")
 
 
-def _component_faithfulness(setup: Setup, circuit: Circuit) -> tuple[float, float, float, float]:
-    """Node- and group-level circuits: the components outside the circuit patched as nodes."""
+def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") -> FaithfulnessCurve:
+    """Faithfulness and necessity of node- or group-level circuits (sizes = kept components): the
+    components outside (faithfulness) or inside (necessity) each circuit patched as nodes, all
+    circuits in one sweep."""
+    if not circuits:
+        raise EdgeatpError("no circuit to evaluate")
     m_clean, m_corrupt = clean_corrupt_means(setup)
     gap = _gap(m_clean, m_corrupt)
-    kept = set(circuit.nodes())
-    writers = [w for w in circuit.graph.writers if w.kind is not NodeKind.INPUT]
-    outside = [w for w in writers if w not in kept]
-    inside = [w for w in writers if w in kept]
-    sets = [outside, inside] if setup.direction is Direction.NOISING else [inside, outside]
-    eff = patch_nodes(setup, sets, labels=["faithfulness", "necessity"])
+    writers = [w for w in circuits[0].graph.writers if w.kind is not NodeKind.INPUT]
+    sets = []
+    for c in circuits:
+        kept = set(c.nodes())
+        outside, inside = [w for w in writers if w not in kept], [w for w in writers if w in kept]
+        sets += [outside, inside] if setup.direction is Direction.NOISING else [inside, outside]
+    eff = patch_nodes(setup, sets, labels=[f"{i // 2}{'fn'[i % 2]}" for i in range(len(sets))])
     base = eff.base_metric.mean().item()
-    f, n = (float((base + e - m_corrupt) / gap) for e in eff.mean.tolist())
-    return f, n, m_clean, m_corrupt
+    values = [float((base + e - m_corrupt) / gap) for e in eff.mean.tolist()]
+    return FaithfulnessCurve(tuple(len(c.components()) for c in circuits), tuple(values[0::2]), tuple(values[1::2]),
+                             m_clean, m_corrupt, label)
 
 
 def measure(setup: Setup, circuit: Circuit) -> Circuit:
     """The circuit with its own faithfulness and necessity measured (edge circuits by edge
     patching, node and group circuits by patching the components outside/inside)."""
-    if circuit.level == "edge":
-        curve = circuits_faithfulness(setup, [circuit])
-        return circuit.with_(faithfulness=curve.faithfulness[0], necessity=curve.necessity[0])
-    f, n, _, _ = _component_faithfulness(setup, circuit)
-    return circuit.with_(faithfulness=f, necessity=n)
-
-
-def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") -> FaithfulnessCurve:
-    """Faithfulness and necessity of node- or group-level circuits of growing size (sizes = components)."""
-    rows = [_component_faithfulness(setup, c) for c in circuits]
-    sizes = tuple(len([n for n in c.nodes() if n.kind not in (NodeKind.INPUT, NodeKind.LOGITS)]) for c in circuits)
-    return FaithfulnessCurve(sizes, tuple(r[0] for r in rows), tuple(r[1] for r in rows), rows[0][2], rows[0][3],
-                             label)
+    curve = circuits_faithfulness(setup, [circuit]) if circuit.level == "edge" else component_curve(setup, [circuit])
+    return circuit.with_(faithfulness=curve.faithfulness[0], necessity=curve.necessity[0])
 
 
 # ------------------------------------------------------------------------------------ verification

@@ -190,7 +190,7 @@ def test_bad_devices_and_pairs_the_model_cannot_run():
     with pytest.raises(ModelError, match="unknown device 'foo'"):
         load_model("zoo:dup", device="foo")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="no CUDA device; use --device cpu"):
+        with pytest.raises(ModelError, match="no CUDA device; use device cpu"):
             load_model("zoo:dup", device="cuda")
     adapter = tiny_model()  # n_ctx 12, vocabulary 20
     long = PromptPairs.from_lists([list(range(13))], [list(range(13))], [1], [2])

@@ -230,5 +230,6 @@ def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: st
         magnitude = None
         if est.n_terms is not None and dropped is not None:
             magnitude = graddrop_magnitude(plain, dropped, est.n_terms)
+        setup.check_finite(plain if magnitude is None else torch.stack([plain, magnitude]), "attribution estimates")
         acc.add(batch.index, plain, magnitude)
     return acc.result()

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import EdgeatpError
+from ..errors import EdgeatpError, OptionError
 
 MANIFEST = ".edgeatp-manifest.json"
 LOCK = ".edgeatp.lock"
@@ -138,8 +138,9 @@ class OutputSet:
                     ours = set(manifest.get(self.stem, []))
                     clash = [n for n in written if (self.folder / n).exists() and n not in ours]
                     if clash:
-                        raise EdgeatpError(f"{self.folder / clash[0]} already exists and was not written by edgeatp "
-                                           "for this circuit; choose another folder with --out or pass --force")
+                        raise OptionError(f"{self.folder / clash[0]} already exists and was not written by edgeatp "
+                                          "for this circuit; choose another folder ({out_dir}) or allow "
+                                          "overwriting ({overwrite})", out_dir="out_dir", overwrite="overwrite")
                 previous = manifest.get(self.stem, []) if self.replace_set else []
                 for name in previous:
                     if name not in written:

@@ -63,9 +63,10 @@ def _parse_device(device: str | torch.device | None) -> torch.device | None:
     except (RuntimeError, TypeError):
         raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r}: this torch build has no CUDA device; use --device cpu")
+        raise ModelError(f"{{device}} {device!r}: this torch build has no CUDA device; use {{device}} cpu",
+                          device="device")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"device {device!r}: MPS is not available here; use --device cpu")
+        raise ModelError(f"{{device}} {device!r}: MPS is not available here; use {{device}} cpu", device="device")
     return dev
 
 
@@ -95,10 +96,9 @@ def _load_pretrained(name: str, allow_download: bool) -> ModelAdapter:
     offline = not allow_download
     if offline and not _in_hf_cache(official):
         raise ModelError(
-            f"model {name!r} ({official}) is not in the local Hugging Face cache and edgeatp runs "
-            "offline; download it once (e.g. with --allow-download on a networked machine) or pass a "
-            "local checkpoint directory"
-        )
+            f"model {name!r} ({official}) is not in the local Hugging Face cache and edgeatp runs offline; "
+            "download it once (with {allow_download} on a networked machine) or pass a local checkpoint directory",
+            allow_download="allow_download")
     with _hf_offline(offline):
         try:
             model = HookedTransformer.from_pretrained(name, device="cpu")
