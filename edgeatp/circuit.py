@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .errors import option_error
+from .errors import EdgeatpError, option_error
 from .graph import Edge, EdgeGraph, Node, NodeKind
 from .metrics import sign_convention
 from .scores import EdgeScores, NodeScores
@@ -97,6 +97,17 @@ class Unit:
     in_circuit: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class KVView:
+    """Per-query-head scores of the edges into shared key/value heads: the ungrouped view that
+    EAP-IG and MIB name (``u->a1.h3<k>``, query head 3's own copy of its key input), from
+    attribution on that view (:meth:`~edgeatp.graph.EdgeGraph.ungrouped_view`). ``[P, W, R]`` over
+    the view's readers; only the key/value readers' columns are used."""
+
+    score: torch.Tensor
+    signed: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Selection:
     """How a circuit was chosen: the rule and its value, what the rule picked and what was kept.
@@ -138,6 +149,7 @@ class Circuit:
     curve: FaithfulnessCurve | None = None
     verification: Verification | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    kv_view: KVView | None = None
 
     def __post_init__(self) -> None:
         want = (self.graph.P, self.graph.n_writers, self.graph.n_readers)
@@ -190,6 +202,32 @@ class Circuit:
 
     def with_(self, **changes: Any) -> "Circuit":
         return replace(self, **changes)
+
+    def per_query_head(self) -> "Circuit":
+        """The circuit in the ungrouped view of a grouped model: an edge into a shared key/value head
+        becomes one edge into each of its query heads' copies, kept when the shared edge is kept,
+        with its own per-head scores from :attr:`kv_view` (the circuit itself when not grouped; node-
+        and group-level circuits, whose edges carry no scores, need no view)."""
+        g = self.graph
+        if not g.shape.grouped or g.ungrouped:
+            return self
+        if self.kv_view is None and self.level == "edge":
+            raise EdgeatpError("this circuit of a grouped-query model has no per-query-head key/value scores, which the "
+                               "EAP-IG/MIB format needs; compute them with edgeatp.attribution.per_head_kv (edgeatp "
+                               "discover does when asked for the mib format)")
+        view = g.ungrouped_view()
+        source = []
+        for r in view.readers:
+            shared = r.kind in (NodeKind.K, NodeKind.V) and g.shape.grouped
+            key = Node(r.kind, r.layer, g.shape.kv_of(r.head), kv=True) if shared else r  # type: ignore[arg-type]
+            source.append(g.reader_index[key])
+        cols = torch.tensor(source)
+        kv = torch.tensor([r.kind in (NodeKind.K, NodeKind.V) for r in view.readers])
+        per_head = self.kv_view or KVView(torch.zeros(view.full_mask.shape), torch.zeros(view.full_mask.shape))
+        score = torch.where(kv, per_head.score.to(self.score.dtype), self.score[..., cols])
+        signed = torch.where(kv, per_head.signed.to(self.signed.dtype), self.signed[..., cols])
+        return replace(self, graph=view, in_graph=self.in_graph[..., cols] & view.full_mask, score=score,
+                       signed=signed, kv_view=None)
 
 
 # ------------------------------------------------------------------------------------ selection rules
@@ -251,8 +289,22 @@ def block_node(node: Node) -> Node:
 
 
 def component(node: Node) -> Node:
-    """The component a reader belongs to (a head for its q/k/v inputs)."""
+    """The component a reader belongs to (a head for its q/k/v inputs; the inputs of a shared
+    key/value head stand for themselves)."""
     return node.head_node if node.kind in (NodeKind.Q, NodeKind.K, NodeKind.V) else node
+
+
+def member_components(graph: EdgeGraph, node: Node) -> tuple[Node, ...]:
+    """The components a node belongs to: its head (for q/k/v), every query head sharing a
+    key/value head, or the node itself (without position)."""
+    if node.kind in (NodeKind.K, NodeKind.V):
+        return graph.reader_targets(node.component)
+    return (component(node.component),)
+
+
+def targets(graph: EdgeGraph, reader: Node) -> tuple[Node, ...]:
+    """The graph vertices a reader feeds (see :meth:`EdgeGraph.reader_targets`)."""
+    return tuple(block_node(t) for t in graph.reader_targets(reader))
 
 
 def select_greedy(scores: EdgeScores, k: int) -> torch.Tensor:
@@ -267,7 +319,8 @@ def select_greedy(scores: EdgeScores, k: int) -> torch.Tensor:
     s = dict(zip(map(tuple, coords[:, 1:].tolist()), values.tolist()))
     into: dict[Node, list[tuple[int, int]]] = {}
     for w, r in g.edge_coords.tolist():
-        into.setdefault(block_node(g.readers[r]), []).append((w, r))
+        for t in targets(g, g.readers[r]):
+            into.setdefault(t, []).append((w, r))
     mask = torch.zeros(g.full_mask.shape, dtype=torch.bool)
     heap: list[tuple[float, int, int]] = []
     seen: set[Node] = set()
@@ -296,15 +349,15 @@ def connected(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
     a component counts as reached if any of its kept edges at any position reaches it)."""
     flat = mask.any(0)
     comps_w = [block_node(n) for n in graph.writers]
-    comps_r = [block_node(n) for n in graph.readers]
+    comps_r = [targets(graph, n) for n in graph.readers]
     keep = flat.clone()
     while True:
         coords = keep.nonzero().tolist()
-        fed = {Node(NodeKind.INPUT)} | {comps_r[r] for _, r in coords}
+        fed = {Node(NodeKind.INPUT)} | {t for _, r in coords for t in comps_r[r]}
         feeds = {Node(NodeKind.LOGITS)} | {comps_w[w] for w, _ in coords}
         new = keep.clone()
         for w, r in coords:
-            if comps_w[w] not in fed or comps_r[r] not in feeds:
+            if comps_w[w] not in fed or not any(t in feeds for t in comps_r[r]):
                 new[w, r] = False
         if torch.equal(new, keep):
             break
@@ -377,7 +430,7 @@ def _component_circuit(graph: EdgeGraph, kept: set[Node], method: str, direction
     keep_set = set(kept) | {Node(NodeKind.INPUT), Node(NodeKind.LOGITS)}
     keep_set |= {Node(NodeKind.MLP, n.layer) for n in kept if n.kind is NodeKind.NEURON}
     w_in = torch.tensor([w in keep_set for w in graph.writers])
-    r_in = torch.tensor([component(r) in keep_set for r in graph.readers])
+    r_in = torch.tensor([any(t in keep_set for t in graph.reader_targets(r)) for r in graph.readers])
     mask = (graph.mask & w_in[:, None] & r_in[None, :])[None]
     keep = connected(graph, mask)
     zeros = torch.zeros(keep.shape, dtype=torch.float64)
@@ -385,15 +438,16 @@ def _component_circuit(graph: EdgeGraph, kept: set[Node], method: str, direction
                    replace(selection, kept=int(keep.sum())), units)
 
 
-def component_units(scores: NodeScores) -> list[Unit]:
+def component_units(scores: NodeScores, graph: EdgeGraph) -> list[Unit]:
     """Components (heads, MLPs, neurons) by decreasing score: a head scores as its best node
-    among its output, query, key and value, with that node's signed estimate."""
+    among its output, query, key and value (a shared key/value head's nodes count for every
+    query head of its group), with that node's signed estimate."""
     best: dict[Node, tuple[float, float]] = {}
     for node, score, signed in scores.top():
-        c = component(node.component)
-        if c not in best:
-            best[c] = (score, signed)
-    return [Unit(c.name, "component", s, m) for c, (s, m) in best.items()]
+        for c in member_components(graph, node):
+            best.setdefault(c, (score, signed))
+    ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
+    return [Unit(c.name, "component", s, m) for c, (s, m) in ranked]
 
 
 def node_circuit(scores: NodeScores, graph: EdgeGraph, *, top_k: int) -> Circuit:
@@ -401,7 +455,7 @@ def node_circuit(scores: NodeScores, graph: EdgeGraph, *, top_k: int) -> Circuit
     head) by node score, as the edges among them, the input and the logits."""
     if top_k < 0:
         raise option_error("{top_k} must be non-negative")
-    ranked = component_units(scores)
+    ranked = component_units(scores, graph)
     kept = {u.name for u in ranked[:top_k]}
     units = tuple(replace(u, in_circuit=u.name in kept) for u in ranked)
     nodes = {Node.parse(n) for n in kept}
@@ -420,7 +474,7 @@ def group_circuit(scores: Any, graph: EdgeGraph, *, top_k: int) -> Circuit:
         raise option_error("{top_k} must be non-negative")
     ranked = scores.top()
     kept_groups = ranked[:top_k]
-    nodes = {component(m.component) for g, *_ in kept_groups for m in g.members}
+    nodes = {c for g, *_ in kept_groups for m in g.members for c in member_components(graph, m)}
     names = {g.name for g, *_ in kept_groups}
     units = tuple(Unit(g.name, "group", s, m, None, g.name in names) for g, s, m in ranked)
     notes = (f"asked for {top_k} groups but only {len(ranked)} exist",) if len(ranked) < top_k else ()

@@ -241,7 +241,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
     from .progress import for_stream, silent
 
     result = run_discover(cfg, progress=silent if quiet_text else for_stream(sys.stderr),
-                          log=lambda s: _say(quiet_text, s))
+                          log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
     written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
     summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
                "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}

@@ -5,6 +5,12 @@ frozen, hashable values with short readable names (``a1.h3``, ``a1.h3<q>``, ``m0
 ``input``, ``logits``, ``@5`` for a position), and an :class:`EdgeGraph` holds the dense
 ``[writers, readers]`` index of every residual-stream edge. Names follow the EAP-IG / MIB
 convention so scores can be exchanged with those tools.
+
+Grouped-query attention is kept as it is: a key/value head shared by several query heads is one
+node per input, ``a1.kv0<k>`` and ``a1.kv0<v>`` (key/value head 0 of layer 1, read by query heads
+``a1.h0`` … of its group); queries and head outputs stay per query head. The per-query-head
+("ungrouped") view that EAP-IG and MIB expect, ``a1.h3<k>`` meaning query head 3's own copy of its
+key input, is a graph of its own (``EdgeGraph.from_shape(shape, ungrouped=True)``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ _ATTN_KINDS = (NodeKind.HEAD, *QKV)
 _NAME_RE = re.compile(
     r"^(?:(?P<input>input)|(?P<logits>logits)"
     r"|a(?P<al>\d+)\.h(?P<ah>\d+)(?:<(?P<qkv>[qkv])>)?"
+    r"|a(?P<kl>\d+)\.kv(?P<kh>\d+)<(?P<kv>[kv])>"
     r"|m(?P<ml>\d+)(?:\.n(?P<mn>\d+))?)"
     r"(?:@(?P<pos>\d+))?$"
 )
@@ -43,13 +50,18 @@ _NAME_RE = re.compile(
 
 @dataclass(frozen=True)
 class Node:
-    """A model component, optionally at one token position. Immutable and hashable."""
+    """A model component, optionally at one token position. Immutable and hashable.
+
+    ``kv`` marks a key or value node of a shared (grouped-query) key/value head: ``head`` is then
+    the key/value head's index.
+    """
 
     kind: NodeKind
     layer: int | None = None
     head: int | None = None
     neuron: int | None = None
     position: int | None = None
+    kv: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", NodeKind(self.kind))
@@ -66,6 +78,8 @@ class Node:
             value = getattr(self, fld)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"node {fld} must be a non-negative int, got {value!r}")
+        if self.kv and self.kind not in (NodeKind.K, NodeKind.V):
+            raise ValueError(f"only key and value nodes belong to a shared key/value head, not {self.kind.value}")
 
     @property
     def name(self) -> str:
@@ -77,6 +91,8 @@ class Node:
             base = "logits"
         elif kind is NodeKind.HEAD:
             base = f"a{self.layer}.h{self.head}"
+        elif self.kv:
+            base = f"a{self.layer}.kv{self.head}<{kind.value}>"
         elif kind in QKV:
             base = f"a{self.layer}.h{self.head}<{kind.value}>"
         elif kind is NodeKind.MLP:
@@ -98,7 +114,7 @@ class Node:
         if m is None:
             raise ValueError(
                 f"cannot parse node name {name!r}: expected input, logits, a<L>.h<H>, "
-                "a<L>.h<H><q|k|v>, m<L> or m<L>.n<N>, optionally followed by @<position>"
+                "a<L>.h<H><q|k|v>, a<L>.kv<G><k|v>, m<L> or m<L>.n<N>, optionally followed by @<position>"
             )
         pos = int(m["pos"]) if m["pos"] is not None else None
         if m["input"]:
@@ -108,6 +124,8 @@ class Node:
         if m["al"] is not None:
             kind = NodeKind(m["qkv"]) if m["qkv"] else NodeKind.HEAD
             return cls(kind, layer=int(m["al"]), head=int(m["ah"]), position=pos)
+        if m["kl"] is not None:
+            return cls(NodeKind(m["kv"]), layer=int(m["kl"]), head=int(m["kh"]), position=pos, kv=True)
         if m["mn"] is not None:
             return cls(NodeKind.NEURON, layer=int(m["ml"]), neuron=int(m["mn"]), position=pos)
         return cls(NodeKind.MLP, layer=int(m["ml"]), position=pos)
@@ -127,8 +145,9 @@ class Node:
 
     @property
     def head_node(self) -> "Node":
-        """For q/k/v nodes, the head they belong to (position kept); other nodes unchanged."""
-        if self.kind in QKV:
+        """For q/k/v nodes of one head, the head they belong to (position kept); other nodes,
+        including inputs of shared key/value heads, unchanged."""
+        if self.kind in QKV and not self.kv:
             return Node(NodeKind.HEAD, self.layer, self.head, position=self.position)
         return self
 
@@ -177,16 +196,45 @@ class ModelShape:
     d_mlp: int | None
     attn_only: bool = False
     parallel_attn_mlp: bool = False
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads shared by n_heads // n_kv_heads
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.n_heads < 1:
             raise ValueError("a model needs at least one layer and one head")
         if not self.attn_only and not self.d_mlp:
             raise ValueError("a model with MLPs needs d_mlp")
+        if self.n_kv_heads is not None:
+            if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+                raise ValueError(f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads evenly")
+            if self.n_kv_heads == self.n_heads:
+                object.__setattr__(self, "n_kv_heads", None)
 
     @property
     def has_mlp(self) -> bool:
         return not self.attn_only
+
+    @property
+    def grouped(self) -> bool:
+        """Whether query heads share key/value heads (grouped-query or multi-query attention)."""
+        return self.n_kv_heads is not None
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer (``n_heads`` without grouping)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.kv_heads
+
+    def kv_of(self, head: int) -> int:
+        """The key/value head query head ``head`` reads."""
+        return head // self.group_size
+
+    def queries_of(self, kv_head: int) -> range:
+        """The query heads that share key/value head ``kv_head``."""
+        return range(kv_head * self.group_size, (kv_head + 1) * self.group_size)
 
     def io_points(self) -> tuple[dict[tuple[str, int], tuple[int, int]], int]:
         """``{("attn"|"mlp", layer): (read_point, write_point)}`` and the logits' read point.
@@ -222,6 +270,10 @@ def _check_in_shape(shape: ModelShape, node: Node) -> None:
     """Raise a clear error if ``node`` does not exist in a model of this shape."""
     if node.layer is not None and node.layer >= shape.n_layers:
         raise ValueError(f"{node.name}: the model has layers 0..{shape.n_layers - 1}")
+    if node.kv and not shape.grouped:
+        raise ValueError(f"{node.name}: the model has no shared key/value heads; name its inputs a<L>.h<H><k|v>")
+    if node.kv and node.head >= shape.kv_heads:  # type: ignore[operator]
+        raise ValueError(f"{node.name}: the model has key/value heads 0..{shape.kv_heads - 1}")
     if node.head is not None and node.head >= shape.n_heads:
         raise ValueError(f"{node.name}: the model has heads 0..{shape.n_heads - 1}")
     if node.kind in (NodeKind.MLP, NodeKind.NEURON) and shape.attn_only:
@@ -243,12 +295,20 @@ def writer_nodes(shape: ModelShape, neurons: bool = False) -> list[Node]:
     return out
 
 
-def reader_nodes(shape: ModelShape) -> list[Node]:
-    """All residual readers in forward order: per layer q, k, v inputs of each head and the MLP input; logits."""
+def attention_inputs(shape: ModelShape, layer: int, kind: NodeKind, ungrouped: bool = False) -> list[Node]:
+    """The q, k or v inputs of one layer: per query head, or per shared key/value head for the
+    keys and values of a grouped model (unless ``ungrouped``: each query head's own copy)."""
+    if kind is not NodeKind.Q and shape.grouped and not ungrouped:
+        return [Node(kind, layer, g, kv=True) for g in range(shape.kv_heads)]
+    return [Node(kind, layer, h) for h in range(shape.n_heads)]
+
+
+def reader_nodes(shape: ModelShape, ungrouped: bool = False) -> list[Node]:
+    """All residual readers in forward order: per layer the q, k, v inputs and the MLP input; logits."""
     out: list[Node] = []
     for layer in range(shape.n_layers):
         for kind in QKV:
-            out += [Node(kind, layer, h) for h in range(shape.n_heads)]
+            out += attention_inputs(shape, layer, kind, ungrouped)
         if shape.has_mlp:
             out.append(Node(NodeKind.MLP, layer))
     out.append(Node(NodeKind.LOGITS))
@@ -261,7 +321,8 @@ class EdgeGraph:
 
     ``n_positions`` set means a position-resolved graph: an edge exists at every position (a
     write at position p is read at position p). Every edge tensor has a leading position axis of
-    length :attr:`P`: the number of positions, or 1 for a position-aggregated graph.
+    length :attr:`P`: the number of positions, or 1 for a position-aggregated graph. In a grouped
+    model, a graph whose key/value readers are per query head is the :attr:`ungrouped` view.
     """
 
     shape: ModelShape
@@ -279,10 +340,12 @@ class EdgeGraph:
         n_positions: int | None = None,
         writers: Sequence[Node] | None = None,
         readers: Sequence[Node] | None = None,
+        ungrouped: bool = False,
     ) -> "EdgeGraph":
-        """The full graph of a model, or the one restricted to given writers/readers."""
+        """The full graph of a model (per query head key/value readers with ``ungrouped``), or the
+        one restricted to given writers/readers."""
         ws = tuple(writers) if writers is not None else tuple(writer_nodes(shape, neurons))
-        rs = tuple(readers) if readers is not None else tuple(reader_nodes(shape))
+        rs = tuple(readers) if readers is not None else tuple(reader_nodes(shape, ungrouped))
         for node in (*ws, *rs):
             _check_in_shape(shape, node)
             if node.position is not None:
@@ -295,6 +358,11 @@ class EdgeGraph:
                 raise ValueError(f"{node.name} is not a residual reader")
         if len(set(ws)) != len(ws) or len(set(rs)) != len(rs):
             raise ValueError("duplicate writers or readers in the graph")
+        if shape.grouped:
+            shared = {n.kv for n in rs if n.kind in (NodeKind.K, NodeKind.V)}
+            if len(shared) > 1:
+                raise ValueError("a graph reads keys and values either per shared key/value head (a<L>.kv<G><k>) "
+                                 "or per query head (a<L>.h<H><k>, the ungrouped view), not both")
         if n_positions is not None and n_positions < 1:
             raise ValueError("n_positions must be positive")
         points, final = shape.io_points()
@@ -315,6 +383,18 @@ class EdgeGraph:
     @property
     def n_readers(self) -> int:
         return len(self.readers)
+
+    @property
+    def ungrouped(self) -> bool:
+        """Whether keys and values of a grouped model are read per query head (the MIB/EAP-IG view)."""
+        return self.shape.grouped and any(r.kind in (NodeKind.K, NodeKind.V) and not r.kv for r in self.readers)
+
+    def reader_targets(self, reader: Node) -> tuple[Node, ...]:
+        """The components a reader feeds: its head, the query heads sharing a key/value head, the MLP
+        (for an MLP input) or the logits."""
+        if reader.kv:
+            return tuple(Node(NodeKind.HEAD, reader.layer, h) for h in self.shape.queries_of(reader.head))  # type: ignore[arg-type]
+        return (reader.head_node.component,)
 
     @property
     def positional(self) -> bool:
@@ -395,7 +475,8 @@ class EdgeGraph:
 
     def reader_sites(self) -> dict[tuple[str, int], tuple[list[int], list[int]]]:
         """Readers grouped by what they read: ``("q"|"k"|"v", layer)`` (the heads' inputs),
-        ``("mlp", layer)`` or ``("logits", -1)`` → (reader indices, head of each, 0 if none)."""
+        ``("mlp", layer)`` or ``("logits", -1)`` → (reader indices, head of each, 0 if none; the
+        key/value head's index for the inputs of shared key/value heads)."""
         out: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
         for r, node in enumerate(self.readers):
             if node.kind is NodeKind.LOGITS:
@@ -410,6 +491,13 @@ class EdgeGraph:
     def with_positions(self, n_positions: int | None) -> "EdgeGraph":
         """The same writers and readers, resolved over ``n_positions`` positions (``None``: aggregated)."""
         return EdgeGraph.from_shape(self.shape, n_positions=n_positions, writers=self.writers, readers=self.readers)
+
+    def ungrouped_view(self) -> "EdgeGraph":
+        """The same graph with every shared key/value reader replaced by its query heads' own copies."""
+        readers: list[Node] = []
+        for r in self.readers:
+            readers += [Node(r.kind, r.layer, h) for h in self.shape.queries_of(r.head)] if r.kv else [r]  # type: ignore[arg-type]
+        return EdgeGraph.from_shape(self.shape, n_positions=self.n_positions, writers=self.writers, readers=readers)
 
     def restrict(self, writers: Sequence[Node] | None = None, readers: Sequence[Node] | None = None) -> "EdgeGraph":
         """A smaller graph over a subset of this graph's writers/readers."""
@@ -463,7 +551,8 @@ def node_set(
     """Nodes of the given families, per position (``positions`` = sequence length) or aggregated.
 
     Families: ``head`` (head outputs), ``q``/``k``/``v``, ``mlp`` (MLP outputs), ``neuron``
-    (MLP hidden units, post-nonlinearity) and ``input`` (the embedding).
+    (MLP hidden units, post-nonlinearity) and ``input`` (the embedding). Keys and values of a
+    grouped model are one node per shared key/value head.
     """
     fams = list(dict.fromkeys(families))
     unknown = [f for f in fams if f not in NODE_FAMILIES]
@@ -473,9 +562,11 @@ def node_set(
     if "input" in fams:
         comps.append(Node(NodeKind.INPUT))
     for layer in range(shape.n_layers):
-        for fam in ("head", "q", "k", "v"):
+        if "head" in fams:
+            comps += [Node(NodeKind.HEAD, layer, h) for h in range(shape.n_heads)]
+        for fam in ("q", "k", "v"):
             if fam in fams:
-                comps += [Node(NodeKind(fam), layer, h) for h in range(shape.n_heads)]
+                comps += attention_inputs(shape, layer, NodeKind(fam))
         if shape.has_mlp and "mlp" in fams:
             comps.append(Node(NodeKind.MLP, layer))
         if shape.has_mlp and "neuron" in fams:

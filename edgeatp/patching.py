@@ -210,27 +210,37 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
     mask = mask.to(adapter.device)
     T = next(iter(source.values())).shape[1]
     mask = mask[:, :T] if graph.positional else mask.expand(-1, T, -1, -1)  # [rows, T, W, R]
-    src_writes = {s: writers.writes(s, v) for s, v in source.items()}
-    delta: dict[int, torch.Tensor] = {}  # writer index -> [rows, T, d] source minus current write
+    src_writes = {s: writers.writes(s, source) for s in writers.groups}
+    site_writers = {s: torch.tensor(idx, device=adapter.device) for s, (idx, _) in writers.groups.items()}
+    current: dict[Site, torch.Tensor] = {}  # this forward's writer activations, as they happen
+    deltas: dict[Site, torch.Tensor] = {}  # source minus current writes of a site, once it has fired
     resid: dict[int, torch.Tensor] = {}
     hooks: list[tuple[Site, FwdHook]] = []
 
     def record(site: Site) -> FwdHook:
-        idx, _ = writers.groups[site]
         def fn(act: torch.Tensor) -> None:
-            d = src_writes[site].to(act.dtype) - writers.writes(site, act)
-            for k, w in enumerate(idx):
-                delta[w] = d[:, :, k]
+            current[site] = act
         return fn
+
+    def site_delta(site: Site) -> torch.Tensor:
+        if site not in deltas:
+            deltas[site] = src_writes[site].to(current[site].dtype) - writers.writes(site, current)
+        return deltas[site]
 
     def summed(readers: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``[rows, T, n, d]`` summed deltas into these readers and the ``[rows, T, n]`` touched flags."""
         m = mask[..., readers]
-        if not bool(m.any()):
+        used = m.any(dim=3).any(dim=1).any(dim=0)  # [W]
+        if not bool(used.any()):
             return None
-        ws = [w for w in sorted(delta) if bool(m[:, :, w].any())]
-        D = torch.stack([delta[w] for w in ws], dim=2)  # [rows, T, w, d]
-        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, ws].to(D.dtype)), m.any(2)
+        parts, cols = [], []
+        for site, idx in site_writers.items():
+            sel = used[idx].nonzero()[:, 0]
+            if len(sel):
+                parts.append(site_delta(site)[:, :, sel])
+                cols.append(idx[sel])
+        D = torch.cat(parts, dim=2)  # [rows, T, w, d]
+        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, torch.cat(cols)].to(D.dtype)), m.any(2)
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
@@ -299,7 +309,8 @@ def patch_edges(setup: Setup, graph: EdgeGraph, sets: Sequence[Sequence[Edge] | 
         masks = edge_masks(graph, norm)
         labels = labels or ["+".join(e.name for e in s) for s in norm]
     _check_graph(setup, graph)
-    return sweep(setup, EdgePatch(setup.model, graph, masks), labels, "edge patching")
+    with setup.model.ungrouped(graph.ungrouped):
+        return sweep(setup, EdgePatch(setup.model, graph, masks), labels, "edge patching")
 
 
 def run_circuit(setup: Setup, graph: EdgeGraph, keep: torch.Tensor, knockout: bool = False) -> PatchEffects:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import __version__
-from .attribution.edges import attribute_edges
+from .attribution.edges import attribute_edges, per_head_kv
 from .attribution.grouping import attribute_groups, coarse_edges, parse_groups, patch_coarse_edges, patch_groups
 from .attribution.nodes import attribute_nodes
 from .circuit import (Circuit, FaithfulnessCurve, Selection, circuit_from_edges, coarse_edge_units, group_circuit,
@@ -152,14 +152,19 @@ def _curve_sizes(n: int) -> list[int]:
     return sorted(k for k in {*CURVE_SIZES, n} if 0 < k <= n)
 
 
-def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = lambda s: None) -> DiscoverResult:
-    """Attribute, select, measure, verify: the whole ``discover`` command as a function."""
+def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = lambda s: None,
+                 per_head_view: bool = False) -> DiscoverResult:
+    """Attribute, select, measure, verify: the whole ``discover`` command as a function.
+    ``per_head_view`` adds, for grouped-query models, the per-query-head key/value scores the
+    EAP-IG/MIB format needs (one more attribution run on that view)."""
     rule = check_config(cfg)
     with loaded_model(cfg) as model:
         setup, label = make_setup(cfg, model, progress)
         log(f"{model.name}: {model.shape.n_layers} layers x {model.shape.n_heads} heads; {label}")
         if cfg.level == "edge":
             circuit, scores = _edge_circuit(setup, cfg, rule, log)
+            if per_head_view and model.shape.grouped:
+                circuit = circuit.with_(kv_view=per_head_kv(setup, scores, memory_budget_mb=cfg.memory_budget))
         elif cfg.group:
             circuit, scores = _group_circuit(setup, cfg, log), None
         else:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from scipy.stats import spearmanr
 
-from .circuit import Check, Circuit, FaithfulnessCurve, Verification, component, top_k_circuits
+from .circuit import Check, Circuit, FaithfulnessCurve, Verification, member_components, top_k_circuits
 from .errors import EdgeatpError, option_error
 from .graph import Edge, EdgeGraph, Node, NodeKind
 from .model import capture
@@ -183,7 +183,8 @@ def verify_nodes(setup: Setup, circuit: Circuit, scores: NodeScores, *, top: int
         raise EdgeatpError("nothing to verify: no nodes were scored")
     eff = patch_nodes(setup, todo)
     kept = set(circuit.node_scores)
-    checks = [Check(n.name, scores.signed_of(n), x, scores[n], component(n.component).name in kept)
+    checks = [Check(n.name, scores.signed_of(n), x, scores[n],
+                    any(c.name in kept for c in member_components(circuit.graph, n)))
               for n, x in zip(todo, eff.mean.tolist())]
     return summarise(checks, len(ranked), forwards=eff.n_forwards)
 

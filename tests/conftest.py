@@ -27,7 +27,8 @@ def tiny_model(seed: int = 0, *, parallel: bool = False, rotary: bool = False, a
     cfg = HookedTransformerConfig(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
         d_mlp=None if attn_only else 2 * d_model, n_ctx=12, d_vocab=d_vocab, attn_only=attn_only,
-        act_fn=None if attn_only else "gelu", normalization_type=normalization, parallel_attn_mlp=parallel,
+        act_fn=None if attn_only else extra.pop("act_fn", "gelu"), normalization_type=normalization,
+        parallel_attn_mlp=parallel,
         positional_embedding_type="rotary" if rotary else "standard", rotary_dim=4 if rotary else None,
         dtype=dtype, **extra,
     )
@@ -50,6 +51,8 @@ MODEL_VARIANTS = {
     "parallel-rotary": {"parallel": True, "rotary": True},
     "attn-only-nonorm": {"attn_only": True, "normalization": None},
     "rms": {"normalization": "RMS"},
+    "llama-gqa": {"normalization": "RMS", "rotary": True, "n_heads": 4, "n_key_value_heads": 2, "gated_mlp": True,
+                  "act_fn": "silu"},
 }
 
 

@@ -76,8 +76,10 @@ def test_not_a_checkpoint_directory(tmp_path):
 
 
 def test_unsupported_architecture_is_named():
-    with pytest.raises(ModelError, match="grouped-query attention"):
-        tiny_model(n_key_value_heads=1)
+    with pytest.raises(ModelError, match="edgeatp does not support QK normalisation yet"):
+        tiny_model(use_qk_norm=True)
+    with pytest.raises(ModelError, match="attention sinks"):
+        tiny_model(use_attention_sinks=True)
 
 
 def test_session_restores_flags_mode_and_hooks_even_on_error():

@@ -5,7 +5,7 @@
 * :mod:`.nodes`, :mod:`.edges`, :mod:`.grouping` — the three levels.
 """
 
-from .edges import EdgeEstimator, EdgePlan, MemoryBudget, ReaderGroup, attribute_edges
+from .edges import EdgeEstimator, EdgePlan, MemoryBudget, ReaderGroup, attribute_edges, per_head_kv
 from .grouping import (CoarseEdgeScores, CoarseToFine, Group, GroupScores, attribute_groups, coarse_edges,
                        coarse_to_fine, head_groups, layer_groups, parse_groups, patch_coarse_edges, patch_groups,
                        span_groups)
@@ -18,5 +18,5 @@ __all__ = [
     "GroupScores", "MemoryBudget", "NodeEstimator", "NodeTerms", "ReaderGroup", "SiteNeeds", "attribute_edges",
     "attribute_groups", "attribute_nodes", "coarse_edges", "coarse_to_fine", "estimate_pairs", "fold_passes",
     "gradient_run", "graddrop_magnitude", "graddrop_units", "head_groups", "layer_groups", "nonzero_terms",
-    "parse_groups", "patch_coarse_edges", "patch_groups", "resolve_nodes", "span_groups",
+    "parse_groups", "patch_coarse_edges", "patch_groups", "per_head_kv", "resolve_nodes", "span_groups",
 ]

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..circuit import KVView
 from ..errors import EdgeatpError, option_error
 from ..graph import EdgeGraph, Node, NodeKind
 from ..methods import Kind, Method, get_method
@@ -165,10 +166,10 @@ class EdgeEstimator:
                 side[i] = grads[Site("resid_final")][:, :, None, :].to(self.work)
             else:
                 if group.layer not in per_layer:
-                    g_qkv = [grads[Site(k, group.layer)] for k in "qkv"]
+                    g_qkv = {k: grads[Site(k, group.layer)] for k in "qkv"}
                     per_layer[group.layer] = self.model.reader_input_grads(
                         group.layer, point[Site("resid_pre", group.layer)], g_qkv)
-                side[i] = per_layer[group.layer][:, :, "qkv".index(group.kind)][:, :, group.heads].to(self.work)
+                side[i] = per_layer[group.layer][group.kind][:, :, group.heads].to(self.work)
         return side
 
     def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
@@ -208,21 +209,32 @@ class EdgeEstimator:
         else:
             target[..., group.writers[:, None], group.readers[None, :]] += vals.double()
 
-    def _shift_chunks(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup):
-        """Yield ``(writer chunk, shift [b, c, n, T, T])``: score changes when each writer's Δ enters
-        only these heads' query (or key) input, recomputed exactly (LayerNorm, projection, rotary)."""
+    def _query_heads(self, group: ReaderGroup) -> torch.Tensor:
+        """The query heads whose softmax a QK-fixed group's readers change: their own heads for
+        queries, every query head sharing each key/value head for keys (reader by reader)."""
+        if group.kind == "q" or not self.model.grouped_now:
+            return group.heads
+        size = self.model.shape.group_size
+        return torch.cat([torch.arange(g * size, (g + 1) * size) for g in group.heads.tolist()])
+
+    def _shift_chunks(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup, qheads: torch.Tensor):
+        """Yield ``(writer chunk, shift [b, c, n, T, T])``: score changes of the query heads ``qheads``
+        when each writer's Δ enters only these readers' query (or key) input, recomputed exactly
+        (LayerNorm, projection, rotary; a shared key changes every query head of its group)."""
         model, l = self.model, group.layer
-        Q, K = run.base[Site("rot_q", l)][:, :, group.heads], run.base[Site("rot_k", l)][:, :, group.heads]
+        Q = run.base[Site("rot_q", l)][:, :, qheads]
+        K = model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads]
         resid = run.base[Site("resid_pre", l)]
         F0 = model.attention_score_fn(l, Q, K)  # [b, n, T, T]
         b, T = resid.shape[:2]
-        n = len(group.heads)
+        n, repeat = len(qheads), len(qheads) // len(group.heads)
         for start in range(0, len(group.writers), self.budget.writer_chunk):
             ws = group.writers[start: start + self.budget.writer_chunk]
             c = len(ws)
             x = resid[:, :, None, :] + delta[:, :, ws].to(resid.dtype)  # [b, T, c, d]
-            new = model.qkv_all_heads(l, group.kind, x, group.heads)  # [b, T, c, n, dh]
-            new = model.rotate(l, new.permute(0, 2, 1, 3, 4).reshape(b * c, T, n, -1))
+            new = model.qkv_all_heads(l, group.kind, x, group.heads)  # [b, T, c, readers, dh]
+            new = model.rotate(l, new.permute(0, 2, 1, 3, 4).reshape(b * c, T, len(group.heads), -1))
+            new = new.repeat_interleave(repeat, dim=2)  # one per query head it feeds
             other = (K if group.kind == "q" else Q)[:, None].expand(b, c, T, n, Q.shape[-1]).reshape(b * c, T, n, -1)
             qq, kk = (new, other) if group.kind == "q" else (other, new)
             F = model.attention_score_fn(l, qq, kk).view(b, c, n, T, T)
@@ -231,13 +243,16 @@ class EdgeEstimator:
     def _qk_edges(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup, Gs: list[torch.Tensor],
                   plain: torch.Tensor, dropped: torch.Tensor | None) -> None:
         """QK-fixed estimates of the group's edges for every gradient pass, written into ``plain``
-        (first pass) and added as ``|·|`` into ``dropped`` (the others)."""
+        (first pass) and added as ``|·|`` into ``dropped`` (the others). A shared key's edge sums
+        its query heads' recomputed softmaxes."""
         l, dt = group.layer, self.work
         positional = self.plan.graph.positional
-        S = run.base[Site("scores", l)][:, group.heads].to(dt)[:, None]  # [b, 1, n, T, T]
-        A = run.base[Site("pattern", l)][:, group.heads].to(dt)[:, None]
-        Gs = [G[:, group.heads].to(dt)[:, None] for G in Gs]
-        for ws, shift in self._shift_chunks(run, delta, group):
+        qheads = self._query_heads(group)
+        repeat = len(qheads) // len(group.heads)
+        S = run.base[Site("scores", l)][:, qheads].to(dt)[:, None]  # [b, 1, n, T, T]
+        A = run.base[Site("pattern", l)][:, qheads].to(dt)[:, None]
+        Gs = [G[:, qheads].to(dt)[:, None] for G in Gs]
+        for ws, shift in self._shift_chunks(run, delta, group, qheads):
             # the softmax recomputation does not depend on the gradient: once per chunk, not per pass
             if group.kind == "q" or not positional:
                 dA = softmax_change(S, S + shift, A)
@@ -251,7 +266,8 @@ class EdgeEstimator:
                 else:
                     est = key_fix(S, shift, G, ks)  # [b, c, n, T(key)]
                 est = est.sum(-1, keepdim=True) if not positional else est
-                vals = est.permute(0, 3, 1, 2).double()  # [b, T or 1, c, n]
+                est = est.unflatten(2, (len(group.heads), repeat)).sum(3)  # query heads -> their reader
+                vals = est.permute(0, 3, 1, 2).double()  # [b, T or 1, c, readers]
                 T = vals.shape[1]
                 idx = (slice(None), slice(0, T), ws[:, None], group.readers[None, :])
                 if p == 0:
@@ -289,14 +305,27 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
     units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
     budget = MemoryBudget.plan(model, plan, setup.pairs.n_positions, setup.batch_size, memory_budget_mb)
     est = EdgeEstimator(model, plan, budget, units)
-    stats, per_pair, per_abs = estimate_pairs(setup.with_(batch_size=budget.batch_size), m, est, f"edge {m.name}",
-                                              units=units, ig_steps=ig_steps, same_length=graph.positional)
+    with model.ungrouped(graph.ungrouped):
+        stats, per_pair, per_abs = estimate_pairs(setup.with_(batch_size=budget.batch_size), m, est,
+                                                  f"edge {m.name}", units=units, ig_steps=ig_steps,
+                                                  same_length=graph.positional)
     cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)
     meta = {"graddrop": graddrop if m.graddrop else None, "n_terms": len(units), "batch_size": budget.batch_size,
             "ig_steps": ig_steps if m.kind is Kind.INTEGRATED else None, "model": model.name,
             "qk_readers": None if qk_readers is None else [n.name for n in qk_readers],
             "peak_buffer_mb": budget.peak_mb, "writer_chunk": budget.writer_chunk}
     return EdgeScores(stats, m.name, setup.direction, setup.metric.name, cost, meta, per_pair, per_abs, graph)
+
+
+def per_head_kv(setup: Setup, scores: EdgeScores, **options: Any) -> KVView:
+    """Per-query-head scores of the edges into shared key/value heads (the ungrouped view EAP-IG and
+    MIB name), from the same method run on that view of the graph (``options`` as for
+    :func:`attribute_edges`)."""
+    view = scores.graph.ungrouped_view()
+    ungrouped = attribute_edges(setup, scores.method, view, **options)
+    kv = torch.tensor([r.kind in (NodeKind.K, NodeKind.V) for r in view.readers])
+    zero = torch.zeros((), dtype=torch.float64)
+    return KVView(torch.where(kv, ungrouped.scores.cpu(), zero), torch.where(kv, ungrouped.signed.cpu(), zero))
 
 
 def _exact(setup: Setup, graph: EdgeGraph, m: Method) -> EdgeScores:

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import EdgeatpError, option_error
-from ..graph import EdgeGraph, ModelShape, Node, NodeKind, check_nodes, node_set
+from ..graph import EdgeGraph, ModelShape, Node, NodeKind, attention_inputs, check_nodes, node_set
 from ..methods import Cost, Kind, Method, get_method
 from ..model import ModelAdapter, Site
 from ..patching import PatchEffects, patch_edges, patch_nodes
@@ -96,9 +96,17 @@ def head_groups(shape: ModelShape, families: Sequence[str] = ("head", "q", "k", 
     out = []
     for layer in range(shape.n_layers):
         for h in range(shape.n_heads):
-            members = [Node(NodeKind(f), layer, h) for f in families]
+            members = [head_member(shape, NodeKind(f), layer, h) for f in families]
             out.append(Group(f"a{layer}.h{h}", tuple(_at(members, positions))))
     return out
+
+
+def head_member(shape: ModelShape, kind: NodeKind, layer: int, head: int) -> Node:
+    """A query head's output, query, key or value node (the key and value of its shared
+    key/value head in a grouped model)."""
+    if kind in (NodeKind.K, NodeKind.V) and shape.grouped:
+        return Node(kind, layer, shape.kv_of(head), kv=True)
+    return Node(kind, layer, head)
 
 
 def span_groups(nodes: Iterable[Node], spans: Sequence[tuple[int, int]]) -> list[Group]:
@@ -205,7 +213,8 @@ class GroupEstimator:
         for fam, m in masks.items():
             if fam in shifts:
                 S, A, shift = shifts[fam]
-                mm = m[: S.shape[-1]].to(S.device)  # [T, H]
+                mm = m[: S.shape[-1]].to(S.device)  # [T, heads]; shared keys reach every query head of their group
+                mm = self.terms.model.expand_kv(mm, dim=1) if fam[0] is NodeKind.K else mm
                 sel = mm.T[None, :, :, None] if fam[0] is NodeKind.Q else mm.T[None, :, None, :]
                 v = joint(softmax_change(S, S + shift * sel, A), self.terms.pattern_grad(side, fam)).sum(-1)
             else:
@@ -240,7 +249,8 @@ def _member_masks(group: Group, T: int, shape: ModelShape) -> dict[Family, torch
     """Per (family, layer), a ``[T, n]`` mask of the group's members (all positions if unpositioned)."""
     out: dict[Family, torch.Tensor] = {}
     for n in group.members:
-        width = shape.n_heads if n.is_attention else (shape.d_mlp if n.kind is NodeKind.NEURON else 1)
+        width = (shape.kv_heads if n.kv else shape.n_heads) if n.is_attention else (
+            shape.d_mlp if n.kind is NodeKind.NEURON else 1)
         m = out.setdefault(family(n), torch.zeros(T, width or 1, dtype=torch.bool))
         j = n.head if n.is_attention else (n.neuron if n.kind is NodeKind.NEURON else 0)
         m[slice(None) if n.position is None else n.position, j] = True
@@ -299,7 +309,7 @@ def _split_layer(group: Group, shape: ModelShape, T: int) -> list[Group]:
     if all(n.kind is NodeKind.MLP for n in group.members):
         return [Group(group.name, group.members)]
     layer = group.members[0].layer
-    return [Group(f"a{layer}.h{h}", tuple(Node(NodeKind(f), layer, h) for f in ("head", "q", "k", "v")))
+    return [Group(f"a{layer}.h{h}", tuple(head_member(shape, NodeKind(f), layer, h) for f in ("head", "q", "k", "v")))
             for h in range(shape.n_heads)]
 
 
@@ -347,7 +357,7 @@ def layer_reader_groups(shape: ModelShape) -> list[Group]:
     out = []
     for layer in range(shape.n_layers):
         for kind in ("q", "k", "v"):
-            out.append(Group(f"a{layer}<{kind}>", tuple(Node(NodeKind(kind), layer, h) for h in range(shape.n_heads))))
+            out.append(Group(f"a{layer}<{kind}>", tuple(attention_inputs(shape, layer, NodeKind(kind)))))
         if shape.has_mlp:
             out.append(Group(f"m{layer}", (Node(NodeKind.MLP, layer),)))
     out.append(Group("logits", (Node(NodeKind.LOGITS),)))

@@ -104,15 +104,17 @@ class NodeTerms:
 
     def score_shift(self, run: GradRun, fam: Family) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Base scores, base probabilities and the score change when the family's queries (or
-        keys) take their source values, all ``[b, H, T, T]`` float64 (masked scores stay ``-inf``)."""
+        keys) take their source values, all ``[b, H, T, T]`` per query head, float64 (masked
+        scores stay ``-inf``; a shared key changes the scores of every query head of its group)."""
         kind, layer = fam
-        score = self.model.attention_score_fn
-        Q, K = run.base[Site("rot_q", layer)], run.base[Site("rot_k", layer)]
+        model = self.model
+        score = model.attention_score_fn
+        Q, K = run.base[Site("rot_q", layer)], model.expand_kv(run.base[Site("rot_k", layer)])
         F0 = score(layer, Q, K)
         if kind is NodeKind.Q:
             shift = score(layer, run.source[Site("rot_q", layer)], K) - F0
         else:
-            shift = score(layer, Q, run.source[Site("rot_k", layer)]) - F0
+            shift = score(layer, Q, model.expand_kv(run.source[Site("rot_k", layer)])) - F0
         return run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(), shift.double()
 
     @staticmethod
@@ -165,11 +167,11 @@ class NodeEstimator:
                 if fam[0] is NodeKind.Q:
                     rows = per_query(dA, G)  # [b, H, T]: each query row patched alone
                     per_pos[fam], agg[fam] = rows.transpose(1, 2), rows.sum(-1)
-                else:
+                else:  # a shared key's effect adds up over the query heads that read it
                     if fam in self.per_pos:
-                        per_pos[fam] = key_fix(S, shift, G, ks).transpose(1, 2)
+                        per_pos[fam] = self.terms.model.sum_to_kv(key_fix(S, shift, G, ks), 1).transpose(1, 2)
                     if fam in self.agg:
-                        agg[fam] = joint(dA, G)  # all keys at once, recomputed jointly
+                        agg[fam] = self.terms.model.sum_to_kv(joint(dA, G), 1)  # all keys at once, jointly
             else:
                 pp = self.terms.linear(run, side, fam)
                 per_pos[fam], agg[fam] = pp, pp.sum(1)

@@ -73,7 +73,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..circuit import LEVELS, Check, Circuit, FaithfulnessCurve, Selection, Unit, Verification
+from ..circuit import LEVELS, Check, Circuit, FaithfulnessCurve, KVView, Selection, Unit, Verification
 from ..errors import EdgeatpError
 from ..graph import EdgeGraph, ModelShape, Node, NodeKind
 from ..tasks.pairs import Direction
@@ -176,8 +176,36 @@ def _native(circuit: Circuit, all_edges: bool) -> dict[str, Any]:
         "units": [jsonable(asdict(u)) for u in circuit.units],
         "curve": None if circuit.curve is None else jsonable(asdict(circuit.curve)),
         "verification": None if circuit.verification is None else jsonable(asdict(circuit.verification)),
+        "kv_view": _kv_view(circuit),
         "meta": jsonable(circuit.meta),
     }
+
+
+def _kv_view(circuit: Circuit) -> dict[str, Any] | None:
+    """The per-query-head key/value scores of a grouped circuit, columnar over those edges."""
+    if circuit.kv_view is None:
+        return None
+    view = circuit.graph.ungrouped_view()
+    kv = torch.tensor([r.kind in (NodeKind.K, NodeKind.V) for r in view.readers])
+    coords = (view.full_mask & kv).nonzero()
+    idx = tuple(coords.T)
+    edges = [view.edge_at(tuple(c)) for c in coords.tolist()]
+    return {"name": [e.name for e in edges], "position": [e.position for e in edges],
+            "score": _reals(circuit.kv_view.score[idx].tolist()), "signed": _reals(circuit.kv_view.signed[idx].tolist())}
+
+
+def _kv_view_from(d: dict[str, Any] | None, graph: EdgeGraph) -> KVView | None:
+    """Rebuild :class:`KVView` over the ungrouped view of ``graph``."""
+    if d is None:
+        return None
+    view = graph.ungrouped_view()
+    coords = _edge_coords(view, d["name"], d["position"])
+    idx = tuple(coords.T)
+    score = torch.zeros(view.full_mask.shape, dtype=torch.float64)
+    signed = torch.zeros(view.full_mask.shape, dtype=torch.float64)
+    score[idx] = torch.tensor([decode_real(x, "kv_view.score") for x in d["score"]], dtype=torch.float64)
+    signed[idx] = torch.tensor([decode_real(x, "kv_view.signed") for x in d["signed"]], dtype=torch.float64)
+    return KVView(score, signed)
 
 
 def _real_list(values: list[Any], where: str) -> tuple[float, ...]:
@@ -326,7 +354,8 @@ def _from_native(d: dict[str, Any]) -> Circuit:
                    str(d["metric"]), _selection_from(d["selection"]), units,
                    _optional_real(d["faithfulness"], "faithfulness"), _optional_real(d["necessity"], "necessity"),
                    None if d["curve"] is None else _curve_from(d["curve"]),
-                   None if d["verification"] is None else _verification_from(d["verification"], 2, None), meta)
+                   None if d["verification"] is None else _verification_from(d["verification"], 2, None), meta,
+                   _kv_view_from(d.get("kv_view"), graph))
 
 
 # ------------------------------------------------------------------------------------ MIB format
@@ -349,6 +378,7 @@ def _reduce_positions(circuit: Circuit, how: PositionReduce) -> tuple[torch.Tens
 
 def _mib(circuit: Circuit, position_reduce: PositionReduce) -> dict[str, Any]:
     """The EAP-IG/MIB dictionary of a circuit (conventions in the module docstring)."""
+    circuit = circuit.per_query_head()
     g, shape = circuit.graph, circuit.graph.shape
     score, signed, kept = _reduce_positions(circuit, position_reduce)
     names = list(dict.fromkeys(_mib_name(w) for w in g.writers))

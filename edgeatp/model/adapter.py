@@ -19,7 +19,7 @@ from ..graph import ModelShape
 from ..tokenizer import Tokenizer
 from .sites import FwdHook, Site
 
-_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_attn_in", "use_hook_mlp_in")
+_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_attn_in", "use_hook_mlp_in", "ungroup_grouped_query_attention")
 
 
 class ModelAdapter:
@@ -39,6 +39,7 @@ class ModelAdapter:
                 "TransformerBridge models are not supported yet"
             )
         _validate_config(model.cfg)
+        _validate_weights(model)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -48,6 +49,7 @@ class ModelAdapter:
             n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
             d_mlp=None if cfg.attn_only else cfg.d_mlp, attn_only=bool(cfg.attn_only),
             parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
+            n_kv_heads=None if cfg.ungroup_grouped_query_attention else cfg.n_key_value_heads,
         )
         self._depth = 0
         self._lock = threading.RLock()
@@ -174,10 +176,12 @@ class ModelAdapter:
             "rot_k": "attn.hook_rot_k" if rotary else "attn.hook_k",
             "scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern", "z": "attn.hook_z",
             "attn_out": "hook_attn_out", "mlp_in": "hook_mlp_in", "mlp_post": "mlp.hook_post",
-            "mlp_out": "hook_mlp_out",
+            "mlp_out": "hook_mlp_out", "attn_post_scale": "ln1_post.hook_scale", "mlp_post_scale": "ln2_post.hook_scale",
         }
-        if k in ("mlp_in", "mlp_post", "mlp_out") and self.shape.attn_only:
+        if k in ("mlp_in", "mlp_post", "mlp_out", "mlp_post_scale") and self.shape.attn_only:
             raise ValueError(f"site {k}: the model is attention-only")
+        if k in ("attn_post_scale", "mlp_post_scale") and not self.post_norm:
+            raise ValueError(f"site {k}: the model does not normalise its sublayer outputs")
         return f"blocks.{l}.{names[k]}"
 
     @contextmanager
@@ -201,26 +205,55 @@ class ModelAdapter:
     def _block(self, layer: int) -> Any:
         return self.model.blocks[layer]
 
-    def head_writes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``."""
-        W_O = self._block(layer).attn.W_O
-        return torch.einsum("bphe,hed->bphd", z.to(W_O.dtype), W_O)
+    @property
+    def post_norm(self) -> bool:
+        """Whether sublayer outputs are normalised before they join the residual (Gemma-2's norms)."""
+        return bool(getattr(self.cfg, "use_normalization_before_and_after", False))
 
-    def neuron_writes(self, layer: int, post: torch.Tensor) -> torch.Tensor:
+    def _post(self, layer: int, which: str, writes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Writes ``[b, p, n, d]`` of one sublayer after its output norm (``which``: attn or mlp),
+        given the norm's scale ``[b, p, 1]`` in the same run: the norm is linear once its scale is
+        known, so the per-writer parts add up to the normalised output."""
+        if not self.post_norm:
+            return writes
+        norm = self._block(layer).ln1_post if which == "attn" else self._block(layer).ln2_post
+        if isinstance(norm, torch.nn.Identity):
+            return writes
+        if scale is None:
+            raise ValueError("post-normalised writes need the norm's scale")
+        from transformer_lens.components import LayerNorm
+
+        centred = writes - writes.mean(-1, keepdim=True) if isinstance(norm, LayerNorm) else writes
+        return centred * norm.w / scale[:, :, None, :].to(writes.dtype)
+
+    def head_writes(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``
+        (``scale``: the output norm's scale of the same run, for post-normalised models)."""
+        W_O = self._block(layer).attn.W_O
+        return self._post(layer, "attn", torch.einsum("bphe,hed->bphd", z.to(W_O.dtype), W_O), scale)
+
+    def neuron_writes(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-neuron residual writes ``[b, p, d_mlp, d_model]`` from hidden activations."""
         W_out = self._block(layer).mlp.W_out
-        return post.to(W_out.dtype)[..., None] * W_out
+        return self._post(layer, "mlp", post.to(W_out.dtype)[..., None] * W_out, scale)
 
     def qkv_weights(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W [H, d_model, d_head]`` and ``b [H, d_head]`` of the query, key or value projection."""
+        """``W [n, d_model, d_head]`` and ``b [n, d_head]`` of the query, key or value projection: per
+        query head, or per shared key/value head for keys and values of a grouped model (per
+        query head again inside :meth:`ungrouped`)."""
         attn = self._block(layer).attn
-        return {"q": (attn.W_Q, attn.b_Q), "k": (attn.W_K, attn.b_K), "v": (attn.W_V, attn.b_V)}[kind]
+        if kind == "q":
+            return attn.W_Q, attn.b_Q
+        if kind == "k":
+            return (attn._W_K, attn._b_K) if self.grouped_now else (attn.W_K, attn.b_K)
+        return (attn._W_V, attn._b_V) if self.grouped_now else (attn.W_V, attn.b_V)
 
     def qkv_from_residual(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """What ``hook_q|k|v`` would hold for ``heads`` if each read its own residual copy.
 
         ``resid`` is ``[..., n, d_model]`` (one residual per selected head), ``heads`` the
-        ``n`` head indices; returns ``[..., n, d_head]``. Exact: same LayerNorm and weights.
+        ``n`` head indices (key/value heads for keys and values of a grouped model); returns
+        ``[..., n, d_head]``. Exact: same LayerNorm and weights.
         """
         W, b = self.qkv_weights(layer, kind)
         normed = self._block(layer).ln1(resid)
@@ -235,27 +268,28 @@ class ModelAdapter:
         return torch.einsum("...d,hde->...he", normed, W) + b
 
     def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Apply the model's rotary embedding to q or k values ``[b, T, H, d_head]`` (identity otherwise)."""
+        """Apply the model's rotary embedding to q or k values ``[b, T, n, d_head]`` (identity otherwise)."""
         if self.cfg.positional_embedding_type != "rotary":
             return x
         return self._block(layer).attn.apply_rotary(x)
 
-    def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Gradients w.r.t. each head's private q/k/v residual input, ``[b, p, 3, H, d_model]``.
+    def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
+        """Gradients w.r.t. each head's private q/k/v residual input, ``{kind: [b, p, n, d_model]}``.
 
-        ``grads`` are ``dL/d hook_q, hook_k, hook_v`` (``[b, p, H, d_head]`` each) and ``resid``
-        the block input. The projection is transposed by hand and the normalisation's exact
-        Jacobian applied to every reader at once — the same numbers TransformerLens'
-        ``use_split_qkv_input`` gives, without its cost in every later pass.
+        ``grads`` are ``dL/d hook_q, hook_k, hook_v`` (``[b, p, n, d_head]`` each: per query head,
+        or per key/value head) and ``resid`` the block input. The projection is transposed by hand
+        and the normalisation's exact Jacobian applied to every reader at once — the same numbers
+        TransformerLens' ``use_split_qkv_input`` gives, without its cost in every later pass.
         """
+        kinds = list(grads)
         ups = []
-        for kind, g in zip("qkv", grads):
+        for kind in kinds:
             W, _ = self.qkv_weights(layer, kind)
-            ups.append(torch.einsum("bphe,hde->bphd", g.to(W.dtype), W))
-        u = torch.stack(ups, dim=2).detach()  # [b, p, 3, H, d]
-        b, p, three, H, d = u.shape
-        g_in = self.norm_vjp(self._block(layer).ln1, resid.detach(), u.reshape(b, p, three * H, d))
-        return g_in.reshape(b, p, three, H, d)
+            ups.append(torch.einsum("bphe,hde->bphd", grads[kind].to(W.dtype), W))
+        u = torch.cat(ups, dim=2).detach()  # [b, p, n_q + n_k + n_v, d]
+        g_in = self.norm_vjp(self._block(layer).ln1, resid.detach(), u)
+        return dict(zip(kinds, g_in.split([x.shape[2] for x in ups], dim=2)))
 
     @staticmethod
     def norm_vjp(norm: Any, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -284,22 +318,50 @@ class ModelAdapter:
             (g_in,) = torch.autograd.grad(norm(xe), xe, u)
         return g_in
 
+    @property
+    def grouped_now(self) -> bool:
+        """Whether keys and values are per shared key/value head in the current view (not :meth:`ungrouped`)."""
+        return self.shape.grouped and not self.cfg.ungroup_grouped_query_attention
+
+    def expand_kv(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """Per-key/value-head values repeated along ``dim`` to one per query head (unchanged without grouping)."""
+        return x.repeat_interleave(self.shape.group_size, dim=dim) if self.grouped_now else x
+
+    def sum_to_kv(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Per-query-head values summed along ``dim`` over the query heads of each key/value head."""
+        if not self.grouped_now:
+            return x
+        d = dim % x.dim()
+        return x.unflatten(d, (self.shape.kv_heads, self.shape.group_size)).sum(d + 1)
+
     def attention_score_fn(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Unmasked, unbiased scores ``[b, H, Tq, Tk]`` from post-rotary q, k (model's own scale, soft-cap)."""
-        return self._block(layer).attn.calculate_attention_scores(q, k)
+        """Unmasked, unbiased scores ``[b, n, Tq, Tk]`` of head-paired post-rotary q and k
+        ``[b, T, n, d_head]`` (the model's own scale and soft-cap; no key/value repetition)."""
+        from transformer_lens.components.abstract_attention import AbstractAttention
+
+        return AbstractAttention.calculate_attention_scores(self._block(layer).attn, q, k)
+
+    @contextmanager
+    def ungrouped(self, on: bool = True) -> Iterator[None]:
+        """Run a grouped model with each query head's own copy of its key and value (the same
+        numbers; keys and values ``[b, p, n_heads, d_head]``), for the per-query-head graph view."""
+        if not (on and self.shape.grouped):
+            yield
+            return
+        with self.session():
+            saved = self.cfg.ungroup_grouped_query_attention
+            self.cfg.ungroup_grouped_query_attention = True
+            try:
+                yield
+            finally:
+                self.cfg.ungroup_grouped_query_attention = saved
 
 
 def _validate_config(cfg: Any) -> None:
     """Reject architectures whose internals edgeatp's exact formulas would get wrong."""
     problems = []
-    if cfg.n_key_value_heads is not None and cfg.n_key_value_heads != cfg.n_heads and not cfg.ungroup_grouped_query_attention:
-        problems.append("grouped-query attention (load the model yourself with "
-                        "HookedTransformer.from_pretrained(..., ungroup_grouped_query_attention=True) and pass it to "
-                        "the library)")
     if cfg.positional_embedding_type not in ("standard", "rotary", "alibi"):
         problems.append(f"positional embedding type {cfg.positional_embedding_type!r}")
-    if getattr(cfg, "use_normalization_before_and_after", False):
-        problems.append("normalization before and after sublayers")
     if getattr(cfg, "load_in_4bit", False):
         problems.append("4-bit weights")
     if getattr(cfg, "use_attention_sinks", False):
@@ -314,8 +376,6 @@ def _validate_config(cfg: Any) -> None:
         problems.append("clipped q/k/v")
     if getattr(cfg, "use_dynamic_ntk_rope", False):
         problems.append("dynamic NTK rotary scaling")
-    if getattr(cfg, "use_local_attn", False):
-        problems.append("local attention windows")
     from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES  # type: ignore
 
     if cfg.original_architecture in POST_NORM_ARCHITECTURES:
@@ -324,3 +384,14 @@ def _validate_config(cfg: Any) -> None:
         raise ModelError("edgeatp does not support " + "; ".join(problems) + " yet")
 
 
+def _validate_weights(model: Any) -> None:
+    """Post-normalised sublayers must have no output bias: its normalised part changes with the
+    norm's scale and belongs to no single writer, so edge patches would not add up."""
+    if not getattr(model.cfg, "use_normalization_before_and_after", False):
+        return
+    for layer, block in enumerate(model.blocks):
+        biases = [("attention output", block.attn.b_O)] + ([] if model.cfg.attn_only else [("MLP output", block.mlp.b_out)])
+        for what, b in biases:
+            if bool((b != 0).any()):
+                raise ModelError(f"edgeatp does not support post-normalised sublayers with a bias yet (layer {layer} "
+                                 f"{what} bias)")

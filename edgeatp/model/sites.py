@@ -22,7 +22,7 @@ FwdHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 SITE_KINDS = frozenset({
     "resid_pre", "q", "k", "v", "rot_q", "rot_k", "scores", "pattern", "z", "attn_out",
-    "mlp_in", "mlp_post", "mlp_out", "resid_final",
+    "mlp_in", "mlp_post", "mlp_out", "resid_final", "attn_post_scale", "mlp_post_scale",
 })
 
 
@@ -34,7 +34,8 @@ class Site:
     ``q``/``k``/``v`` (per head, before rotary), ``rot_q``/``rot_k`` (what the softmax sees),
     ``scores`` (masked pre-softmax scores), ``pattern``, ``z``, ``attn_out``, ``mlp_in``
     (the MLP's private copy of the residual), ``mlp_post`` (hidden units), ``mlp_out``,
-    ``resid_final`` (the residual read by the unembedding).
+    ``resid_final`` (the residual read by the unembedding), ``attn_post_scale`` and
+    ``mlp_post_scale`` (the scale of a sublayer's output norm, in post-normalised models).
     """
 
     kind: str
@@ -62,7 +63,8 @@ def node_site(node: Node) -> tuple[Site, int | None]:
 
 
 class WriterLayout:
-    """Where each writer of a graph writes from: its site and its index along the site's axis."""
+    """Where each writer of a graph writes from: its site and its index along the site's axis (and,
+    in post-normalised models, the output norm's scale that completes its write)."""
 
     def __init__(self, adapter: "ModelAdapter", graph: EdgeGraph) -> None:
         self.adapter = adapter
@@ -75,23 +77,34 @@ class WriterLayout:
             if sel is not None:
                 sel.append(idx)  # type: ignore[arg-type]
 
-    def sites(self) -> list[Site]:
-        return list(self.groups)
+    def scale_site(self, site: Site) -> Site | None:
+        """The output-norm scale a site's writes need (post-normalised heads and neurons), if any."""
+        if not self.adapter.post_norm or site.kind not in ("z", "mlp_post"):
+            return None
+        return Site("attn_post_scale" if site.kind == "z" else "mlp_post_scale", site.layer)
 
-    def writes(self, site: Site, act: torch.Tensor) -> torch.Tensor:
-        """``[b, T, n, d_model]`` residual writes of this site's writers from the site's activation."""
+    def sites(self) -> list[Site]:
+        """Every site the writes are read from."""
+        out = list(self.groups)
+        return out + [s for s in (self.scale_site(site) for site in self.groups) if s is not None]
+
+    def writes(self, site: Site, acts: dict[Site, torch.Tensor]) -> torch.Tensor:
+        """``[b, T, n, d_model]`` residual writes of this site's writers from one run's activations."""
         _, sel = self.groups[site]
+        act = acts[site]
+        scale_site = self.scale_site(site)
+        scale = acts[scale_site] if scale_site is not None else None
         if site.kind == "z":
-            return self.adapter.head_writes(site.layer, act[:, :, sel])
+            return self.adapter.head_writes(site.layer, act[:, :, sel], scale)
         if site.kind == "mlp_post":
-            return self.adapter.neuron_writes(site.layer, act[:, :, sel])
+            return self.adapter.neuron_writes(site.layer, act[:, :, sel], scale)
         return act[:, :, None, :]
 
     def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> torch.Tensor:
         """``[b, T, W, d]`` writer differences source − base, in graph writer order."""
         parts: dict[int, torch.Tensor] = {}
         for site, (idx, _) in self.groups.items():
-            d = self.writes(site, source[site] - base[site])
+            d = self.writes(site, source) - self.writes(site, base)
             for k, w in enumerate(idx):
                 parts[w] = d[:, :, k]
         return torch.stack([parts[w] for w in range(self.graph.n_writers)], dim=2)
