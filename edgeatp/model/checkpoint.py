@@ -64,7 +64,7 @@ ALIASES: dict[str, str] = {"Olmo2ForCausalLM": "Olmo3ForCausalLM"}
 #: Converted by TransformerLens only through the checkpoint's own modelling code.
 REMOTE_CODE = frozenset({"QWenLMHeadModel", "GPT2LMHeadCustomModel"})
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Substrings of a path that make TransformerLens 3.9's translation take a name-keyed branch.
 _NAME_TRIGGERS = ("llama", "gemma", "wav2vec2")
@@ -479,10 +479,14 @@ def hooked_transformer(ckpt: Checkpoint) -> Any:
 
 # ---------------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(path: Path) -> Any | None:
-    """The folder's Hugging Face tokenizer (tokenizer.json or SentencePiece tokenizer.model), or None."""
+    """The folder's Hugging Face tokenizer (tokenizer.json, SentencePiece tokenizer.model or vocab.json),
+    or None when it has no tokenizer files."""
     from transformers import AutoTokenizer
 
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if not any((path / f).is_file() for f in VOCABULARY_FILES):
+        if (path / "tokenizer_config.json").is_file():  # transformers would make an empty tokenizer of it
+            raise ModelError(f"{path} has tokenizer_config.json but no vocabulary ({', '.join(VOCABULARY_FILES)}); "
+                             "copy the tokenizer files the model came with")
         return None
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
