@@ -33,7 +33,7 @@ CORPUS = [f"When {a} and {b} went to the {place}, {b} gave a {thing} to {a}"
 LLAMA = dict(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L, intermediate_size=FF,
              max_position_embeddings=P)
 NEOX = dict(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L, intermediate_size=FF,
-            max_position_embeddings=P, rotary_pct=0.25)
+            max_position_embeddings=P, rotary_pct=0.5)
 GQA, POST_NORM, LOCAL, QK_NORM = ("grouped-query attention", "normalization before and after", "local attention windows",
                                   "QK normalisation")
 
@@ -239,3 +239,173 @@ def test_families_the_adapter_refuses_fail_with_its_one_line_error(family, build
     with pytest.raises(ModelError, match=family.refused) as exc:
         edgeatp.load_model(str(folder))
     assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def _copy(build: Callable, folder: str, dest: Any) -> Any:
+    """A private copy of a built family's folder."""
+    return shutil.copytree(build(BY_FOLDER[folder])[0], dest)
+
+
+def _edit_config(folder: Any, **changes: Any) -> None:
+    """Change settings in a folder's config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _one_line_error(folder: Any, match: str) -> str:
+    with pytest.raises(ModelError, match=match) as exc:
+        edgeatp.load_model(str(folder))
+    assert "\n" not in str(exc.value) and str(folder.name) in str(exc.value)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("config,match", [
+    (lambda: tf.FalconConfig(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L,
+                             architectures=["FalconForCausalLM"]),
+     r"model type 'falcon' \(FalconForCausalLM\) is not a family TransformerLens 3.9 converts; supported model "
+     r"types: gpt2, gpt_neo, .*llama"),
+    (lambda: tf.MambaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, architectures=["MambaForCausalLM"]),
+     r"model type 'mamba' \(MambaForCausalLM\) is not a family"),
+    (lambda: tf.BertConfig(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L,
+                           architectures=["BertForMaskedLM"]), r"'bert' \(BertForMaskedLM\) is an encoder-only"),
+    (lambda: tf.T5Config(vocab_size=V, d_model=H, num_heads=NH, num_layers=L, architectures=["T5ForConditionalGeneration"]),
+     r"'t5' \(T5ForConditionalGeneration\) is an encoder-decoder model"),
+    (lambda: tf.LlamaConfig(**LLAMA, architectures=["LlamaForCausalLM"],
+                            quantization_config={"quant_method": "gptq", "bits": 4}), "is gptq-quantized"),
+], ids=["falcon", "mamba", "bert", "t5", "quantized"])
+def test_checkpoints_that_cannot_be_converted_are_refused_from_config_json(config, match, tmp_path):
+    folder = tmp_path / "model"
+    config().save_pretrained(str(folder))  # config.json only: refused before weights are looked for
+    _one_line_error(folder, match)
+
+
+def test_remote_code_bad_and_missing_configs_are_one_line(tmp_path):
+    folder = tmp_path / "Qwen-7B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+                                                    "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}}))
+    _one_line_error(folder, "needs the checkpoint's own Python code")
+    (folder / "config.json").write_text("{not json")
+    _one_line_error(folder, r"config.json is not valid JSON")
+    (folder / "config.json").write_text("[]")
+    _one_line_error(folder, "is not a JSON object")
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    _one_line_error(folder, r"config.json names no architecture \(model_type None\)")
+    (folder / "config.json").unlink()
+    _one_line_error(folder, "has no config.json")
+
+
+@pytest.mark.parametrize("folder,config,match", [
+    ("Llama-3-8B-Instruct", lambda: tf.LlamaConfig(**LLAMA, attention_bias=True), "attention_bias=true"),
+    ("pythia-70m", lambda: tf.GPTNeoXConfig(**{**NEOX, "rotary_pct": None}, rope_parameters={
+        "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}), "rope_theta=500.0"),
+    ("Qwen2-0.5B", lambda: tf.Qwen2Config(**LLAMA, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                                          max_window_layers=0),
+     "use_sliding_window=true"),
+    ("Phi-3-mini-4k-instruct", lambda: tf.Phi3Config(**LLAMA, pad_token_id=0, partial_rotary_factor=0.5),
+     "partial_rotary_factor=0.5"),
+    ("bloom-560m", lambda: tf.BloomConfig(vocab_size=V, hidden_size=H, n_head=NH, n_layer=L,
+                                          apply_residual_connection_post_layernorm=True),
+     "apply_residual_connection_post_layernorm=true"),
+], ids=["llama-attention-bias", "neox-rope-theta", "qwen2-sliding-window", "phi3-partial-rotary", "bloom-post-ln-residual"])
+def test_settings_transformerlens_ignores_are_refused(folder, config, match, tokenizers, tmp_path, monkeypatch):
+    import edgeatp.model.checkpoint as checkpoint
+
+    path = tmp_path / folder
+    hf = _write(path, config(), tokenizers[BY_FOLDER[folder].tokenizer])
+    _one_line_error(path, f"sets {match}, which TransformerLens 3.9 ignores")
+    monkeypatch.setattr(checkpoint, "ignored_features", lambda arch, c: [])
+    assert _logit_gap(hf, hooked_transformer(open_checkpoint(path))) > 1e-2, "without the refusal the logits are wrong"
+
+
+def test_missing_truncated_and_mismatched_weights_name_the_file(build, tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    shutil.copy(build(BY_FOLDER["Llama-3-8B-Instruct"])[0] / "config.json", empty)
+    _one_line_error(empty, "has config.json but no weights")
+
+    cut = _copy(build, "Llama-3-8B-Instruct", tmp_path / "truncated")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "model.safetensors is truncated or not a safetensors file" in _one_line_error(cut, "truncated")
+
+    for name, changes, match in [("wider", {"intermediate_size": 2 * FF}, r"\d+ tensors have other shapes \(e.g. "),
+                                 ("deeper", {"num_hidden_layers": L + 1}, r"\d+ tensors are missing"),
+                                 ("shallower", {"num_hidden_layers": L - 1}, r"\d+ tensors are not used by config.json")]:
+        folder = _copy(build, "Llama-3-8B-Instruct", tmp_path / name)
+        _edit_config(folder, **changes)
+        _one_line_error(folder, "the weights do not match config.json: " + match)
+
+
+def test_sharded_safetensors_load_and_a_missing_shard_is_named(tokenizers, tmp_path):
+    folder = tmp_path / "Llama-2-7b-hf"
+    hf = _write(folder, tf.LlamaConfig(**LLAMA), tokenizers["sp"], max_shard_size="30KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").exists()
+    assert _logit_gap(hf, edgeatp.load_model(str(folder)).model) <= 1e-4
+    shards[-1].unlink()
+    _one_line_error(folder, f"lists 1 shard\\(s\\) that are not in the folder \\(e.g. {shards[-1].name}\\)")
+
+
+def test_bfloat16_checkpoints_stay_bfloat16_unless_a_dtype_is_given(tokenizers, tmp_path):
+    folder = tmp_path / "Llama-3.2-1B"
+    _write(folder, tf.LlamaConfig(**LLAMA), tokenizers["sp"], dtype=torch.bfloat16)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert edgeatp.load_model(str(folder)).dtype == torch.bfloat16
+    as_float = edgeatp.load_model(str(folder), dtype="float32")
+    saved = tf.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    assert as_float.dtype == torch.float32 and _logit_gap(saved, as_float.model) <= 1e-4
+
+
+def test_name_trap_folders_get_their_own_config_and_the_patch_is_always_undone(build, monkeypatch):
+    import transformer_lens.loading_from_pretrained as loading
+
+    original = loading.AutoConfig, loading.convert_hf_model_config
+    folder, hf = build(BY_FOLDER["Meta-Llama-3-8B"])
+    assert loading.get_pretrained_model_config(str(folder)).d_model == 4096, "TransformerLens alone takes the name"
+    cfg = open_checkpoint(folder).cfg
+    assert (cfg.d_model, cfg.n_key_value_heads, cfg.n_ctx) == (H, 1, 256)
+    assert (loading.AutoConfig, loading.convert_hf_model_config) == original
+
+    def broken(*args, **kwargs):
+        assert loading.AutoConfig is not original[0]
+        raise RuntimeError("translation failed\nsecond line")
+    monkeypatch.setattr(loading, "get_pretrained_model_config", broken)
+    with pytest.raises(ModelError, match=r"cannot translate this llama config \(RuntimeError: translation failed\)$"):
+        edgeatp.load_model(str(folder))
+    assert (loading.AutoConfig, loading.convert_hf_model_config) == original
+
+
+def test_sentencepiece_only_tokenizer_gets_bos_exactly_once(build, tokenizers, tmp_path):
+    folder = _copy(build, "Llama-3-8B-Instruct", tmp_path / "Llama-2-7b-chat-hf")
+    (folder / "tokenizer.json").unlink()
+    _one_line_error(folder, "has tokenizer_config.json but no vocabulary")
+    # tokenizer.model and tokenizer_config.json with add_bos_token, as Llama-2 ships them
+    shutil.copy(f"{tokenizers['sp'].name_or_path}/tokenizer.model", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    adapter = edgeatp.load_model(str(folder))
+    bos = adapter.bos_id
+    assert adapter.prepend_bos and bos is not None
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"clean": prefix + "When Mary and John went to the store, John gave a drink to",
+                                        "corrupt": prefix + "When Mary and John went to the store, Anna gave a drink to",
+                                        "answer": "Mary", "wrong": "John"}) + "\n" for prefix in ("", "<s>")))
+    pairs = edgeatp.load_pairs(data, adapter.tokenizer, prepend_bos=adapter.prepend_bos)
+    assert pairs.clean[:, 0].tolist() == [bos, bos] and bos not in pairs.clean[:, 1].tolist()  # a literal <s> too
+    assert adapter.model.to_tokens("When Mary")[0].tolist().count(bos) == 1  # TransformerLens agrees
+
+
+def test_loading_prints_nothing_and_honours_disabled_progress_bars(build, capfd, monkeypatch):
+    import transformers.utils.logging as tlog
+
+    folder, _ = build(BY_FOLDER["Llama-3-8B-Instruct"])
+    tlog.enable_progress_bar()
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    edgeatp.load_model(str(folder))
+    assert "Loading weights" in capfd.readouterr().err, "transformers shows its bar unless told not to"
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    edgeatp.load_model(str(folder))
+    assert capfd.readouterr() == ("", "")
+    assert tlog.is_progress_bar_enabled()
