@@ -358,12 +358,17 @@ def test_bfloat16_checkpoints_stay_bfloat16_unless_a_dtype_is_given(tokenizers, 
     assert as_float.dtype == torch.float32 and _logit_gap(saved, as_float.model) <= 1e-4
 
 
-def test_name_trap_folders_get_their_own_config_and_the_patch_is_always_undone(build, monkeypatch):
+def test_name_trap_folders_get_their_own_config_and_the_patch_is_always_undone(build, monkeypatch, tmp_path):
+    import tempfile
+
     import transformer_lens.loading_from_pretrained as loading
 
     original = loading.AutoConfig, loading.convert_hf_model_config
     folder, hf = build(BY_FOLDER["Meta-Llama-3-8B"])
     assert loading.get_pretrained_model_config(str(folder)).d_model == 4096, "TransformerLens alone takes the name"
+    trap = tmp_path / "llama-tmp"  # a temporary folder whose path is itself a trigger is not used
+    trap.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(trap))
     cfg = open_checkpoint(folder).cfg
     assert (cfg.d_model, cfg.n_key_value_heads, cfg.n_ctx) == (H, 1, 256)
     assert (loading.AutoConfig, loading.convert_hf_model_config) == original

@@ -107,6 +107,12 @@ def supported_families() -> str:
     return ", ".join(FAMILIES.values())
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 # ---------------------------------------------------------------------------------------- preflight
 def read_config(path: Path) -> dict:
     """``config.json`` of a checkpoint folder as a dict, or a one-line error naming the file."""
@@ -370,11 +376,6 @@ def open_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Check
 
 
 # ---------------------------------------------------------------------------------------- weights
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def check_weight_files(path: Path) -> None:
     """Refuse a folder without weights, missing shards and truncated or corrupt safetensors files,
     naming the file (reads headers only)."""
