@@ -34,8 +34,8 @@ LLAMA = dict(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_lay
              max_position_embeddings=P)
 NEOX = dict(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L, intermediate_size=FF,
             max_position_embeddings=P, rotary_pct=0.5)
-GQA, POST_NORM, LOCAL, QK_NORM = ("grouped-query attention", "normalization before and after", "local attention windows",
-                                  "QK normalisation")
+GQA, POST_NORM, LOCAL, QK_NORM = ("grouped-query attention", "normalization before and after",
+                                  "local attention windows", "QK normalisation")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ FAMILIES = [
     Family("phi-2", lambda: tf.PhiConfig(**LLAMA)),
     Family("opt-125m", lambda: tf.OPTConfig(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L,
                                             ffn_dim=FF, max_position_embeddings=P, word_embed_proj_dim=H)),
-    Family("gpt-j-6b", lambda: tf.GPTJConfig(vocab_size=V, n_embd=H, n_head=NH, n_layer=L, n_positions=P, rotary_dim=4)),
+    Family("gpt-j-6b", lambda: tf.GPTJConfig(vocab_size=V, n_embd=H, n_head=NH, n_layer=L, n_positions=P,
+                                             rotary_dim=4)),
     Family("bloom-560m", lambda: tf.BloomConfig(vocab_size=V, hidden_size=H, n_head=NH, n_layer=L)),
     Family("OLMo-1B-hf", lambda: tf.OlmoConfig(**LLAMA)),
     # Refused by the adapter today: logits are checked, attribution once the feature is supported.
@@ -109,8 +110,9 @@ def _bpe() -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=V, special_tokens=["<|endoftext|>"], show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=V, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                       unk_token="<|endoftext|>")
 
@@ -269,7 +271,8 @@ def _one_line_error(folder: Any, match: str) -> str:
      r"model type 'mamba' \(MambaForCausalLM\) is not a family"),
     (lambda: tf.BertConfig(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L,
                            architectures=["BertForMaskedLM"]), r"'bert' \(BertForMaskedLM\) is an encoder-only"),
-    (lambda: tf.T5Config(vocab_size=V, d_model=H, num_heads=NH, num_layers=L, architectures=["T5ForConditionalGeneration"]),
+    (lambda: tf.T5Config(vocab_size=V, d_model=H, num_heads=NH, num_layers=L,
+                         architectures=["T5ForConditionalGeneration"]),
      r"'t5' \(T5ForConditionalGeneration\) is an encoder-decoder model"),
     (lambda: tf.LlamaConfig(**LLAMA, architectures=["LlamaForCausalLM"],
                             quantization_config={"quant_method": "gptq", "bits": 4}), "is gptq-quantized"),
@@ -283,8 +286,9 @@ def test_checkpoints_that_cannot_be_converted_are_refused_from_config_json(confi
 def test_remote_code_bad_and_missing_configs_are_one_line(tmp_path):
     folder = tmp_path / "Qwen-7B"
     folder.mkdir()
+    remote = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
     (folder / "config.json").write_text(json.dumps({"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
-                                                    "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}}))
+                                                    "auto_map": remote}))
     _one_line_error(folder, "needs the checkpoint's own Python code")
     (folder / "config.json").write_text("{not json")
     _one_line_error(folder, r"config.json is not valid JSON")
@@ -308,7 +312,8 @@ def test_remote_code_bad_and_missing_configs_are_one_line(tmp_path):
     ("bloom-560m", lambda: tf.BloomConfig(vocab_size=V, hidden_size=H, n_head=NH, n_layer=L,
                                           apply_residual_connection_post_layernorm=True),
      "apply_residual_connection_post_layernorm=true"),
-], ids=["llama-attention-bias", "neox-rope-theta", "qwen2-sliding-window", "phi3-partial-rotary", "bloom-post-ln-residual"])
+], ids=["llama-attention-bias", "neox-rope-theta", "qwen2-sliding-window", "phi3-partial-rotary",
+        "bloom-post-ln-residual"])
 def test_settings_transformerlens_ignores_are_refused(folder, config, match, tokenizers, tmp_path, monkeypatch):
     import edgeatp.model.checkpoint as checkpoint
 
@@ -332,7 +337,7 @@ def test_missing_truncated_and_mismatched_weights_name_the_file(build, tmp_path)
 
     for name, changes, match in [("wider", {"intermediate_size": 2 * FF}, r"\d+ tensors have other shapes \(e.g. "),
                                  ("deeper", {"num_hidden_layers": L + 1}, r"\d+ tensors are missing"),
-                                 ("shallower", {"num_hidden_layers": L - 1}, r"\d+ tensors are not used by config.json")]:
+                                 ("shallower", {"num_hidden_layers": L - 1}, r"\d+ tensors are not used by")]:
         folder = _copy(build, "Llama-3-8B-Instruct", tmp_path / name)
         _edit_config(folder, **changes)
         _one_line_error(folder, "the weights do not match config.json: " + match)
@@ -394,8 +399,8 @@ def test_sentencepiece_only_tokenizer_gets_bos_exactly_once(build, tokenizers, t
     bos = adapter.bos_id
     assert adapter.prepend_bos and bos is not None
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"clean": prefix + "When Mary and John went to the store, John gave a drink to",
-                                        "corrupt": prefix + "When Mary and John went to the store, Anna gave a drink to",
+    text = "When Mary and John went to the store, {} gave a drink to"
+    data.write_text("".join(json.dumps({"clean": prefix + text.format("John"), "corrupt": prefix + text.format("Anna"),
                                         "answer": "Mary", "wrong": "John"}) + "\n" for prefix in ("", "<s>")))
     pairs = edgeatp.load_pairs(data, adapter.tokenizer, prepend_bos=adapter.prepend_bos)
     assert pairs.clean[:, 0].tolist() == [bos, bos] and bos not in pairs.clean[:, 1].tolist()  # a literal <s> too

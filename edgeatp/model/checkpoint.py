@@ -63,7 +63,8 @@ TEMPLATES: dict[str, str] = {
 ALIASES: dict[str, str] = {"Olmo2ForCausalLM": "Olmo3ForCausalLM"}
 #: Converted by TransformerLens only through the checkpoint's own modelling code.
 REMOTE_CODE = frozenset({"QWenLMHeadModel", "GPT2LMHeadCustomModel"})
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Substrings of a path that make TransformerLens 3.9's translation take a name-keyed branch.
@@ -122,7 +123,8 @@ def read_config(path: Path) -> dict:
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}); restore the file the model came with") from None
+        raise ModelError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}); restore the file the model "
+                         "came with") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{file} is not a JSON object; restore the file the model came with")
     return raw
@@ -211,7 +213,8 @@ def ignored_features(arch: str, c: Any) -> list[str]:
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and c.use_sliding_window:
         out.append("use_sliding_window=true")
     if arch == "Gemma3ForCausalLM":
-        out += [f"{k}={getattr(c, k)}" for k in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, k, None)]
+        caps = ("attn_logit_softcapping", "final_logit_softcapping")
+        out += [f"{k}={getattr(c, k)}" for k in caps if getattr(c, k, None)]
     return out
 
 
