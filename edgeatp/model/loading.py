@@ -3,7 +3,6 @@ Face checkpoint directories and model objects, each wrapped in a :class:`ModelAd
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from ..errors import ModelError
 from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
+from .checkpoint import load_checkpoint
 
 
 def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -21,7 +21,8 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     """Load a model from any supported spec and wrap it in a :class:`ModelAdapter`.
 
     ``spec`` may be ``"zoo:NAME"`` (shipped models), a local Hugging Face checkpoint directory
-    (GPT-2 and GPT-NeoX/Pythia families), a TransformerLens pretrained name (``"gpt2"``,
+    (any decoder family TransformerLens converts, see :mod:`edgeatp.model.checkpoint`; loaded in
+    its own dtype unless ``dtype`` is given), a TransformerLens pretrained name (``"gpt2"``,
     ``"pythia-70m"``; must be in the local Hugging Face cache unless ``allow_download``), a
     ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` and ``device`` convert the weights —
     in place when you pass your own model.
@@ -41,12 +42,13 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
         if text.startswith("zoo:"):
             adapter = load_zoo_model(text[4:])
         elif Path(text).expanduser().is_dir():
-            adapter = _load_local_checkpoint(Path(text).expanduser())
+            with _hf_offline(True):
+                adapter = load_checkpoint(text, dtype=torch_dtype)
         else:
             adapter = _load_pretrained(text, allow_download)
     else:
         raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory or a HookedTransformer")
-    if torch_dtype is not None:
+    if torch_dtype is not None and adapter.dtype != torch_dtype:
         adapter.model.to(torch_dtype, print_details=False)
         adapter.model.cfg.dtype = torch_dtype
     if torch_device is not None:
@@ -138,67 +140,6 @@ def _hf_offline(offline: bool) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _load_local_checkpoint(path: Path) -> ModelAdapter:
-    """A local Hugging Face checkpoint (GPT-2 or GPT-NeoX family) converted to a HookedTransformer."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
-    raw = json.loads(config_file.read_text())
-    model_type = raw.get("model_type")
-    if model_type not in ("gpt2", "gpt_neox"):
-        raise ModelError(f"{path}: model_type {model_type!r} is not supported for local checkpoints (gpt2, gpt_neox are)")
-    with _hf_offline(True):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-        tokenizer = None
-        if any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if model_type == "gpt2":
-        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights as convert
-
-        c = hf_config
-        cfg_dict = dict(
-            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-            d_mlp=getattr(c, "n_inner", None) or 4 * c.n_embd, n_layers=c.n_layer,
-            n_ctx=getattr(c, "n_ctx", None) or c.n_positions, eps=c.layer_norm_epsilon,
-            d_vocab=c.vocab_size, act_fn=c.activation_function,
-            use_attn_scale=getattr(c, "scale_attn_weights", True),
-            scale_attn_by_inverse_layer_idx=getattr(c, "scale_attn_by_inverse_layer_idx", False),
-            normalization_type="LN", original_architecture="GPT2LMHeadModel", default_prepend_bos=True,
-        )
-    else:
-        from transformer_lens.pretrained.weight_conversions import convert_neox_weights as convert
-
-        c = hf_config
-        d_head = c.hidden_size // c.num_attention_heads
-        rotary_pct = getattr(c, "rotary_pct", None)
-        if rotary_pct is None:
-            rotary_pct = (getattr(c, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-        rope = getattr(c, "rope_parameters", None) or {}
-        cfg_dict = dict(
-            d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
-            n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps,
-            d_vocab=c.vocab_size, act_fn=c.hidden_act, use_attn_scale=True,
-            parallel_attn_mlp=getattr(c, "use_parallel_residual", True), positional_embedding_type="rotary",
-            rotary_adjacent_pairs=False, rotary_dim=round(rotary_pct * d_head),
-            rotary_base=rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000)),
-            normalization_type="LN", original_architecture="GPTNeoXForCausalLM", default_prepend_bos=False,
-        )
-    cfg = HookedTransformerConfig(**cfg_dict)
-    model = HookedTransformer(cfg)
-    state = convert(hf_model, cfg)
-    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True,
-                                      center_unembed=True, fold_value_biases=True)
-    tok = HFTokenizer(tokenizer, path.name) if tokenizer is not None else None
-    if tok is not None and tok.bos_id is None:
-        model.cfg.default_prepend_bos = False
-    return ModelAdapter(model, tok, name=str(path))
 
 
 def load_zoo_model(name: str) -> ModelAdapter:
