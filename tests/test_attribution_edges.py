@@ -61,7 +61,10 @@ def _split_input_reference(adapter, pairs):
         if w.kind is NodeKind.INPUT:
             return c["blocks.0.hook_resid_pre"]
         if w.kind is NodeKind.HEAD:
-            return c[f"blocks.{w.layer}.attn.hook_result"][:, :, w.head]
+            result = c[f"blocks.{w.layer}.attn.hook_result"][:, :, w.head]
+            if m.cfg.use_normalization_before_and_after:  # the output norm is linear given its scale
+                result = result * m.blocks[w.layer].ln1_post.w / c[f"blocks.{w.layer}.ln1_post.hook_scale"]
+            return result
         return c[f"blocks.{w.layer}.hook_mlp_out"]
     def grad(r):
         if r.kind in (NodeKind.Q, NodeKind.K, NodeKind.V):

@@ -34,8 +34,7 @@ LLAMA = dict(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_lay
              max_position_embeddings=P)
 NEOX = dict(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L, intermediate_size=FF,
             max_position_embeddings=P, rotary_pct=0.5)
-GQA, POST_NORM, LOCAL, QK_NORM = ("grouped-query attention", "normalization before and after",
-                                  "local attention windows", "QK normalisation")
+QK_NORM = "QK normalisation"
 
 
 @dataclass(frozen=True)
@@ -66,30 +65,32 @@ FAMILIES = [
                                              rotary_dim=4)),
     Family("bloom-560m", lambda: tf.BloomConfig(vocab_size=V, hidden_size=H, n_head=NH, n_layer=L)),
     Family("OLMo-1B-hf", lambda: tf.OlmoConfig(**LLAMA)),
-    # Refused by the adapter today: logits are checked, attribution once the feature is supported.
-    Family("my-llama-ft", lambda: tf.LlamaConfig(**LLAMA, num_key_value_heads=2), "sp", GQA),
+    # Grouped-query attention, local windows, post-norm sublayers (Gemma-2) and soft-capping.
+    Family("my-llama-ft", lambda: tf.LlamaConfig(**LLAMA, num_key_value_heads=2), "sp"),
     Family("Meta-Llama-3-8B", lambda: tf.LlamaConfig(**{**LLAMA, "max_position_embeddings": 256}, num_key_value_heads=1,
                                                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
                                                                       "factor": 8.0, "low_freq_factor": 1.0,
                                                                       "high_freq_factor": 4.0,
                                                                       "original_max_position_embeddings": 16}),
-           "sp", GQA),
-    Family("Mistral-7B-v0.1", lambda: tf.MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=4), "sp", LOCAL),
-    Family("Qwen2-0.5B", lambda: tf.Qwen2Config(**LLAMA, num_key_value_heads=2), "bpe", GQA),
+           "sp"),
+    Family("Mistral-7B-v0.1", lambda: tf.MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=4), "sp"),
+    Family("Qwen2-0.5B", lambda: tf.Qwen2Config(**LLAMA, num_key_value_heads=2), "bpe"),
     Family("gemma-2-2b", lambda: tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8, sliding_window=4,
                                                  query_pre_attn_scalar=12, attn_logit_softcapping=1.0,
-                                                 final_logit_softcapping=0.5), "sp", POST_NORM),
+                                                 final_logit_softcapping=0.5), "sp"),
+    # Refused by the adapter today: logits are checked, attribution once the feature is supported.
     Family("gemma-3-1b-pt", lambda: tf.Gemma3TextConfig(**LLAMA, num_key_value_heads=1, head_dim=8, sliding_window=4,
                                                         layer_types=["sliding_attention", "full_attention"],
                                                         query_pre_attn_scalar=8), "sp", QK_NORM),
-    Family("Phi-3-medium-gqa", lambda: tf.Phi3Config(**LLAMA, num_key_value_heads=2, pad_token_id=0), "sp", GQA),
+    Family("Phi-3-medium-gqa", lambda: tf.Phi3Config(**LLAMA, num_key_value_heads=2, pad_token_id=0), "sp"),
     Family("Qwen3-0.6B", lambda: tf.Qwen3Config(**LLAMA, num_key_value_heads=2, head_dim=8), "bpe", QK_NORM),
     Family("gpt-neo-125m", lambda: tf.GPTNeoConfig(vocab_size=V, hidden_size=H, num_heads=NH, num_layers=L,
                                                    max_position_embeddings=P, window_size=4,
-                                                   attention_types=[[["global", "local"], 1]]), "bpe", LOCAL),
+                                                   attention_types=[[["global", "local"], 1]]), "bpe"),
     Family("OLMo-2-0425-1B", lambda: tf.Olmo2Config(**LLAMA), "bpe", "post-norm architecture"),
     Family("Olmo-3-7B", lambda: tf.Olmo3Config(**LLAMA, num_key_value_heads=2, sliding_window=4,
-                                               layer_types=["sliding_attention", "full_attention"]), "bpe", GQA),
+                                               layer_types=["sliding_attention", "full_attention"]), "bpe",
+           "post-norm architecture"),
     Family("OLMoE-1B-7B", lambda: tf.OlmoeConfig(**LLAMA, num_experts=4, num_experts_per_tok=2), "bpe",
            "mixture-of-experts"),
     Family("Mixtral-8x7B", lambda: tf.MixtralConfig(**LLAMA, num_key_value_heads=2, num_local_experts=4,
