@@ -14,7 +14,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from edgeatp.circuit import Check, Circuit, FaithfulnessCurve, Verification, node_circuit, prune
+from edgeatp.attribution.grouping import GroupScores, layer_groups, span_groups
+from edgeatp.circuit import Check, Circuit, FaithfulnessCurve, Verification, group_circuit, node_circuit, prune
 from edgeatp.errors import EdgeatpError
 from edgeatp.export import (circuit_from_json, circuit_to_json, dot_available, render, to_dot, to_networkx, write_json,
                             write_outputs, write_report)
@@ -23,9 +24,10 @@ from edgeatp.export.dot import NEGATIVE, POSITIVE, quote
 from edgeatp.export.schema import SCHEMA_PATH, violations
 from edgeatp.graph import EdgeGraph, ModelShape, Node, NodeKind, node_set
 from edgeatp.model import ModelAdapter
-from edgeatp.scores import EdgeScores, NodeScores
+from edgeatp.scores import EdgeScores, NodeScores, PairStats
 from edgeatp.tasks.pairs import Direction
 from edgeatp.setup import Setup
+from edgeatp.verification import with_exact_units
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +71,17 @@ def the_node_circuit() -> Circuit:
     per = torch.randn((4, len(nodes)), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ns = NodeScores.from_per_pair(per, None, "atp*", Direction.DENOISING, "logit_diff", nodes)
     return node_circuit(ns, EdgeGraph.from_shape(SHAPE), top_k=3)
+
+
+def the_group_circuit(spans: tuple[tuple[int, int], ...] = ((0, 1), (2, 3)), top_k: int = 3) -> Circuit:
+    """A group circuit of the ``top_k`` best span groups (heads and MLPs over ``spans``) of random
+    estimates, the best two of them patched exactly (the second with the sign against its estimate)."""
+    groups = span_groups(node_set(SHAPE, ["head", "mlp"]), list(spans))
+    per = torch.randn((4, len(groups)), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    gs = GroupScores(PairStats.of(per), "atp*", Direction.NOISING, "logit_diff", groups=tuple(groups))
+    c = group_circuit(gs, EdgeGraph.from_shape(SHAPE), top_k=top_k)
+    first, second = c.units_of("group")[:2]
+    return with_exact_units(c, {first.name: 2 * first.signed, second.name: -second.signed}, 4)
 
 
 def qk_circuit() -> Circuit:
@@ -279,7 +292,7 @@ def test_missing_dot_gives_an_install_hint(tmp_path: Path, monkeypatch: pytest.M
 
 
 # ------------------------------------------------------------------------------------ JSON
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit])
 def test_json_round_trip_is_exact(make: Callable[[], Circuit], tmp_path: Path) -> None:
     c = make()
     data = circuit_to_json(c)
@@ -287,6 +300,16 @@ def test_json_round_trip_is_exact(make: Callable[[], Circuit], tmp_path: Path) -
     assert_same(c, circuit_from_json(text))
     assert_same(c, circuit_from_json(json.loads(text)))
     assert_same(c, circuit_from_json(write_json(c, tmp_path / "c.json")))
+
+
+def test_json_keeps_group_members() -> None:
+    c = the_group_circuit()
+    data = circuit_to_json(c)
+    members = {u["name"]: u["members"] for u in data["units"]}
+    assert len(members) == 12 and members["a0.h1@2-3"] == ["a0.h1@2", "a0.h1@3"]
+    assert members["m1@0-1"] == ["m1@0", "m1@1"]
+    assert all("members" not in u for u in circuit_to_json(the_node_circuit())["units"])
+    assert circuit_from_json(data).units == c.units
 
 
 def test_json_lists_every_edge_with_names_and_positions() -> None:
@@ -421,7 +444,7 @@ def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit])
 def test_written_json_follows_the_schema(schema: dict, make: Callable[[], Circuit]) -> None:
     data = json.loads(json.dumps(circuit_to_json(make()), allow_nan=False))
     assert violations(data, schema, schema) == []
