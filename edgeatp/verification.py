@@ -108,9 +108,10 @@ def measure(setup: Setup, circuit: Circuit) -> Circuit:
 
 
 def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") -> FaithfulnessCurve:
-    """Faithfulness and necessity of node- or group-level circuits of growing size (sizes = components)."""
+    """Faithfulness and necessity of node- or group-level circuits of growing size (sizes = kept
+    units: components of node- and neuron-level circuits, groups of group circuits)."""
     rows = [_component_faithfulness(setup, c) for c in circuits]
-    sizes = tuple(len([n for n in c.nodes() if n.kind not in (NodeKind.INPUT, NodeKind.LOGITS)]) for c in circuits)
+    sizes = tuple(sum(u.in_circuit for u in c.units) for c in circuits)
     return FaithfulnessCurve(sizes, tuple(r[0] for r in rows), tuple(r[1] for r in rows), rows[0][2], rows[0][3],
                              label)
 

@@ -27,7 +27,7 @@ from edgeatp.model import ModelAdapter
 from edgeatp.scores import EdgeScores, NodeScores, PairStats
 from edgeatp.tasks.pairs import Direction
 from edgeatp.setup import Setup
-from edgeatp.verification import with_exact_units
+from edgeatp.verification import component_curve, with_exact_units
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -500,6 +500,21 @@ def ioi(zoo_ioi: ModelAdapter) -> tuple[Circuit, EdgeScores]:
     c = c.with_(verification=verify(Setup(zoo_ioi, pairs), c, sc, top=6, sample_below=3),
                 curve=faithfulness_curve(Setup(zoo_ioi, pairs), sc, [4, 8, 16]))
     return c, sc
+
+
+def test_group_curves_count_groups(zoo_ioi: ModelAdapter) -> None:
+    import edgeatp as ea
+
+    setup = Setup(zoo_ioi, ea.make_task("ioi", zoo_ioi.tokenizer, 4))
+    end = setup.pairs.n_positions - 1
+    groups = span_groups(node_set(zoo_ioi.shape, ["head", "mlp"]), [(0, 3), (4, end)])
+    per = torch.zeros((2, len(groups)), dtype=torch.float64)
+    per[:, [g.name for g in groups].index("a0.h1@0-3")] = 2.0
+    per[:, [g.name for g in groups].index(f"a0.h1@4-{end}")] = 1.0
+    gs = GroupScores(PairStats.of(per), "atp", Direction.NOISING, "logit_diff", groups=tuple(groups))
+    circuits = [group_circuit(gs, EdgeGraph.from_shape(zoo_ioi.shape), top_k=k) for k in (1, 2, 3)]
+    assert [len(c.nodes()) - 2 for c in circuits] == [1, 1, 2]  # two spans of one head, then another component
+    assert component_curve(setup, circuits).sizes == (1, 2, 3)
 
 
 def test_markdown_report_has_the_tables(ioi: tuple[Circuit, EdgeScores], tmp_path: Path) -> None:
