@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,8 +19,10 @@ from edgeatp.circuit import Check, Circuit, FaithfulnessCurve, Verification, gro
 from edgeatp.errors import EdgeatpError
 from edgeatp.export import (circuit_from_json, circuit_to_json, dot_available, render, to_dot, to_networkx, write_json,
                             write_outputs, write_report)
+from edgeatp.export._view import drawing
 from edgeatp.export.chart import faithfulness_svg, nice_ticks
-from edgeatp.export.dot import NEGATIVE, POSITIVE, quote
+from edgeatp.export.dot import (FILL_LIGHT_NEGATIVE, FILL_LIGHT_POSITIVE, FILL_NEGATIVE, FILL_NEUTRAL, FILL_POSITIVE,
+                                LIGHT_NEGATIVE, LIGHT_POSITIVE, NEGATIVE, NEUTRAL, POSITIVE, quote)
 from edgeatp.export.schema import SCHEMA_PATH, violations
 from edgeatp.graph import EdgeGraph, ModelShape, Node, NodeKind, node_set
 from edgeatp.model import ModelAdapter
@@ -71,6 +73,22 @@ def the_node_circuit() -> Circuit:
     per = torch.randn((4, len(nodes)), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ns = NodeScores.from_per_pair(per, None, "atp*", Direction.DENOISING, "logit_diff", nodes)
     return node_circuit(ns, EdgeGraph.from_shape(SHAPE), top_k=3)
+
+
+def verified_node_circuit() -> Circuit:
+    """:func:`the_node_circuit` with its best component patched against the sign of its estimate
+    and its second best along it (the third is left as an estimate)."""
+    c = the_node_circuit()
+    first, second = c.units_of("component")[:2]
+    return with_exact_units(c, {first.name: -3 * first.signed, second.name: 2 * second.signed}, 2)
+
+
+def neuron_circuit(top_k: int = 26) -> Circuit:
+    """A neuron-level circuit of the ``top_k`` best heads and neurons (most of both MLPs' 16 neurons)."""
+    nodes = node_set(SHAPE, ["head", "neuron"])
+    per = torch.randn((3, len(nodes)), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ns = NodeScores.from_per_pair(per, None, "atp", Direction.NOISING, "logit_diff", nodes)
+    return node_circuit(ns, EdgeGraph.from_shape(SHAPE, neurons=True), top_k=top_k)
 
 
 def the_group_circuit(spans: tuple[tuple[int, int], ...] = ((0, 1), (2, 3)), top_k: int = 3) -> Circuit:
@@ -202,6 +220,21 @@ def edge_attrs(dot: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def node_attrs(dot: str) -> dict[str, dict[str, str]]:
+    """Attributes of every DOT node statement (components, not row labels), by node id."""
+    out = {}
+    for line in dot.splitlines():
+        if " -> " not in line and "id=" in line and "row:" not in line:
+            a = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|[\d.]+)', line))
+            out[a["id"].strip('"')] = {k: v.strip('"').replace("\\n", "\n") for k, v in a.items()}
+    return out
+
+
+def legend(dot: str) -> str:
+    """The title and legend of a DOT drawing as one line of text."""
+    return " ".join(dot.split("graph [label=")[1].split("];")[0].replace("\\l", " ").split())
+
+
 def run_dot(text: str, fmt: str = "svg") -> str:
     """Graphviz output for DOT text; fails the test on any error or warning."""
     done = subprocess.run(["dot", f"-T{fmt}"], input=text.encode(), capture_output=True)
@@ -211,12 +244,18 @@ def run_dot(text: str, fmt: str = "svg") -> str:
 
 
 @needs_dot
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, qk_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, qk_circuit, the_group_circuit,
+                                  neuron_circuit])
 def test_graphviz_accepts_the_dot(make: Callable[[], Circuit]) -> None:
     c = make()
     svg = run_dot(to_dot(c))
     ids = {html.unescape(i) for i in re.findall(r'<g id="([^"]+)" class="edge">', svg)}
-    assert ids == {e.name for e in c.edges()} and len(ids) == c.n_edges
+    view = drawing(c)
+    assert ids == {e.id for e in view.edges} and len(ids) == len(view.edges)
+    drawn = [name for e in view.edges for name in (e.members or (e.id,))]
+    assert sorted(drawn) == sorted(e.name for e in c.edges())  # every kept edge, once, merged or not
+    if c.level == "edge":  # no neuron writers here: one drawn edge per kept edge
+        assert ids == {e.name for e in c.edges()}
 
 
 @needs_dot
@@ -231,19 +270,96 @@ def test_dot_draws_layers_top_to_bottom() -> None:
         assert y["m0"] > y["m1"]
 
 
-def test_dot_colour_is_the_sign_and_width_the_score() -> None:
+def test_dot_colour_is_the_best_known_sign_and_width_the_score() -> None:
     c = edge_circuit()
-    attrs = edge_attrs(to_dot(c, min_penwidth=1.0, max_penwidth=5.0))
+    text = to_dot(c, min_penwidth=1.0, max_penwidth=5.0)
+    attrs = edge_attrs(text)
     assert set(attrs) == {e.name for e in c.edges()}
-    widths = []
+    exact = {ch.name: ch.exact for ch in c.verification.checks}
+    widths, flipped = [], 0
     for e in c.edges():
         a, idx = attrs[e.name], (0, *c.graph.index_of(e))
-        assert a["color"] == (POSITIVE if c.signed[idx] > 0 else NEGATIVE)
+        if e.name in exact:  # patched: the exact effect's sign, dark, even against the estimate
+            assert a["color"] == (POSITIVE if exact[e.name] > 0 else NEGATIVE) and "estimate only" not in a["tooltip"]
+            flipped += bool(c.signed[idx] > 0) != (exact[e.name] > 0)
+        else:  # estimate only: light
+            assert a["color"] == (LIGHT_POSITIVE if c.signed[idx] > 0 else LIGHT_NEGATIVE)
+            assert "estimate only" in a["tooltip"]
         widths.append((float(c.score[idx]), float(a["penwidth"])))
+    assert flipped >= 1
     assert max(w for _, w in widths) == 5.0
     by_score = [w for _, w in sorted(widths)]
     assert by_score == sorted(by_score) and by_score[0] < by_score[-1]
-    assert {a["color"] for a in attrs.values()} == {POSITIVE, NEGATIVE}
+    assert {a["color"] for a in attrs.values()} == {NEGATIVE, LIGHT_POSITIVE, LIGHT_NEGATIVE}
+    assert "dark blue/red: sign of the exact effect (3 drawn edges patched" in legend(text)
+    assert "light blue/red: sign of the estimate only (9 not patched)" in legend(text)
+
+
+def test_dot_node_circuit_colours_components_by_their_effect() -> None:
+    c = verified_node_circuit()
+    text = to_dot(c)
+    nodes = node_attrs(text)
+    first, second, third = [u for u in c.units_of("component") if u.in_circuit]
+    assert (first.signed > 0) != (first.exact > 0)  # patched against its estimate: the exact sign wins
+    for u in (first, second):
+        assert nodes[u.name]["fillcolor"] == (FILL_POSITIVE if u.exact > 0 else FILL_NEGATIVE)
+        assert f"exact {u.exact:.4g}" in nodes[u.name]["label"]
+    assert nodes[third.name]["fillcolor"] == (FILL_LIGHT_POSITIVE if third.signed > 0 else FILL_LIGHT_NEGATIVE)
+    assert f"est. {third.signed:.4g}" in nodes[third.name]["label"]
+    assert nodes["input"]["fillcolor"] == nodes["logits"]["fillcolor"] == FILL_NEUTRAL
+    edges = edge_attrs(text)
+    assert {(a["color"], a["penwidth"]) for a in edges.values()} == {(NEUTRAL, "1.0")}  # unscored: drawn alike
+    text_legend = legend(text)
+    assert "node circuit, 3 of 6 components kept" in text_legend
+    assert "edges: every edge among the kept components, not scored one by one, drawn alike" in text_legend
+    assert "pen width" not in text_legend and "edge colour" not in text_legend
+    assert "so the component restores it" in text_legend  # denoising
+
+
+def test_dot_reduces_large_neuron_circuits() -> None:
+    c = neuron_circuit()
+    kept = [u for u in c.units_of("component") if u.in_circuit and ".n" in u.name]
+    per_layer = {layer: [u.name for u in kept if u.name.startswith(f"m{layer}.")] for layer in (0, 1)}
+    assert all(len(names) > 3 for names in per_layer.values())
+    text = to_dot(c, max_neurons=3)
+    nodes = node_attrs(text)
+    for layer, names in per_layer.items():  # the three best of each MLP one by one, the rest merged
+        assert sorted(n for n in nodes if n.startswith(f"m{layer}.n")) == sorted(names[:3])
+        assert f"+{len(names) - 3} neurons" in nodes[f"m{layer}"]["label"]
+    assert (f"the 3 best-scoring neurons of each MLP; the other {len(per_layer[0]) - 3} of m0, "
+            f"{len(per_layer[1]) - 3} of m1 are merged into their MLP's node") in legend(text)
+    assert len(edge_attrs(text)) < c.n_edges // 3 and run_dot(text)
+    assert "merged" not in legend(to_dot(c, max_neurons=None))
+    assert to_networkx(c).number_of_edges() == c.n_edges  # the data keeps every edge
+
+
+def test_dot_caps_edge_circuits_at_the_best_scores() -> None:
+    c = prune(edge_scores(EdgeGraph.from_shape(SHAPE), seed=6), top_k=40, cleanup=False)
+    text = to_dot(c, max_edges=10)
+    assert set(edge_attrs(text)) == {e.name for e in c.edges()[:10]}
+    assert "drawn: the 10 highest-scoring of the 40 kept edges" in legend(text)
+    assert "highest-scoring" not in legend(to_dot(c))  # 40 edges fit the default cap
+    assert to_networkx(c).number_of_edges() == 40
+
+
+def test_dot_group_circuit_shows_the_kept_groups() -> None:
+    c = the_group_circuit()
+    text = to_dot(c)
+    nodes = node_attrs(text)
+    kept = [u for u in c.units_of("group") if u.in_circuit]
+    assert len(kept) == 3 and len({g.name.split("@")[0] for g in kept}) == 3
+    for g in kept:  # each kept group on its component, with its span and best-known effect
+        label, fill = nodes[g.name.split("@")[0]]["label"], nodes[g.name.split("@")[0]]["fillcolor"]
+        value = g.exact if g.exact is not None else g.signed
+        assert f"group {g.name}: {'exact' if g.exact is not None else 'est.'} {value:.4g}" in label
+        dark, light = (FILL_POSITIVE, FILL_LIGHT_POSITIVE) if value > 0 else (FILL_NEGATIVE, FILL_LIGHT_NEGATIVE)
+        assert fill == (dark if g.exact is not None else light)
+    assert any((g.exact > 0) != (g.signed > 0) for g in kept if g.exact is not None)
+    assert "group circuit, 3 of 12 groups kept (3 components" in legend(text)
+    assert "each component lists the kept groups it belongs to" in legend(text)
+    old = c.with_(units=tuple(replace(u, members=()) for u in c.units))  # files written before members existed
+    assert "kept groups whose members are not recorded, so not placed: " + ", ".join(g.name for g in kept) in legend(
+        to_dot(old))
 
 
 def test_dot_marks_qkv_edges() -> None:
