@@ -604,6 +604,24 @@ def test_chart_plots_the_curves() -> None:
     assert "log scale" in faithfulness_svg(FaithfulnessCurve((1, 100), (0.1, 0.9), (0.9, 0.1), 1.0, 0.0))
 
 
+def test_chart_marks_the_chosen_size_and_the_target() -> None:
+    f = FaithfulnessCurve((1, 2, 4, 6), (0.1, 0.5, 0.8, 0.95), (0.9, 0.4, 0.1, 0.0), 1.0, 0.0)
+    svg = faithfulness_svg(f, unit="components", chosen=4, target=0.8)
+    point = polyline_points(svg, "faithfulness")[0][2]  # size 4, faithfulness 0.8
+    chosen = re.search(r'<line class="chosen" x1="([\d.]+)" x2="([\d.]+)"', svg)
+    target = re.search(r'<line class="target" x1="[\d.]+" x2="[\d.]+" y1="([\d.]+)" y2="([\d.]+)"', svg)
+    assert float(chosen[1]) == float(chosen[2]) == point[0] and float(target[1]) == float(target[2]) == point[1]
+    for text in ("chosen: 4 components", "target 0.8", "circuit size (components)", "necessity at 6 components"):
+        assert text in svg, text
+    plain = faithfulness_svg(f)
+    assert 'class="chosen"' not in plain and 'class="target"' not in plain and "circuit size (edges)" in plain
+    wide = faithfulness_svg(FaithfulnessCurve((10, 20), (0.5, 0.9), (0.2, 0.1), 1.0, 0.0), chosen=5, target=1.5)
+    first = polyline_points(wide, "faithfulness")[0][0]  # axes stretch to show both marks inside the plot
+    assert 64 < float(re.search(r'<line class="chosen" x1="([\d.]+)"', wide)[1]) < first[0]
+    assert 62 < float(re.search(r'<line class="target" x1="[\d.]+" x2="[\d.]+" y1="([\d.]+)"', wide)[1]) < first[1]
+    assert "chosen: 5 edges" in wide
+
+
 @pytest.fixture(scope="module")
 def ioi(zoo_ioi: ModelAdapter) -> tuple[Circuit, EdgeScores]:
     """A real verified circuit with a faithfulness curve, from the IOI zoo model."""
