@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from edgeatp.attribution.grouping import GroupScores, layer_groups, span_groups
-from edgeatp.circuit import Check, Circuit, FaithfulnessCurve, Verification, group_circuit, node_circuit, prune
+from edgeatp.circuit import (Check, Circuit, FaithfulnessCurve, Unit, Verification, group_circuit, node_circuit,
+                             prune)
 from edgeatp.errors import EdgeatpError
 from edgeatp.export import (circuit_from_json, circuit_to_json, dot_available, render, to_dot, to_networkx, write_json,
                             write_outputs, write_report)
@@ -76,11 +77,11 @@ def the_node_circuit() -> Circuit:
 
 
 def verified_node_circuit() -> Circuit:
-    """:func:`the_node_circuit` with its best component patched against the sign of its estimate
-    and its second best along it (the third is left as an estimate)."""
+    """:func:`the_node_circuit` with its best component patched against the sign of its estimate,
+    its second best along it (the third is left as an estimate) and the best one outside it."""
     c = the_node_circuit()
-    first, second = c.units_of("component")[:2]
-    return with_exact_units(c, {first.name: -3 * first.signed, second.name: 2 * second.signed}, 2)
+    first, second, _, fourth = c.units_of("component")[:4]
+    return with_exact_units(c, {first.name: -3 * first.signed, second.name: 2 * second.signed, fourth.name: 0.5}, 3)
 
 
 def neuron_circuit(top_k: int = 26) -> Circuit:
@@ -326,8 +327,8 @@ def test_dot_reduces_large_neuron_circuits() -> None:
     for layer, names in per_layer.items():  # the three best of each MLP one by one, the rest merged
         assert sorted(n for n in nodes if n.startswith(f"m{layer}.n")) == sorted(names[:3])
         assert f"+{len(names) - 3} neurons" in nodes[f"m{layer}"]["label"]
-    assert (f"the 3 best-scoring neurons of each MLP; the other {len(per_layer[0]) - 3} of m0, "
-            f"{len(per_layer[1]) - 3} of m1 are merged into their MLP's node") in legend(text)
+    assert (f"only the 3 best-scoring neurons of each MLP are drawn one by one; the other {len(per_layer[0]) - 3} "
+            f"of m0, {len(per_layer[1]) - 3} of m1 are merged into their MLP's node") in legend(text)
     assert len(edge_attrs(text)) < c.n_edges // 3 and run_dot(text)
     assert "merged" not in legend(to_dot(c, max_neurons=None))
     assert to_networkx(c).number_of_edges() == c.n_edges  # the data keeps every edge
@@ -337,7 +338,7 @@ def test_dot_caps_edge_circuits_at_the_best_scores() -> None:
     c = prune(edge_scores(EdgeGraph.from_shape(SHAPE), seed=6), top_k=40, cleanup=False)
     text = to_dot(c, max_edges=10)
     assert set(edge_attrs(text)) == {e.name for e in c.edges()[:10]}
-    assert "drawn: the 10 highest-scoring of the 40 kept edges" in legend(text)
+    assert "only the 10 highest-scoring of the 40 kept edges are drawn" in legend(text)
     assert "highest-scoring" not in legend(to_dot(c))  # 40 edges fit the default cap
     assert to_networkx(c).number_of_edges() == 40
 
@@ -358,7 +359,7 @@ def test_dot_group_circuit_shows_the_kept_groups() -> None:
     assert "group circuit, 3 of 12 groups kept (3 components" in legend(text)
     assert "each component lists the kept groups it belongs to" in legend(text)
     old = c.with_(units=tuple(replace(u, members=()) for u in c.units))  # files written before members existed
-    assert "kept groups whose members are not recorded, so not placed: " + ", ".join(g.name for g in kept) in legend(
+    assert "kept groups whose members are not recorded are not placed: " + ", ".join(g.name for g in kept) in legend(
         to_dot(old))
 
 
@@ -670,6 +671,7 @@ def test_markdown_report_has_the_tables(ioi: tuple[Circuit, EdgeScores], tmp_pat
                .splitlines()) == 1 + len(c.verification.checks)
     chart = (tmp_path / "circuit_faithfulness.svg").read_text()
     assert chart.startswith("<svg") and len(polyline_points(chart, "faithfulness")[0]) == 3
+    assert "chosen: 12 edges" in chart and 'class="target"' not in chart  # no target recorded: none drawn
     if dot_available():
         assert "(circuit.svg)" in text and (tmp_path / "circuit.svg").is_file()
 
@@ -694,10 +696,74 @@ def test_export_all_writes_each_format(tmp_path: Path) -> None:
         write_outputs(edge_circuit(), tmp_path, ("gif",))
 
 
-def test_node_circuit_report_ranks_components(tmp_path: Path) -> None:
-    c = the_node_circuit()
+def test_node_circuit_report_lists_components(tmp_path: Path) -> None:
+    c = verified_node_circuit()
     text = write_report(c, tmp_path, "md").read_text()
-    best = max(c.node_scores, key=c.node_scores.get)
-    assert f"## Top components (6 of 6 scored)\n\n| # | component | score |\n|---|---|---|\n| 1 | `{best}` |" in text
-    assert text.index("## Top components") < text.index("## Edges among the kept components")
-    assert "Not verified" in text and "No faithfulness curve" in text
+    u = c.units_of("component")
+    assert ("## Components (3 of 6 kept)\n\n| # | component | kept | score | signed estimate | exact effect |\n"
+            f"|---|---|---|---|---|---|\n| 1 | `{u[0].name}` | yes | {u[0].score:.4g} | {u[0].signed:.4g} | "
+            f"{u[0].exact:.4g} |") in text
+    assert f"| 3 | `{u[2].name}` | yes | {u[2].score:.4g} | {u[2].signed:.4g} | — |" in text
+    assert f"| 4 | `{u[3].name}` | no | {u[3].score:.4g} | {u[3].signed:.4g} | 0.5 |" in text
+    assert text.index("## Components") < text.index("## Edges among the kept components")
+    assert "Top edges" not in text and "| edge |" not in text and "0 | 0 |" not in text
+    assert c.verification.outside_checked == 1
+    assert "**largest |exact| among the 1 checked components outside the circuit**: 0.5" in text
+    assert "| component | in circuit | score | signed estimate | exact effect |" in text
+    assert "its exact effect patches its output" in text and "No faithfulness curve" in text
+
+
+def test_group_circuit_report_lists_groups(tmp_path: Path) -> None:
+    c = the_group_circuit()
+    text = write_report(c, tmp_path, "md").read_text()
+    g = c.units_of("group")
+    assert ("## Groups (3 of 12 kept)\n\n| # | group | kept | components | score | signed estimate | exact effect |\n"
+            f"|---|---|---|---|---|---|---|\n| 1 | `{g[0].name}` | yes | {g[0].name.split('@')[0]} | {g[0].score:.4g} "
+            f"| {g[0].signed:.4g} | {g[0].exact:.4g} |") in text
+    comp = g[3].name.split("@")[0]
+    assert f"| 4 | `{g[3].name}` | no | {comp} | {g[3].score:.4g} | {g[3].signed:.4g} | — |" in text
+    assert "## Edges among the kept groups' components" in text and "group circuit: 3 of 12 groups kept" in text
+    assert "Top edges" not in text and "| edge |" not in text and "checked edges" not in text
+    assert "checked groups outside the circuit" in text and "| group | in circuit |" in text
+    assert "mean over dropped layers of |estimate|" in text  # atp*: GradDrop scores explained
+
+
+def test_layer_to_layer_edges_table(tmp_path: Path) -> None:
+    coarse = (Unit("a0->m0", "coarse_edge", 4.6, -4.49, -7.49), Unit("m1->logits", "coarse_edge", 4.0, -4.03, None))
+    text = write_report(edge_circuit().with_(units=coarse), tmp_path, "md").read_text()
+    assert ("## Layer-to-layer edges (2)" in text and "| # | layer-to-layer edge | score | signed estimate | exact "
+            "effect |\n|---|---|---|---|---|\n| 1 | `a0->m0` | 4.6 | -4.49 | -7.49 |\n| 2 | `m1->logits` | 4 | -4.03 | — |"
+            in text)
+    assert "sum of the member edges' signed estimates" in text
+    assert text.index("## Top edges") < text.index("## Layer-to-layer edges") < text.index("## Verification")
+
+
+def test_report_header_states_faithfulness_warnings_and_columns(tmp_path: Path) -> None:
+    c = the_group_circuit()
+    note = "faithfulness 0.3 is below the target 0.8: the circuit does not carry the behaviour"
+    curve = FaithfulnessCurve((1, 3, 6), (0.1, 0.3, 0.9), (0.7, 0.2, 0.0), 2.0, -1.0)
+    c = c.with_(selection=c.selection.with_note(note), faithfulness=0.3, necessity=0.2, curve=curve,
+                meta={"model": "toy", "config": {"target": 0.8}})
+    md = write_report(c, tmp_path, "md").read_text()
+    head = md.split("## Graph")[0]
+    assert "**Faithfulness 0.3, necessity 0.2** (1 = the clean behaviour, 0 = the corrupt one; target 0.8)" in head
+    assert f"> **Warning:** {note}" in head and head.index("Warning") < head.index("- **model**")
+    assert "- **score**: the ranking magnitude (for GradDrop, as in atp*: the mean over prompt pairs of the mean" in head
+    assert "- **signed estimate**: the plain (un-dropped) estimate" in head
+    assert md.count("Score: the ranking magnitude (for GradDrop") == 2  # under the groups and verification tables
+    chart = (tmp_path / "circuit_faithfulness.svg").read_text()
+    assert all(needle in chart for needle in ("chosen: 3 groups", "target 0.8", "circuit size (groups)"))
+    assert "the chosen circuit (3 groups) and the target 0.8 are marked" in md
+    assert "| groups | faithfulness | necessity |" in md
+    html_text = write_report(c, tmp_path, "html").read_text()
+    assert f'<p class="notice"><strong>Warning:</strong> {html.escape(note)}</p>' in html_text
+    assert "<strong>Faithfulness 0.3, necessity 0.2</strong>" in html_text and "chosen: 3 groups" in html_text
+    plain = write_report(edge_circuit(), tmp_path, "md").read_text()  # atp-qk, no warnings
+    assert "Warning" not in plain and "dropped" not in plain and "mean over prompt pairs of |estimate|" in plain
+
+
+def test_report_says_what_the_drawing_leaves_out(tmp_path: Path) -> None:
+    text = write_report(neuron_circuit(), tmp_path, "md").read_text()
+    assert ("The drawing is reduced: only the 8 best-scoring neurons of each MLP are drawn one by one; the other 3 "
+            "of m0") in text
+    assert "reduced" not in write_report(edge_circuit(), tmp_path, "md").read_text()

@@ -139,13 +139,13 @@ def column_notes(method: str) -> ColumnNotes:
         return ColumnNotes("the non-negative ranking magnitude recorded with the circuit",
                            "the signed estimate recorded with the circuit", exact)
     if m.graddrop:
-        return ColumnNotes(f"the ranking magnitude: for GradDrop ({m.name}) the mean over prompt pairs of the mean "
-                           "over dropped layers of |estimate|, so it can differ from |signed estimate| by orders "
-                           "of magnitude", "the plain (un-dropped) estimate, mean over prompt pairs", exact)
+        return ColumnNotes(f"the ranking magnitude (for GradDrop, as in {m.name}: the mean over prompt pairs of the "
+                           "mean over dropped layers of |estimate|), so it can differ from |signed estimate| by "
+                           "orders of magnitude", "the plain (un-dropped) estimate, mean over prompt pairs", exact)
     if m.kind is Kind.EXACT:
-        return ColumnNotes("the ranking magnitude: the mean over prompt pairs of |exact effect|",
+        return ColumnNotes("the ranking magnitude (the mean over prompt pairs of |exact effect|)",
                            "the exact effect (method exact), mean over prompt pairs", exact)
-    return ColumnNotes("the ranking magnitude: the mean over prompt pairs of |estimate|",
+    return ColumnNotes("the ranking magnitude (the mean over prompt pairs of |estimate|)",
                        "the estimate, mean over prompt pairs", exact)
 
 
@@ -173,6 +173,18 @@ def chosen_size(circuit: Circuit) -> int:
     """The circuit's size in :func:`size_word` units: kept edges, or kept components or groups."""
     kind = unit_kind(circuit)
     return circuit.n_edges if kind is None else sum(u.in_circuit for u in circuit.units_of(kind))
+
+
+def size_summary(circuit: Circuit) -> str:
+    """The circuit's size in words: edges and components, or kept units of how many (and the
+    components and edges among them)."""
+    kind = unit_kind(circuit)
+    if kind is None:
+        return f"{circuit.n_edges} edges, {len(circuit.nodes())} components"
+    among = f"{circuit.n_edges} edges among them"
+    if kind == "group":
+        among = f"{sum(n.kind not in (NodeKind.INPUT, NodeKind.LOGITS) for n in circuit.nodes())} components, " + among
+    return f"{chosen_size(circuit)} of {len(circuit.units_of(kind))} {size_word(circuit)} kept ({among})"
 
 
 # ------------------------------------------------------------------------------------ drawings
@@ -224,11 +236,16 @@ class Drawing:
     left_out: tuple[str, ...]
 
 
+def member_components(group: Unit) -> list[str]:
+    """Names of the components a group's members belong to (heads for q/k/v members), in order."""
+    return list(dict.fromkeys(component(Node.parse(m).component).name for m in group.members))
+
+
 def _groups_by_component(groups: Sequence[Unit]) -> dict[str, list[Unit]]:
-    """Groups by the component names of their members (heads for q/k/v members)."""
+    """Groups by the component names of their members."""
     out: dict[str, list[Unit]] = {}
     for g in groups:
-        for name in dict.fromkeys(component(Node.parse(m).component).name for m in g.members):
+        for name in member_components(g):
             out.setdefault(name, []).append(g)
     return out
 
@@ -258,7 +275,7 @@ def drawing(circuit: Circuit, *, max_edges: int | None = MAX_EDGES, max_neurons:
     scores = node_score_map(circuit, rows)
     left: list[str] = []
     if circuit.level == "edge" and max_edges is not None and len(rows) > max_edges:
-        left.append(f"drawn: the {max_edges} highest-scoring of the {len(rows)} kept edges "
+        left.append(f"only the {max_edges} highest-scoring of the {len(rows)} kept edges are drawn "
                     "(every edge is in the JSON and networkx exports)")
         rows = rows[:max_edges]
     into = {} if max_neurons is None else _merged_neurons(circuit, rows, scores, max_neurons)
@@ -285,16 +302,16 @@ def drawing(circuit: Circuit, *, max_edges: int | None = MAX_EDGES, max_neurons:
     if into:
         per_mlp = {m: list(into.values()).count(m) for m in dict.fromkeys(into.values())}
         n_rows = sum(r.writer in into for r in rows)
-        left.append(f"drawn one by one: the {max_neurons} best-scoring neurons of each MLP; the other "
+        left.append(f"only the {max_neurons} best-scoring neurons of each MLP are drawn one by one; the other "
                     + ", ".join(f"{k} of {m.name}" for m, k in per_mlp.items())
-                    + f" are merged into their MLP's node ('+N neurons'), their {n_rows} edges drawn as {n_drawn} "
+                    + f" are merged into their MLP's node ('+N neurons') and their {n_rows} edges drawn as {n_drawn} "
                     "(every edge is in the JSON and networkx exports)")
     units = {u.name: u for u in circuit.units_of("component")}
     kept_groups = [u for u in circuit.units_of("group") if u.in_circuit]
     by_component = _groups_by_component([g for g in kept_groups if g.members])
     unplaced = [g.name for g in kept_groups if not g.members]
     if unplaced:
-        left.append(f"kept groups whose members are not recorded, so not placed: {', '.join(unplaced)}")
+        left.append(f"kept groups whose members are not recorded are not placed: {', '.join(unplaced)}")
     shape = circuit.graph.shape
     ends = sorted({n for e in edges for n in (e.writer, e.reader)}, key=lambda n: node_sort_key(n, shape))
     nodes = tuple(DrawNode(n, scores.get(n), units.get(n.component.name), tuple(by_component.get(n.component.name, ())),

@@ -31,8 +31,8 @@ from pathlib import Path
 from ..circuit import Circuit
 from ..errors import EdgeatpError
 from ..graph import NodeKind
-from ._view import (MAX_EDGES, MAX_NEURONS, DrawEdge, DrawNode, best_effect, chosen_size, column_notes, drawing,
-                    layer_rank, sign_legend, sign_of, size_word, unit_kind)
+from ._view import (MAX_EDGES, MAX_NEURONS, DrawEdge, DrawNode, best_effect, column_notes, drawing, layer_rank,
+                    sign_legend, sign_of, size_summary)
 from .files import atomic_write
 
 POSITIVE, NEGATIVE, NEUTRAL = "#2166ac", "#b2182b", "#8c8c8c"  # edges: exact effects (and zero)
@@ -114,15 +114,8 @@ def _wrap(text: str) -> list[str]:
 
 
 def _headline(circuit: Circuit) -> str:
-    """What the circuit is: level and size (kept units of how many, the components and edges among them)."""
-    model = str(circuit.meta.get("model", "model"))
-    kind = unit_kind(circuit)
-    if kind is None:
-        return f"{model}: edge circuit, {circuit.n_edges} edges"
-    n_components = sum(n.kind not in (NodeKind.INPUT, NodeKind.LOGITS) for n in circuit.nodes())
-    extra = f"{n_components} components, " if kind == "group" else ""
-    return (f"{model}: {circuit.level} circuit, {chosen_size(circuit)} of {len(circuit.units_of(kind))} "
-            f"{size_word(circuit)} kept ({extra}{circuit.n_edges} edges)")
+    """What the circuit is: model, level and size."""
+    return f"{circuit.meta.get('model', 'model')}: {circuit.level} circuit, {size_summary(circuit)}"
 
 
 def _title_lines(circuit: Circuit, title: str | None, edges: list[DrawEdge], notes: tuple[str, ...]) -> list[str]:
