@@ -736,6 +736,8 @@ def test_layer_to_layer_edges_table(tmp_path: Path) -> None:
             in text)
     assert "sum of the member edges' signed estimates" in text
     assert text.index("## Top edges") < text.index("## Layer-to-layer edges") < text.index("## Verification")
+    short = write_report(edge_circuit().with_(units=coarse), tmp_path, "md", top=1).read_text()
+    assert "## Layer-to-layer edges (top 1 of 2)" in short and "| 2 | `m1->logits` |" not in short
 
 
 def test_report_header_states_faithfulness_warnings_and_columns(tmp_path: Path) -> None:

@@ -118,7 +118,7 @@ def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and nec
         right_half = cx > left + pw / 2
         parts.append(f'<line class="chosen" x1="{cx:.1f}" x2="{cx:.1f}" y1="{top}" y2="{top + ph}" stroke="#333333" '
                      f'stroke-dasharray="3 3"/>')
-        parts.append(f'<text x="{cx + (-4 if right_half else 4):.1f}" y="{top + 12}" '
+        parts.append(f'<text x="{cx + (-4 if right_half else 4):.1f}" y="{top - 5}" '
                      f'text-anchor="{"end" if right_half else "start"}">chosen: {chosen} {escape(unit)}</text>')
     x_label = f"circuit size ({escape(unit)}" + (", log scale)" if log else ")")
     parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 12}" text-anchor="middle">{x_label}</text>')

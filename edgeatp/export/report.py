@@ -217,10 +217,11 @@ def main_blocks(circuit: Circuit, stderr: dict[str, float], top: int) -> list[Bl
             Para(("The circuit has no edges.",))]
         coarse = circuit.units_of("coarse_edge")
         if coarse:
-            blocks += [Heading(2, f"Layer-to-layer edges ({len(coarse)})"),
+            shown = f"top {top} of {len(coarse)}" if len(coarse) > top else f"{len(coarse)}"
+            blocks += [Heading(2, f"Layer-to-layer edges ({shown})"),
                        Para(("Every edge between two layers (the embedding, an attention layer, an MLP, the logits) "
                              "estimated and patched as one.",)),
-                       unit_table(coarse, "layer-to-layer edge", kept=False),
+                       unit_table(coarse[:top], "layer-to-layer edge", kept=False),
                        Para(("Score: the mean over prompt pairs of |the sum of the member edges' signed estimates| "
                              "(first order, no GradDrop). Signed estimate: that sum of plain estimates, mean over "
                              "prompt pairs. Exact effect: every member edge patched together, mean over prompt "
