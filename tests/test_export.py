@@ -343,6 +343,20 @@ def test_dot_caps_edge_circuits_at_the_best_scores() -> None:
     assert to_networkx(c).number_of_edges() == 40
 
 
+def test_dot_caps_node_level_drawings_by_their_weaker_end() -> None:
+    c = the_node_circuit()
+    full, capped = drawing(c, max_edges=None), drawing(c, max_edges=4)
+    assert len(full.edges) > 4 and len(capped.edges) == 4 and capped.nodes == full.nodes  # every component stays
+    score = c.node_scores
+
+    def weaker(e: Any) -> float:
+        return min(score.get(e.writer.name, math.inf), score.get(e.reader.name, math.inf))
+    assert min(map(weaker, capped.edges)) >= max(weaker(e) for e in full.edges if e not in capped.edges)
+    assert [e for e in full.edges if e in capped.edges] == list(capped.edges)  # drawn in the same order
+    text = legend(to_dot(c, max_edges=4))
+    assert f"only 4 of the {len(full.edges)} edges among the kept components are drawn" in text
+
+
 def test_dot_group_circuit_shows_the_kept_groups() -> None:
     c = the_group_circuit()
     text = to_dot(c)

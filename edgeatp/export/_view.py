@@ -12,14 +12,16 @@ ranking magnitude (for GradDrop methods the mean over dropped layers of ``|estim
 **signed estimate** the plain signed estimate, the **exact effect** the patched one. Where an
 exact effect is known it decides the sign that is shown (:func:`best_effect`).
 
-:func:`drawing` is what a picture shows: at most ``max_edges`` edges of an edge circuit (the
-highest-scoring) and at most ``max_neurons`` neurons per MLP (the best-scoring; the others are
-merged into their MLP's node), with a sentence for everything left out. The JSON and networkx
-exports always keep every edge.
+:func:`drawing` is what a picture shows: at most ``max_neurons`` neurons per MLP (the
+best-scoring; the others are merged into their MLP's node) and at most ``max_edges`` edges — an
+edge circuit's highest-scoring, or in node-level circuits, whose edges are not scored (a head's
+q/k/v inputs from one writer drawn as one edge), those whose weaker end scores highest — with a
+sentence for everything left out. The JSON and networkx exports always keep every edge.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -267,10 +269,9 @@ def _merged_neurons(circuit: Circuit, rows: list[EdgeRow], scores: dict[Node, fl
 
 def drawing(circuit: Circuit, *, max_edges: int | None = MAX_EDGES, max_neurons: int | None = MAX_NEURONS
             ) -> Drawing:
-    """The drawn part of a circuit: the ``max_edges`` highest-scoring kept edges (edge circuits;
-    ``None`` for all) with their endpoints, the ``max_neurons`` best neurons of each MLP drawn one
-    by one and the others merged into the MLP's node (``None`` for all). Node-level circuits' edges
-    are not scored, so a head's q/k/v inputs from one writer are drawn as one edge."""
+    """The drawn part of a circuit (see the module docstring): the ``max_neurons`` best neurons of
+    each MLP one by one, the others merged into the MLP's node, and at most ``max_edges`` edges
+    (``None`` for no limit)."""
     rows = edge_rows(circuit)
     scores = node_score_map(circuit, rows)
     left: list[str] = []
@@ -316,7 +317,27 @@ def drawing(circuit: Circuit, *, max_edges: int | None = MAX_EDGES, max_neurons:
     ends = sorted({n for e in edges for n in (e.writer, e.reader)}, key=lambda n: node_sort_key(n, shape))
     nodes = tuple(DrawNode(n, scores.get(n), units.get(n.component.name), tuple(by_component.get(n.component.name, ())),
                            tuple(k for k, v in into.items() if v == n)) for n in ends)
+    if circuit.level != "edge" and max_edges is not None and len(edges) > max_edges:
+        edges = _strongest_edges(edges, nodes, circuit.node_scores, max_edges)
+        left.append(f"only {max_edges} of the {len(bundles)} edges among the kept components are drawn, those whose "
+                    f"weaker end scores highest (standing for {sum(len(e.members) or 1 for e in edges)} of the "
+                    f"{circuit.n_edges} circuit edges); every component stays in the picture")
     return Drawing(nodes, tuple(edges), tuple(left))
+
+
+def _strongest_edges(edges: list[DrawEdge], nodes: Sequence[DrawNode], neuron_scores: dict[str, float],
+                     k: int) -> list[DrawEdge]:
+    """The ``k`` edges of a node-level drawing whose weaker end has the highest score (order kept).
+    A node scores as its unit, its best kept group or its best merged neuron; unscored nodes
+    (input, logits, MLP inputs) never limit an edge."""
+    def score(n: DrawNode) -> float:
+        values = [u.score for u in (n.unit, *n.groups) if u is not None]
+        values += [neuron_scores.get(m.component.name, 0.0) for m in n.merged]
+        return max(values, default=math.inf)
+
+    of = {n.node: score(n) for n in nodes}
+    order = sorted(range(len(edges)), key=lambda i: -min(of[edges[i].writer], of[edges[i].reader]))
+    return [edges[i] for i in sorted(order[:k])]
 
 
 def layer_rank(node: Node, shape: ModelShape) -> tuple[int, str]:

@@ -12,7 +12,7 @@ colour; ``exact`` in node labels), else the **estimate** (light colour; ``est.``
 * Node-, neuron- and group-level circuits: node fill is the sign of the component's effect (of
   the kept groups it belongs to, for group circuits, whose names and effects are in its label;
   grey for unscored nodes and for groups of mixed sign); their edges were not scored one by one
-  and are drawn alike.
+  and are drawn alike, a head's q/k/v inputs from one writer as one edge labelled ``qkv``.
 
 The head input an edge enters is shown by style, arrowhead and a letter: q solid/normal, k
 dashed/empty, v dotted/odot. Large circuits are reduced (see :func:`~edgeatp.export._view.drawing`:
@@ -220,9 +220,10 @@ def to_dot(circuit: Circuit, *, title: str | None = None, show_scores: bool | No
            max_neurons: int | None = MAX_NEURONS) -> str:
     """The circuit's kept edges as DOT text (no Graphviz needed to write it). ``show_scores`` puts
     numbers in node labels — node scores in edge circuits, effects of components or groups in
-    node-level ones (default: only for node-level ones). Large circuits are reduced to the
-    ``max_edges`` highest-scoring edges (edge circuits) and ``max_neurons`` neurons per MLP drawn
-    one by one (the rest merged into the MLP's node); ``None`` draws everything."""
+    node-level ones (default: only for node-level ones). Large circuits are reduced to
+    ``max_edges`` edges (an edge circuit's highest-scoring; in node-level ones those whose weaker
+    end scores highest) and ``max_neurons`` neurons per MLP drawn one by one (the rest merged into
+    the MLP's node), and the legend says so; ``None`` draws everything."""
     view = drawing(circuit, max_edges=max_edges, max_neurons=max_neurons)
     edges = list(view.edges)
     shape = circuit.graph.shape
