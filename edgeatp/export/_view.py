@@ -32,7 +32,7 @@ from ..graph import Edge, ModelShape, Node, NodeKind
 from ..methods import METHODS, Kind
 from ..tasks.pairs import Direction
 
-MAX_EDGES = 100  # edges an edge circuit's drawing shows (the highest-scoring)
+MAX_EDGES = 100  # edges a drawing shows (see drawing())
 MAX_NEURONS = 8  # neurons per MLP (and position) a drawing shows one by one
 
 
@@ -284,7 +284,8 @@ def drawing(circuit: Circuit, *, max_edges: int | None = MAX_EDGES, max_neurons:
     for r in rows:
         reader = r.reader if circuit.level != "edge" else r.edge.reader.at(r.edge.position)
         bundles.setdefault((into.get(r.writer, r.writer), reader, r.edge.position), []).append(r)
-    edges, n_drawn = [], 0  # n_drawn: drawn edges out of merged neurons
+    edges: list[DrawEdge] = []
+    n_drawn = 0  # drawn edges out of merged neurons
     for (writer, _, position), members in bundles.items():
         first = members[0]
         if len(members) == 1 and first.writer == writer:

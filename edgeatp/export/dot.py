@@ -199,7 +199,7 @@ def _edge_line(edge: DrawEdge, scored: bool, top: float, lo: float, hi: float) -
     """One DOT edge statement: colour by the sign of the best-known effect and width by score
     (scored edges; others grey and uniform), style/arrowhead/letter by reader type."""
     style, arrow = READER_STYLE.get(edge.reader_type, ("solid", "normal"))  # several head inputs: solid
-    qkv = set(edge.reader_type) <= {"q", "k", "v"}
+    qkv = edge.reader_type not in ("mlp", "logits")  # q, k, v or several of them
     colour = edge_colour(edge.signed, edge.exact) if scored else NEUTRAL
     extra: dict[str, str | float] = {"label": edge.reader_type, "fontsize": 9, "fontcolor": colour} if qkv else {}
     if scored:
