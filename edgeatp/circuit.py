@@ -87,7 +87,8 @@ UnitKind = Literal["component", "group", "coarse_edge"]
 class Unit:
     """A scored part of a circuit coarser than an edge — a component of a node-level circuit, a
     group of nodes, or a coarse edge between groups — with its estimate and, once patched, its
-    exact effect (means over pairs)."""
+    exact effect (means over pairs). A group lists the names of its ``members`` (fine nodes such
+    as ``a0.h1<q>`` or ``m0@3``); other units have none."""
 
     name: str
     kind: UnitKind
@@ -95,6 +96,7 @@ class Unit:
     signed: float
     exact: float | None = None
     in_circuit: bool = False
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -476,7 +478,8 @@ def group_circuit(scores: Any, graph: EdgeGraph, *, top_k: int) -> Circuit:
     kept_groups = ranked[:top_k]
     nodes = {c for g, *_ in kept_groups for m in g.members for c in member_components(graph, m)}
     names = {g.name for g, *_ in kept_groups}
-    units = tuple(Unit(g.name, "group", s, m, None, g.name in names) for g, s, m in ranked)
+    units = tuple(Unit(g.name, "group", s, m, None, g.name in names, tuple(n.name for n in g.members))
+                  for g, s, m in ranked)
     notes = (f"asked for {top_k} groups but only {len(ranked)} exist",) if len(ranked) < top_k else ()
     return _component_circuit(graph, nodes, scores.method, scores.direction, scores.metric, "group",
                               Selection("top_k groups", top_k, len(kept_groups), 0, notes), units)

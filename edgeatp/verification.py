@@ -83,9 +83,9 @@ def faithfulness_curve(setup: Setup, scores: EdgeScores, sizes: Sequence[int], c
 
 
 def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") -> FaithfulnessCurve:
-    """Faithfulness and necessity of node- or group-level circuits (sizes = kept components): the
-    components outside (faithfulness) or inside (necessity) each circuit patched as nodes, all
-    circuits in one sweep."""
+    """Faithfulness and necessity of node- or group-level circuits (sizes = kept units: components,
+    or groups of group circuits): the components outside (faithfulness) or inside (necessity) each
+    circuit patched as nodes, all circuits in one sweep."""
     if not circuits:
         raise EdgeatpError("no circuit to evaluate")
     m_clean, m_corrupt = clean_corrupt_means(setup)
@@ -99,8 +99,8 @@ def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") 
     eff = patch_nodes(setup, sets, labels=[f"{i // 2}{'fn'[i % 2]}" for i in range(len(sets))])
     base = eff.base_metric.mean().item()
     values = [float((base + e - m_corrupt) / gap) for e in eff.mean.tolist()]
-    return FaithfulnessCurve(tuple(len(c.components()) for c in circuits), tuple(values[0::2]), tuple(values[1::2]),
-                             m_clean, m_corrupt, label)
+    sizes = tuple(sum(u.in_circuit for u in c.units) for c in circuits)  # kept components or groups
+    return FaithfulnessCurve(sizes, tuple(values[0::2]), tuple(values[1::2]), m_clean, m_corrupt, label)
 
 
 def measure(setup: Setup, circuit: Circuit) -> Circuit:

@@ -7,25 +7,30 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 
-from edgeatp.circuit import Check, Circuit, FaithfulnessCurve, Verification, node_circuit, prune
+from edgeatp.attribution.grouping import GroupScores, layer_groups, span_groups
+from edgeatp.circuit import (Check, Circuit, FaithfulnessCurve, Unit, Verification, group_circuit, node_circuit,
+                             prune)
 from edgeatp.errors import EdgeatpError
 from edgeatp.export import (circuit_from_json, circuit_to_json, dot_available, render, to_dot, to_networkx, write_json,
                             write_outputs, write_report)
+from edgeatp.export._view import drawing
 from edgeatp.export.chart import faithfulness_svg, nice_ticks
-from edgeatp.export.dot import NEGATIVE, POSITIVE, quote
+from edgeatp.export.dot import (FILL_LIGHT_NEGATIVE, FILL_LIGHT_POSITIVE, FILL_NEGATIVE, FILL_NEUTRAL, FILL_POSITIVE,
+                                LIGHT_NEGATIVE, LIGHT_POSITIVE, NEGATIVE, NEUTRAL, POSITIVE, quote)
 from edgeatp.export.schema import SCHEMA_PATH, violations
 from edgeatp.graph import EdgeGraph, ModelShape, Node, NodeKind, node_set
 from edgeatp.model import ModelAdapter
-from edgeatp.scores import EdgeScores, NodeScores
+from edgeatp.scores import EdgeScores, NodeScores, PairStats
 from edgeatp.tasks.pairs import Direction
 from edgeatp.setup import Setup
+from edgeatp.verification import component_curve, with_exact_units
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +74,33 @@ def the_node_circuit() -> Circuit:
     per = torch.randn((4, len(nodes)), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ns = NodeScores.from_per_pair(per, None, "atp*", Direction.DENOISING, "logit_diff", nodes)
     return node_circuit(ns, EdgeGraph.from_shape(SHAPE), top_k=3)
+
+
+def verified_node_circuit() -> Circuit:
+    """:func:`the_node_circuit` with its best component patched against the sign of its estimate,
+    its second best along it (the third is left as an estimate) and the best one outside it."""
+    c = the_node_circuit()
+    first, second, _, fourth = c.units_of("component")[:4]
+    return with_exact_units(c, {first.name: -3 * first.signed, second.name: 2 * second.signed, fourth.name: 0.5}, 3)
+
+
+def neuron_circuit(top_k: int = 26) -> Circuit:
+    """A neuron-level circuit of the ``top_k`` best heads and neurons (most of both MLPs' 16 neurons)."""
+    nodes = node_set(SHAPE, ["head", "neuron"])
+    per = torch.randn((3, len(nodes)), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ns = NodeScores.from_per_pair(per, None, "atp", Direction.NOISING, "logit_diff", nodes)
+    return node_circuit(ns, EdgeGraph.from_shape(SHAPE, neurons=True), top_k=top_k)
+
+
+def the_group_circuit(spans: tuple[tuple[int, int], ...] = ((0, 1), (2, 3)), top_k: int = 3) -> Circuit:
+    """A group circuit of the ``top_k`` best span groups (heads and MLPs over ``spans``) of random
+    estimates, the best two of them patched exactly (the second with the sign against its estimate)."""
+    groups = span_groups(node_set(SHAPE, ["head", "mlp"]), list(spans))
+    per = torch.randn((4, len(groups)), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    gs = GroupScores(PairStats.of(per), "atp*", Direction.NOISING, "logit_diff", groups=tuple(groups))
+    c = group_circuit(gs, EdgeGraph.from_shape(SHAPE), top_k=top_k)
+    first, second = c.units_of("group")[:2]
+    return with_exact_units(c, {first.name: 2 * first.signed, second.name: -second.signed}, 4)
 
 
 def qk_circuit() -> Circuit:
@@ -189,6 +221,21 @@ def edge_attrs(dot: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def node_attrs(dot: str) -> dict[str, dict[str, str]]:
+    """Attributes of every DOT node statement (components, not row labels), by node id."""
+    out = {}
+    for line in dot.splitlines():
+        if " -> " not in line and "id=" in line and "row:" not in line:
+            a = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|[\d.]+)', line))
+            out[a["id"].strip('"')] = {k: v.strip('"').replace("\\n", "\n") for k, v in a.items()}
+    return out
+
+
+def legend(dot: str) -> str:
+    """The title and legend of a DOT drawing as one line of text."""
+    return " ".join(dot.split("graph [label=")[1].split("];")[0].replace("\\l", " ").split())
+
+
 def run_dot(text: str, fmt: str = "svg") -> str:
     """Graphviz output for DOT text; fails the test on any error or warning."""
     done = subprocess.run(["dot", f"-T{fmt}"], input=text.encode(), capture_output=True)
@@ -198,12 +245,18 @@ def run_dot(text: str, fmt: str = "svg") -> str:
 
 
 @needs_dot
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, qk_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, qk_circuit, the_group_circuit,
+                                  neuron_circuit])
 def test_graphviz_accepts_the_dot(make: Callable[[], Circuit]) -> None:
     c = make()
     svg = run_dot(to_dot(c))
     ids = {html.unescape(i) for i in re.findall(r'<g id="([^"]+)" class="edge">', svg)}
-    assert ids == {e.name for e in c.edges()} and len(ids) == c.n_edges
+    view = drawing(c)
+    assert ids == {e.id for e in view.edges} and len(ids) == len(view.edges)
+    drawn = [name for e in view.edges for name in (e.members or (e.id,))]
+    assert sorted(drawn) == sorted(e.name for e in c.edges())  # every kept edge, once, merged or not
+    if c.level == "edge":  # no neuron writers here: one drawn edge per kept edge
+        assert ids == {e.name for e in c.edges()}
 
 
 @needs_dot
@@ -218,19 +271,110 @@ def test_dot_draws_layers_top_to_bottom() -> None:
         assert y["m0"] > y["m1"]
 
 
-def test_dot_colour_is_the_sign_and_width_the_score() -> None:
+def test_dot_colour_is_the_best_known_sign_and_width_the_score() -> None:
     c = edge_circuit()
-    attrs = edge_attrs(to_dot(c, min_penwidth=1.0, max_penwidth=5.0))
+    text = to_dot(c, min_penwidth=1.0, max_penwidth=5.0)
+    attrs = edge_attrs(text)
     assert set(attrs) == {e.name for e in c.edges()}
-    widths = []
+    exact = {ch.name: ch.exact for ch in c.verification.checks}
+    widths, flipped = [], 0
     for e in c.edges():
         a, idx = attrs[e.name], (0, *c.graph.index_of(e))
-        assert a["color"] == (POSITIVE if c.signed[idx] > 0 else NEGATIVE)
+        if e.name in exact:  # patched: the exact effect's sign, dark, even against the estimate
+            assert a["color"] == (POSITIVE if exact[e.name] > 0 else NEGATIVE) and "estimate only" not in a["tooltip"]
+            flipped += bool(c.signed[idx] > 0) != (exact[e.name] > 0)
+        else:  # estimate only: light
+            assert a["color"] == (LIGHT_POSITIVE if c.signed[idx] > 0 else LIGHT_NEGATIVE)
+            assert "estimate only" in a["tooltip"]
         widths.append((float(c.score[idx]), float(a["penwidth"])))
+    assert flipped >= 1
     assert max(w for _, w in widths) == 5.0
     by_score = [w for _, w in sorted(widths)]
     assert by_score == sorted(by_score) and by_score[0] < by_score[-1]
-    assert {a["color"] for a in attrs.values()} == {POSITIVE, NEGATIVE}
+    assert {a["color"] for a in attrs.values()} == {NEGATIVE, LIGHT_POSITIVE, LIGHT_NEGATIVE}
+    assert "dark blue/red: sign of the exact effect (3 drawn edges patched" in legend(text)
+    assert "light blue/red: sign of the estimate only (9 not patched)" in legend(text)
+
+
+def test_dot_node_circuit_colours_components_by_their_effect() -> None:
+    c = verified_node_circuit()
+    text = to_dot(c)
+    nodes = node_attrs(text)
+    first, second, third = [u for u in c.units_of("component") if u.in_circuit]
+    assert (first.signed > 0) != (first.exact > 0)  # patched against its estimate: the exact sign wins
+    for u in (first, second):
+        assert nodes[u.name]["fillcolor"] == (FILL_POSITIVE if u.exact > 0 else FILL_NEGATIVE)
+        assert f"exact {u.exact:.4g}" in nodes[u.name]["label"]
+    assert nodes[third.name]["fillcolor"] == (FILL_LIGHT_POSITIVE if third.signed > 0 else FILL_LIGHT_NEGATIVE)
+    assert f"est. {third.signed:.4g}" in nodes[third.name]["label"]
+    assert nodes["input"]["fillcolor"] == nodes["logits"]["fillcolor"] == FILL_NEUTRAL
+    edges = edge_attrs(text)
+    assert {(a["color"], a["penwidth"]) for a in edges.values()} == {(NEUTRAL, "1.0")}  # unscored: drawn alike
+    text_legend = legend(text)
+    assert "node circuit, 3 of 6 components kept" in text_legend
+    assert "edges: every edge among the kept components, not scored one by one, drawn alike" in text_legend
+    assert "pen width" not in text_legend and "edge colour" not in text_legend
+    assert "so the component restores it" in text_legend  # denoising
+
+
+def test_dot_reduces_large_neuron_circuits() -> None:
+    c = neuron_circuit()
+    kept = [u for u in c.units_of("component") if u.in_circuit and ".n" in u.name]
+    per_layer = {layer: [u.name for u in kept if u.name.startswith(f"m{layer}.")] for layer in (0, 1)}
+    assert all(len(names) > 3 for names in per_layer.values())
+    text = to_dot(c, max_neurons=3)
+    nodes = node_attrs(text)
+    for layer, names in per_layer.items():  # the three best of each MLP one by one, the rest merged
+        assert sorted(n for n in nodes if n.startswith(f"m{layer}.n")) == sorted(names[:3])
+        assert f"+{len(names) - 3} neurons" in nodes[f"m{layer}"]["label"]
+    assert (f"only the 3 best-scoring neurons of each MLP are drawn one by one; the other {len(per_layer[0]) - 3} "
+            f"of m0, {len(per_layer[1]) - 3} of m1 are merged into their MLP's node") in legend(text)
+    assert len(edge_attrs(text)) < c.n_edges // 3 and run_dot(text)
+    assert "merged" not in legend(to_dot(c, max_neurons=None))
+    assert to_networkx(c).number_of_edges() == c.n_edges  # the data keeps every edge
+
+
+def test_dot_caps_edge_circuits_at_the_best_scores() -> None:
+    c = prune(edge_scores(EdgeGraph.from_shape(SHAPE), seed=6), top_k=40, cleanup=False)
+    text = to_dot(c, max_edges=10)
+    assert set(edge_attrs(text)) == {e.name for e in c.edges()[:10]}
+    assert "only the 10 highest-scoring of the 40 kept edges are drawn" in legend(text)
+    assert "highest-scoring" not in legend(to_dot(c))  # 40 edges fit the default cap
+    assert to_networkx(c).number_of_edges() == 40
+
+
+def test_dot_caps_node_level_drawings_by_their_weaker_end() -> None:
+    c = the_node_circuit()
+    full, capped = drawing(c, max_edges=None), drawing(c, max_edges=4)
+    assert len(full.edges) > 4 and len(capped.edges) == 4 and capped.nodes == full.nodes  # every component stays
+    score = c.node_scores
+
+    def weaker(e: Any) -> float:
+        return min(score.get(e.writer.name, math.inf), score.get(e.reader.name, math.inf))
+    assert min(map(weaker, capped.edges)) >= max(weaker(e) for e in full.edges if e not in capped.edges)
+    assert [e for e in full.edges if e in capped.edges] == list(capped.edges)  # drawn in the same order
+    text = legend(to_dot(c, max_edges=4))
+    assert f"only 4 of the {len(full.edges)} edges among the kept components are drawn" in text
+
+
+def test_dot_group_circuit_shows_the_kept_groups() -> None:
+    c = the_group_circuit()
+    text = to_dot(c)
+    nodes = node_attrs(text)
+    kept = [u for u in c.units_of("group") if u.in_circuit]
+    assert len(kept) == 3 and len({g.name.split("@")[0] for g in kept}) == 3
+    for g in kept:  # each kept group on its component, with its span and best-known effect
+        label, fill = nodes[g.name.split("@")[0]]["label"], nodes[g.name.split("@")[0]]["fillcolor"]
+        value = g.exact if g.exact is not None else g.signed
+        assert f"group {g.name}: {'exact' if g.exact is not None else 'est.'} {value:.4g}" in label
+        dark, light = (FILL_POSITIVE, FILL_LIGHT_POSITIVE) if value > 0 else (FILL_NEGATIVE, FILL_LIGHT_NEGATIVE)
+        assert fill == (dark if g.exact is not None else light)
+    assert any((g.exact > 0) != (g.signed > 0) for g in kept if g.exact is not None)
+    assert "group circuit, 3 of 12 groups kept (3 components" in legend(text)
+    assert "each component lists the kept groups it belongs to" in legend(text)
+    old = c.with_(units=tuple(replace(u, members=()) for u in c.units))  # files written before members existed
+    assert "kept groups whose members are not recorded are not placed: " + ", ".join(g.name for g in kept) in legend(
+        to_dot(old))
 
 
 def test_dot_marks_qkv_edges() -> None:
@@ -279,7 +423,7 @@ def test_missing_dot_gives_an_install_hint(tmp_path: Path, monkeypatch: pytest.M
 
 
 # ------------------------------------------------------------------------------------ JSON
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit])
 def test_json_round_trip_is_exact(make: Callable[[], Circuit], tmp_path: Path) -> None:
     c = make()
     data = circuit_to_json(c)
@@ -287,6 +431,16 @@ def test_json_round_trip_is_exact(make: Callable[[], Circuit], tmp_path: Path) -
     assert_same(c, circuit_from_json(text))
     assert_same(c, circuit_from_json(json.loads(text)))
     assert_same(c, circuit_from_json(write_json(c, tmp_path / "c.json")))
+
+
+def test_json_keeps_group_members() -> None:
+    c = the_group_circuit()
+    data = circuit_to_json(c)
+    members = {u["name"]: u["members"] for u in data["units"]}
+    assert len(members) == 12 and members["a0.h1@2-3"] == ["a0.h1@2", "a0.h1@3"]
+    assert members["m1@0-1"] == ["m1@0", "m1@1"]
+    assert all("members" not in u for u in circuit_to_json(the_node_circuit())["units"])
+    assert circuit_from_json(data).units == c.units
 
 
 def test_json_lists_every_edge_with_names_and_positions() -> None:
@@ -421,7 +575,7 @@ def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit])
 def test_written_json_follows_the_schema(schema: dict, make: Callable[[], Circuit]) -> None:
     data = json.loads(json.dumps(circuit_to_json(make()), allow_nan=False))
     assert violations(data, schema, schema) == []
@@ -465,6 +619,24 @@ def test_chart_plots_the_curves() -> None:
     assert "log scale" in faithfulness_svg(FaithfulnessCurve((1, 100), (0.1, 0.9), (0.9, 0.1), 1.0, 0.0))
 
 
+def test_chart_marks_the_chosen_size_and_the_target() -> None:
+    f = FaithfulnessCurve((1, 2, 4, 6), (0.1, 0.5, 0.8, 0.95), (0.9, 0.4, 0.1, 0.0), 1.0, 0.0)
+    svg = faithfulness_svg(f, unit="components", chosen=4, target=0.8)
+    point = polyline_points(svg, "faithfulness")[0][2]  # size 4, faithfulness 0.8
+    chosen = re.search(r'<line class="chosen" x1="([\d.]+)" x2="([\d.]+)"', svg)
+    target = re.search(r'<line class="target" x1="[\d.]+" x2="[\d.]+" y1="([\d.]+)" y2="([\d.]+)"', svg)
+    assert float(chosen[1]) == float(chosen[2]) == point[0] and float(target[1]) == float(target[2]) == point[1]
+    for text in ("chosen: 4 components", "target 0.8", "circuit size (components)", "necessity at 6 components"):
+        assert text in svg, text
+    plain = faithfulness_svg(f)
+    assert 'class="chosen"' not in plain and 'class="target"' not in plain and "circuit size (edges)" in plain
+    wide = faithfulness_svg(FaithfulnessCurve((10, 20), (0.5, 0.9), (0.2, 0.1), 1.0, 0.0), chosen=5, target=1.5)
+    first = polyline_points(wide, "faithfulness")[0][0]  # axes stretch to show both marks inside the plot
+    assert 64 < float(re.search(r'<line class="chosen" x1="([\d.]+)"', wide)[1]) < first[0]
+    assert 62 < float(re.search(r'<line class="target" x1="[\d.]+" x2="[\d.]+" y1="([\d.]+)"', wide)[1]) < first[1]
+    assert "chosen: 5 edges" in wide
+
+
 @pytest.fixture(scope="module")
 def ioi(zoo_ioi: ModelAdapter) -> tuple[Circuit, EdgeScores]:
     """A real verified circuit with a faithfulness curve, from the IOI zoo model."""
@@ -477,6 +649,21 @@ def ioi(zoo_ioi: ModelAdapter) -> tuple[Circuit, EdgeScores]:
     c = c.with_(verification=verify(Setup(zoo_ioi, pairs), c, sc, top=6, sample_below=3),
                 curve=faithfulness_curve(Setup(zoo_ioi, pairs), sc, [4, 8, 16]))
     return c, sc
+
+
+def test_group_curves_count_groups(zoo_ioi: ModelAdapter) -> None:
+    import edgeatp as ea
+
+    setup = Setup(zoo_ioi, ea.make_task("ioi", zoo_ioi.tokenizer, 4))
+    end = setup.pairs.n_positions - 1
+    groups = span_groups(node_set(zoo_ioi.shape, ["head", "mlp"]), [(0, 3), (4, end)])
+    per = torch.zeros((2, len(groups)), dtype=torch.float64)
+    per[:, [g.name for g in groups].index("a0.h1@0-3")] = 2.0
+    per[:, [g.name for g in groups].index(f"a0.h1@4-{end}")] = 1.0
+    gs = GroupScores(PairStats.of(per), "atp", Direction.NOISING, "logit_diff", groups=tuple(groups))
+    circuits = [group_circuit(gs, EdgeGraph.from_shape(zoo_ioi.shape), top_k=k) for k in (1, 2, 3)]
+    assert [len(c.nodes()) - 2 for c in circuits] == [1, 1, 2]  # two spans of one head, then another component
+    assert component_curve(setup, circuits).sizes == (1, 2, 3)
 
 
 def test_markdown_report_has_the_tables(ioi: tuple[Circuit, EdgeScores], tmp_path: Path) -> None:
@@ -498,6 +685,7 @@ def test_markdown_report_has_the_tables(ioi: tuple[Circuit, EdgeScores], tmp_pat
                .splitlines()) == 1 + len(c.verification.checks)
     chart = (tmp_path / "circuit_faithfulness.svg").read_text()
     assert chart.startswith("<svg") and len(polyline_points(chart, "faithfulness")[0]) == 3
+    assert "chosen: 12 edges" in chart and 'class="target"' not in chart  # no target recorded: none drawn
     if dot_available():
         assert "(circuit.svg)" in text and (tmp_path / "circuit.svg").is_file()
 
@@ -522,10 +710,76 @@ def test_export_all_writes_each_format(tmp_path: Path) -> None:
         write_outputs(edge_circuit(), tmp_path, ("gif",))
 
 
-def test_node_circuit_report_ranks_components(tmp_path: Path) -> None:
-    c = the_node_circuit()
+def test_node_circuit_report_lists_components(tmp_path: Path) -> None:
+    c = verified_node_circuit()
     text = write_report(c, tmp_path, "md").read_text()
-    best = max(c.node_scores, key=c.node_scores.get)
-    assert f"## Top components (6 of 6 scored)\n\n| # | component | score |\n|---|---|---|\n| 1 | `{best}` |" in text
-    assert text.index("## Top components") < text.index("## Edges among the kept components")
-    assert "Not verified" in text and "No faithfulness curve" in text
+    u = c.units_of("component")
+    assert ("## Components (3 of 6 kept)\n\n| # | component | kept | score | signed estimate | exact effect |\n"
+            f"|---|---|---|---|---|---|\n| 1 | `{u[0].name}` | yes | {u[0].score:.4g} | {u[0].signed:.4g} | "
+            f"{u[0].exact:.4g} |") in text
+    assert f"| 3 | `{u[2].name}` | yes | {u[2].score:.4g} | {u[2].signed:.4g} | — |" in text
+    assert f"| 4 | `{u[3].name}` | no | {u[3].score:.4g} | {u[3].signed:.4g} | 0.5 |" in text
+    assert text.index("## Components") < text.index("## Edges among the kept components")
+    assert "Top edges" not in text and "| edge |" not in text and "0 | 0 |" not in text
+    assert c.verification.outside_checked == 1
+    assert "**largest |exact| among the 1 checked components outside the circuit**: 0.5" in text
+    assert "| component | in circuit | score | signed estimate | exact effect |" in text
+    assert "its exact effect patches its output" in text and "No faithfulness curve" in text
+
+
+def test_group_circuit_report_lists_groups(tmp_path: Path) -> None:
+    c = the_group_circuit()
+    text = write_report(c, tmp_path, "md").read_text()
+    g = c.units_of("group")
+    assert ("## Groups (3 of 12 kept)\n\n| # | group | kept | components | score | signed estimate | exact effect |\n"
+            f"|---|---|---|---|---|---|---|\n| 1 | `{g[0].name}` | yes | {g[0].name.split('@')[0]} | {g[0].score:.4g} "
+            f"| {g[0].signed:.4g} | {g[0].exact:.4g} |") in text
+    comp = g[3].name.split("@")[0]
+    assert f"| 4 | `{g[3].name}` | no | {comp} | {g[3].score:.4g} | {g[3].signed:.4g} | — |" in text
+    assert "## Edges among the kept groups' components" in text and "group circuit: 3 of 12 groups kept" in text
+    assert "Top edges" not in text and "| edge |" not in text and "checked edges" not in text
+    assert "checked groups outside the circuit" in text and "| group | in circuit |" in text
+    assert "mean over dropped layers of |estimate|" in text  # atp*: GradDrop scores explained
+
+
+def test_layer_to_layer_edges_table(tmp_path: Path) -> None:
+    coarse = (Unit("a0->m0", "coarse_edge", 4.6, -4.49, -7.49), Unit("m1->logits", "coarse_edge", 4.0, -4.03, None))
+    text = write_report(edge_circuit().with_(units=coarse), tmp_path, "md").read_text()
+    assert ("## Layer-to-layer edges (2)" in text and "| # | layer-to-layer edge | score | signed estimate | exact "
+            "effect |\n|---|---|---|---|---|\n| 1 | `a0->m0` | 4.6 | -4.49 | -7.49 |\n| 2 | `m1->logits` | 4 | -4.03 | — |"
+            in text)
+    assert "sum of the member edges' signed estimates" in text
+    assert text.index("## Top edges") < text.index("## Layer-to-layer edges") < text.index("## Verification")
+    short = write_report(edge_circuit().with_(units=coarse), tmp_path, "md", top=1).read_text()
+    assert "## Layer-to-layer edges (top 1 of 2)" in short and "| 2 | `m1->logits` |" not in short
+
+
+def test_report_header_states_faithfulness_warnings_and_columns(tmp_path: Path) -> None:
+    c = the_group_circuit()
+    note = "faithfulness 0.3 is below the target 0.8: the circuit does not carry the behaviour"
+    curve = FaithfulnessCurve((1, 3, 6), (0.1, 0.3, 0.9), (0.7, 0.2, 0.0), 2.0, -1.0)
+    c = c.with_(selection=c.selection.with_note(note), faithfulness=0.3, necessity=0.2, curve=curve,
+                meta={"model": "toy", "config": {"target": 0.8}})
+    md = write_report(c, tmp_path, "md").read_text()
+    head = md.split("## Graph")[0]
+    assert "**Faithfulness 0.3, necessity 0.2** (1 = the clean behaviour, 0 = the corrupt one; target 0.8)" in head
+    assert f"> **Warning:** {note}" in head and head.index("Warning") < head.index("- **model**")
+    assert "- **score**: the ranking magnitude (for GradDrop, as in atp*: the mean over prompt pairs of the mean" in head
+    assert "- **signed estimate**: the plain (un-dropped) estimate" in head
+    assert md.count("Score: the ranking magnitude (for GradDrop") == 2  # under the groups and verification tables
+    chart = (tmp_path / "circuit_faithfulness.svg").read_text()
+    assert all(needle in chart for needle in ("chosen: 3 groups", "target 0.8", "circuit size (groups)"))
+    assert "the chosen circuit (3 groups) and the target 0.8 are marked" in md
+    assert "| groups | faithfulness | necessity |" in md
+    html_text = write_report(c, tmp_path, "html").read_text()
+    assert f'<p class="notice"><strong>Warning:</strong> {html.escape(note)}</p>' in html_text
+    assert "<strong>Faithfulness 0.3, necessity 0.2</strong>" in html_text and "chosen: 3 groups" in html_text
+    plain = write_report(edge_circuit(), tmp_path, "md").read_text()  # atp-qk, no warnings
+    assert "Warning" not in plain and "dropped" not in plain and "mean over prompt pairs of |estimate|" in plain
+
+
+def test_report_says_what_the_drawing_leaves_out(tmp_path: Path) -> None:
+    text = write_report(neuron_circuit(), tmp_path, "md").read_text()
+    assert ("The drawing is reduced: only the 8 best-scoring neurons of each MLP are drawn one by one; the other 3 "
+            "of m0") in text
+    assert "reduced" not in write_report(edge_circuit(), tmp_path, "md").read_text()

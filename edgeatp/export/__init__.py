@@ -1,6 +1,12 @@
 """Exports of a circuit: networkx, DOT text and rendered pictures, JSON (edgeatp and EAP-IG/MIB
 formats) and a Markdown/HTML report. Writing DOT, JSON and reports needs no Graphviz; only
 rendering pictures calls the ``dot`` program, and without it the pictures are skipped with a note.
+
+All writers read the circuit through :mod:`._view` and share its conventions: a sign shown is the
+exact effect's where verification measured one, else the estimate's (marked as such); "score" is
+the ranking magnitude and "signed estimate" the plain signed estimate. Pictures of large circuits
+are reduced (the best edges and neurons, see :func:`to_dot`) and say what they leave out; the
+JSON, MIB and networkx exports always keep every edge.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """A hand-written SVG line chart of a faithfulness curve (no plotting library needed).
 
 Faithfulness (everything outside the circuit patched) and necessity (the circuit's edges knocked
-out) are plotted against circuit size, normalised so 1 is the clean and 0 the corrupt metric; dashed
-grey lines mark those two levels. The x axis turns logarithmic when sizes span a factor of 20 or more.
+out) are plotted against circuit size — edges for edge circuits, kept components or groups for
+node- and group-level ones (``unit``) — normalised so 1 is the clean and 0 the corrupt metric;
+dotted grey lines mark those two levels. The chosen circuit's size is a vertical line labelled
+with it, and a faithfulness target a horizontal dashed line labelled ``target 0.8`` (both only
+when given). The x axis turns logarithmic when sizes span a factor of 20 or more.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from html import escape
 from ..circuit import FaithfulnessCurve
 
 SERIES = (("faithfulness", "#2166ac", "", "circle"), ("necessity", "#d6604d", "6 4", "square"))
+TARGET_COLOUR = "#4d9221"
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -55,21 +59,25 @@ def _marker(shape: str, x: float, y: float, colour: str, tip: str) -> str:
 
 
 def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and necessity by circuit size",
-                     width: int = 560, height: int = 340) -> str:
-    """An SVG document plotting ``f.faithfulness`` and ``f.necessity`` against ``f.sizes``."""
+                     width: int = 560, height: int = 340, unit: str = "edges", chosen: int | None = None,
+                     target: float | None = None) -> str:
+    """An SVG document plotting ``f.faithfulness`` and ``f.necessity`` against ``f.sizes`` (counted
+    in ``unit``), with the ``chosen`` circuit's size and the faithfulness ``target`` marked when given."""
     left, right, top, bottom = 64, 60, 62, 52
     pw, ph = width - left - right, height - top - bottom
     sizes = [float(s) for s in f.sizes]
-    log = bool(sizes) and min(sizes) > 0 and max(sizes) / min(sizes) >= 20
+    spread = sizes + ([] if chosen is None else [float(chosen)])
+    log = bool(spread) and min(spread) > 0 and max(spread) / min(spread) >= 20
     tx = [math.log10(s) for s in sizes] if log else sizes
-    x_lo, x_hi = (min(tx), max(tx)) if tx else (0.0, 1.0)
+    t_spread = [math.log10(s) for s in spread] if log else spread
+    x_lo, x_hi = (min(t_spread), max(t_spread)) if t_spread else (0.0, 1.0)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
     x_ticks = sorted(set(sizes)) if 0 < len(sizes) <= 8 else (
         [10.0 ** e for e in range(math.ceil(x_lo), math.floor(x_hi) + 1)] if log else nice_ticks(x_lo, x_hi))
     x_pad = 0.04 * (x_hi - x_lo)
     x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
-    values = [v for v in (*f.faithfulness, *f.necessity) if math.isfinite(v)]
+    values = [v for v in (*f.faithfulness, *f.necessity, *([] if target is None else [target])) if math.isfinite(v)]
     y_ticks = nice_ticks(min([0.0, *values]), max([1.0, *values]), 6)
     y_lo, y_hi = min(y_ticks[0], min([0.0, *values])), max(y_ticks[-1], max([1.0, *values]))
     y_pad = 0.04 * (y_hi - y_lo)
@@ -100,7 +108,19 @@ def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and nec
         parts.append(f'<text x="{left + pw + 4}" y="{py(level) + 4:.1f}" fill="#777777">{name}</text>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#333333"/>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#333333"/>')
-    x_label = "circuit size (edges" + (", log scale)" if log else ")")
+    if target is not None and math.isfinite(target):
+        ty = py(target)
+        parts.append(f'<line class="target" x1="{left}" x2="{left + pw}" y1="{ty:.1f}" y2="{ty:.1f}" '
+                     f'stroke="{TARGET_COLOUR}" stroke-dasharray="6 4"/>')
+        parts.append(f'<text x="{left + 4}" y="{ty - 4:.1f}" fill="{TARGET_COLOUR}">target {target:g}</text>')
+    if chosen is not None:
+        cx = px(math.log10(chosen) if log else float(chosen))
+        right_half = cx > left + pw / 2
+        parts.append(f'<line class="chosen" x1="{cx:.1f}" x2="{cx:.1f}" y1="{top}" y2="{top + ph}" stroke="#333333" '
+                     f'stroke-dasharray="3 3"/>')
+        parts.append(f'<text x="{cx + (-4 if right_half else 4):.1f}" y="{top - 5}" '
+                     f'text-anchor="{"end" if right_half else "start"}">chosen: {chosen} {escape(unit)}</text>')
+    x_label = f"circuit size ({escape(unit)}" + (", log scale)" if log else ")")
     parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 12}" text-anchor="middle">{x_label}</text>')
     parts.append(f'<text transform="translate(16 {top + ph / 2:.1f}) rotate(-90)" text-anchor="middle">'
                  f'normalised metric (1 = clean, 0 = corrupt)</text>')
@@ -114,7 +134,7 @@ def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and nec
                          f'stroke-width="2"{dash_attr}/>')
         for (x, y), size, v in zip(pts, f.sizes, ys):
             if math.isfinite(y):
-                parts.append(_marker(shape, x, y, colour, f"{name} at {size} edges: {v:.4g}"))
+                parts.append(_marker(shape, x, y, colour, f"{name} at {size} {unit}: {v:.4g}"))
         lx = left + i * 150
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(f'<line x1="{lx}" x2="{lx + 24}" y1="38" y2="38" stroke="{colour}" stroke-width="2"{dash_attr}/>')

@@ -15,8 +15,8 @@
      "selection": null | {"rule", "value", "requested", "kept", "notes": [...]},
      "warnings": [...],                                          # the selection's notes (informational)
      "faithfulness": 0.86 | null, "necessity": 0.002 | null,     # the circuit's own
-     "units": [{"name", "kind", "score", "signed", "exact", "in_circuit"}, ...],  # components, groups,
-                                                                 # coarse edges
+     "units": [{"name", "kind", "score", "signed", "exact", "in_circuit", "members"?}, ...],  # components,
+                                                                 # groups (with members), coarse edges
      "curve": null | {"sizes", "faithfulness", "necessity", "clean_metric", "corrupt_metric", "label"},
      "verification": null | {"checks": [{"name", "estimate", "exact", "score", "in_circuit"}, ...], "n_ranked",
                              "rank_correlation", "sign_agreement", "largest_miss", "largest_miss_size",
@@ -173,7 +173,7 @@ def _native(circuit: Circuit, all_edges: bool) -> dict[str, Any]:
         "warnings": list(circuit.warnings),
         "faithfulness": None if circuit.faithfulness is None else encode_real(circuit.faithfulness),
         "necessity": None if circuit.necessity is None else encode_real(circuit.necessity),
-        "units": [jsonable(asdict(u)) for u in circuit.units],
+        "units": [_unit_json(u) for u in circuit.units],
         "curve": None if circuit.curve is None else jsonable(asdict(circuit.curve)),
         "verification": None if circuit.verification is None else jsonable(asdict(circuit.verification)),
         "kv_view": _kv_view(circuit),
@@ -206,6 +206,14 @@ def _kv_view_from(d: dict[str, Any] | None, graph: EdgeGraph) -> KVView | None:
     score[idx] = torch.tensor([decode_real(x, "kv_view.score") for x in d["score"]], dtype=torch.float64)
     signed[idx] = torch.tensor([decode_real(x, "kv_view.signed") for x in d["signed"]], dtype=torch.float64)
     return KVView(score, signed)
+
+
+def _unit_json(unit: Unit) -> dict[str, Any]:
+    """A unit as JSON; ``members`` only for units that have them (groups)."""
+    d = jsonable(asdict(unit))
+    if not unit.members:
+        d.pop("members")
+    return d
 
 
 def _real_list(values: list[Any], where: str) -> tuple[float, ...]:
@@ -349,7 +357,7 @@ def _from_native(d: dict[str, Any]) -> Circuit:
                        meta)
     units = tuple(Unit(str(u["name"]), u["kind"], decode_real(u["score"], "units.score"),
                        decode_real(u["signed"], "units.signed"), _optional_real(u["exact"], "units.exact"),
-                       bool(u["in_circuit"])) for u in d["units"])
+                       bool(u["in_circuit"]), tuple(map(str, u.get("members", ())))) for u in d["units"])
     return Circuit(graph, in_graph, score, signed, d["level"], str(d["method"]), Direction(d["direction"]),
                    str(d["metric"]), _selection_from(d["selection"]), units,
                    _optional_real(d["faithfulness"], "faithfulness"), _optional_real(d["necessity"], "necessity"),

@@ -1,12 +1,21 @@
-"""A Markdown or HTML report of a circuit: what was run, the graph, the top edges, the
-verification and the faithfulness curve.
+"""A Markdown or HTML report of a circuit: what was run and what came out, the graph, the
+circuit's edges, components or groups, the verification and the faithfulness curve.
 
-The report is built as a list of blocks (headings, paragraphs, key/value lists, tables, figures)
-by pure functions and rendered to either format; :func:`write_report` writes it next to the
-circuit's ``.dot`` file, its rendered ``.svg`` (when Graphviz is installed) and the faithfulness
-chart ``<name>_faithfulness.svg``. HTML embeds both pictures inline, so the ``.html`` file is
-self-contained; Markdown links the ``.svg`` files next to it (GitHub renders linked SVGs, not
-inline ones).
+The header states the circuit's faithfulness and necessity and lists its warnings
+(``circuit.warnings``) before anything else, and says what the number columns mean for the
+circuit's method: **score** is the ranking magnitude (for GradDrop methods the mean over dropped
+layers of ``|estimate|``), **signed estimate** the plain signed estimate, **exact effect** the
+patched one; every table that shows them repeats this in a footnote. The middle section follows
+the circuit's level: edge circuits list their top edges (and, with layer-to-layer units, a table
+of those), node- and neuron-level circuits a table of the scored components, group circuits a
+table of the groups. Headings and counts use the circuit's own unit (edges, components, groups).
+
+The report is built as a list of blocks (headings, paragraphs, notices, key/value lists, tables,
+figures) by pure functions and rendered to either format; :func:`write_report` writes it next to
+the circuit's ``.dot`` file, its rendered ``.svg`` (when Graphviz is installed) and the
+faithfulness chart ``<name>_faithfulness.svg``. HTML embeds both pictures inline, so the
+``.html`` file is self-contained; Markdown links the ``.svg`` files next to it (GitHub renders
+linked SVGs, not inline ones).
 """
 
 from __future__ import annotations
@@ -17,11 +26,12 @@ from html import escape
 from pathlib import Path
 from typing import Literal, Sequence, Union
 
-from ..circuit import Circuit
-from ..verification import same_sign
+from ..circuit import Circuit, FaithfulnessCurve, Unit
 from ..errors import EdgeatpError
 from ..scores import EdgeScores
-from ._view import EdgeRow, edge_rows
+from ..verification import same_sign
+from ._view import (EdgeRow, chosen_size, column_notes, drawing, edge_rows, member_components, size_summary, size_word,
+                    unit_kind)
 from .chart import faithfulness_svg
 from .dot import INSTALL_HINT, dot_available, render_bytes, to_dot
 from .files import atomic_write
@@ -36,7 +46,14 @@ class Code:
     text: str
 
 
-Cell = Union[str, Code, float, int, bool, None]
+@dataclass(frozen=True)
+class Strong:
+    """Text to stand out: bold in Markdown, ``<strong>`` in HTML."""
+
+    text: str
+
+
+Cell = Union[str, Code, Strong, float, int, bool, None]
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,14 @@ class Para:
     """A paragraph of text and code pieces."""
 
     cells: tuple[Cell, ...]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Items the reader must not miss (warnings), each shown as ``label: item``."""
+
+    label: str
+    items: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -78,7 +103,7 @@ class Figure:
     caption: str
 
 
-Block = Union[Heading, Para, KeyValues, Table, Figure]
+Block = Union[Heading, Para, Notice, KeyValues, Table, Figure]
 
 
 # ------------------------------------------------------------------------------------ content
@@ -101,12 +126,30 @@ def stderr_lookup(circuit: Circuit, scores: EdgeScores | None) -> dict[str, floa
     return {circuit.graph.edge_at(tuple(c)).name: v for c, v in zip(coords.tolist(), values)}
 
 
+def target_of(circuit: Circuit) -> float | None:
+    """The faithfulness target the circuit was discovered with (``None`` when not recorded)."""
+    target = (circuit.meta.get("config") or {}).get("target")
+    return float(target) if isinstance(target, (int, float)) else None
+
+
+def column_footnote(circuit: Circuit) -> Para:
+    """What the score, signed estimate and exact effect columns mean for the circuit's method."""
+    notes = column_notes(circuit.method)
+    return Para((f"Score: {notes.score}. Signed estimate: {notes.signed}. Exact effect: {notes.exact}.",))
+
+
 def header_blocks(circuit: Circuit, task: str | None, title: str | None) -> list[Block]:
-    """Title and the run summary: model, data, method, direction, metric, sign convention, sizes."""
+    """Title, the circuit's own faithfulness and necessity, its warnings, and the run summary:
+    model, data, method, direction, metric, sign convention, sizes and what the numbers mean."""
     g = circuit.graph
     model = str(circuit.meta.get("model", "unknown model"))
     sel = circuit.selection
-    n_nodes = len(circuit.nodes())
+    target = target_of(circuit)
+    notes = column_notes(circuit.method)
+    summary = Para((Strong(f"Faithfulness {number(circuit.faithfulness)}, necessity {number(circuit.necessity)}"),
+                    " (1 = the clean behaviour, 0 = the corrupt one" + ("" if target is None else
+                                                                        f"; target {target:g}") + "); ",
+                    f"{circuit.level} circuit: {size_summary(circuit)}."))
     items: list[tuple[str, Cell]] = [
         ("model", Code(model)), ("task / data", Code(task or str(circuit.meta.get("task", "not recorded")))),
         ("method", Code(circuit.method or "n/a")), ("direction", circuit.direction.value),
@@ -114,23 +157,34 @@ def header_blocks(circuit: Circuit, task: str | None, title: str | None) -> list
         ("level", circuit.level),
         ("graph", f"{g.n_writers} writers × {g.n_readers} readers, {g.n_edges} edges"
                   + ("" if g.n_positions is None else f" over {g.n_positions} positions")),
-        ("circuit size", f"{circuit.n_edges} edges, {n_nodes} components"),
+        ("circuit size", size_summary(circuit)),
         ("selection", "not recorded" if sel is None else f"{sel.rule} = {number(sel.value)}"),
         ("faithfulness", number(circuit.faithfulness)), ("necessity", number(circuit.necessity)),
-        ("scores", "score = mean over prompt pairs of per-pair |estimate| (ranking); signed = mean estimate"),
+        ("score", notes.score), ("signed estimate", notes.signed), ("exact effect", notes.exact),
     ]
-    return [Heading(1, title or f"Circuit report: {model}"), KeyValues(tuple(items))]
+    blocks: list[Block] = [Heading(1, title or f"Circuit report: {model}"), summary]
+    if circuit.warnings:
+        blocks.append(Notice("Warning", tuple(circuit.warnings)))
+    return blocks + [KeyValues(tuple(items))]
 
 
-def graph_blocks(graph_svg: str | None, svg_file: str, dot_file: str) -> list[Block]:
-    """The rendered circuit graph, or a note that Graphviz is missing with a link to the DOT text."""
+def graph_blocks(circuit: Circuit, graph_svg: str | None, svg_file: str, dot_file: str) -> list[Block]:
+    """The rendered circuit graph and what the drawing leaves out, or a note that Graphviz is
+    missing with a link to the DOT text."""
     blocks: list[Block] = [Heading(2, "Graph")]
+    left_out = drawing(circuit).left_out
+    reduced = [Para(("The drawing is reduced: " + "; ".join(left_out) + ".",))] if left_out else []
     if graph_svg is None:
         return blocks + [Para(("Graphviz 'dot' was not found, so the graph was not rendered (" + INSTALL_HINT
-                               + "). The graph is in ", Code(dot_file), "."))]
-    return blocks + [Figure(graph_svg, svg_file, "Circuit graph (blue: positive estimate, red: negative; width: score; "
-                                                 "q solid, k dashed, v dotted)"),
-                     Para(("DOT source: ", Code(dot_file)))]
+                               + "). The graph is in ", Code(dot_file), ".")), *reduced]
+    if circuit.level == "edge":
+        caption = ("Circuit graph (edge colour: sign of the exact effect where the edge was patched, dark, else of "
+                   "the estimate, light; blue positive, red negative; width: score; q solid, k dashed, v dotted)")
+    else:
+        what = "its kept groups'" if circuit.level == "group" else "the component's"
+        caption = (f"Circuit graph (node colour: sign of {what} exact effect where patched, dark, else of the "
+                   "estimate, light; blue positive, red negative; edges among the kept components drawn alike)")
+    return blocks + [Figure(graph_svg, svg_file, caption), Para(("DOT source: ", Code(dot_file))), *reduced]
 
 
 def edge_table(rows: Sequence[EdgeRow], stderr: dict[str, float]) -> Table:
@@ -140,65 +194,108 @@ def edge_table(rows: Sequence[EdgeRow], stderr: dict[str, float]) -> Table:
     return Table(("#", "edge", "reader", "score", "signed estimate", "stderr", "exact effect"), body)
 
 
-def top_blocks(circuit: Circuit, stderr: dict[str, float], top: int) -> list[Block]:
-    """The top-edges table (and the node-score table for node- and neuron-level circuits)."""
+def unit_table(units: Sequence[Unit], what: str, *, kept: bool = True, members: bool = False) -> Table:
+    """Units (components, groups, coarse edges): rank, name, whether kept, (for groups) the
+    components their members belong to, score, signed estimate and exact effect."""
+    def row(i: int, u: Unit) -> tuple[Cell, ...]:
+        extra = (("yes" if u.in_circuit else "no",) if kept else ()) + (
+            (", ".join(member_components(u)) or "not recorded",) if members else ())
+        return (i + 1, Code(u.name), *extra, number(u.score), number(u.signed), number(u.exact))
+    header = ("#", what, *(("kept",) if kept else ()), *(("components",) if members else ()), "score",
+              "signed estimate", "exact effect")
+    return Table(header, tuple(row(i, u) for i, u in enumerate(units)))
+
+
+def main_blocks(circuit: Circuit, stderr: dict[str, float], top: int) -> list[Block]:
+    """The circuit itself, by level: top edges (and layer-to-layer edges), components or groups,
+    each table with a footnote on its columns."""
+    kind = unit_kind(circuit)
     rows = edge_rows(circuit)
-    blocks: list[Block] = []
-    if circuit.node_scores:
-        ranked = sorted(circuit.node_scores.items(), key=lambda kv: -kv[1])[:top]
-        blocks += [Heading(2, f"Top components ({len(ranked)} of {len(circuit.node_scores)} scored)"),
-                   Table(("#", "component", "score"),
-                         tuple((i + 1, Code(n), number(s)) for i, (n, s) in enumerate(ranked)))]
-    if circuit.level == "edge":
-        blocks.append(Heading(2, f"Top edges ({min(top, len(rows))} of {len(rows)} kept)"))
-    else:
-        blocks += [Heading(2, f"Edges among the kept components ({min(top, len(rows))} of {len(rows)})"),
-                   Para(("A node-level circuit: its edges were not scored one by one.",))]
-    blocks.append(edge_table(rows[:top], stderr) if rows else Para(("The circuit has no edges.",)))
-    return blocks
+    if kind is None:
+        blocks: list[Block] = [Heading(2, f"Top edges ({min(top, len(rows))} of {len(rows)} kept)")]
+        blocks += [edge_table(rows[:top], stderr), column_footnote(circuit)] if rows else [
+            Para(("The circuit has no edges.",))]
+        coarse = circuit.units_of("coarse_edge")
+        if coarse:
+            shown = f"top {top} of {len(coarse)}" if len(coarse) > top else f"{len(coarse)}"
+            blocks += [Heading(2, f"Layer-to-layer edges ({shown})"),
+                       Para(("Every edge between two layers (the embedding, an attention layer, an MLP, the logits) "
+                             "estimated and patched as one.",)),
+                       unit_table(coarse[:top], "layer-to-layer edge", kept=False),
+                       Para(("Score: the mean over prompt pairs of |the sum of the member edges' signed estimates| "
+                             "(first order, no GradDrop). Signed estimate: that sum of plain estimates, mean over "
+                             "prompt pairs. Exact effect: every member edge patched together, mean over prompt "
+                             "pairs.",))]
+        return blocks
+    units = circuit.units_of(kind)
+    what = size_word(circuit)
+    shown = f"; top {top} shown" if len(units) > top else ""
+    heading = f"{what.capitalize()} ({chosen_size(circuit)} of {len(units)} kept{shown})"
+    among = "the kept groups' components" if kind == "group" else "the kept components"
+    footnote = column_footnote(circuit)
+    if kind == "component":
+        footnote = Para((*footnote.cells, " A head's score and signed estimate are those of its best-scoring node "
+                                          "(its output, query, key or value); its exact effect patches its output."))
+    return [Heading(2, heading), unit_table(units[:top], what[:-1], members=kind == "group"), footnote,
+            Heading(2, f"Edges among {among}"),
+            Para((f"The circuit is the {circuit.n_edges} edges among {among} (with the input and the logits); "
+                  "they were not scored one by one, so they are not listed here (see the graph and the JSON).",))]
 
 
 def verification_blocks(circuit: Circuit) -> list[Block]:
-    """Verification summary and the table of exactly patched edges (or a note that none were)."""
+    """Verification summary and the table of exactly patched edges, components or groups (or a
+    note that none were)."""
     v = circuit.verification
+    what = size_word(circuit)
     blocks: list[Block] = [Heading(2, "Verification")]
     if v is None:
-        return blocks + [Para(("Not verified: no edge was exactly patched.",))]
+        return blocks + [Para((f"Not verified: no {what[:-1]} was exactly patched.",))]
     bound = "not run" if v.bound is None else f"{number(v.bound)} (alpha = {number(v.bound_alpha)})"
     blocks.append(KeyValues((
-        ("rank correlation (Spearman, |estimate| vs |exact|, top edges)", number(v.rank_correlation)),
-        ("sign agreement (top edges)", number(v.sign_agreement)),
+        (f"rank correlation (Spearman, |estimate| vs |exact|, top {what})", number(v.rank_correlation)),
+        (f"sign agreement (top {what})", number(v.sign_agreement)),
         ("largest miss", Code(v.largest_miss)), ("largest miss size |estimate − exact|", number(v.largest_miss_size)),
-        (f"largest |exact| among the {v.outside_checked} checked edges outside the circuit", number(v.outside_max)),
-        ("bound on any unverified edge's |effect|", bound),
+        (f"largest |exact| among the {v.outside_checked} checked {what} outside the circuit", number(v.outside_max)),
+        (f"bound on any unverified {what[:-1]}'s |effect|", bound),
         ("forward passes", v.n_forwards),
     )))
     body = tuple((Code(c.name), "yes" if c.in_circuit else "no", number(c.score), number(c.estimate),
                   number(c.exact), number(c.estimate - c.exact), "yes" if same_sign(c.estimate, c.exact) else "no")
                  for c in v.checks)
-    header = ("edge", "in circuit", "score", "estimate", "exact", "estimate − exact", "same sign")
-    return blocks + [Table(header, body)]
+    header = (what[:-1], "in circuit", "score", "signed estimate", "exact effect", "estimate − exact", "same sign")
+    return blocks + [Table(header, body), column_footnote(circuit)]
+
+
+def chart(circuit: Circuit, curve: FaithfulnessCurve) -> str:
+    """The circuit's faithfulness chart: sizes in its own unit, its size and its target marked."""
+    return faithfulness_svg(curve, unit=size_word(circuit), chosen=chosen_size(circuit), target=target_of(circuit))
 
 
 def faithfulness_blocks(circuit: Circuit, chart_file: str) -> list[Block]:
-    """The faithfulness/necessity chart and its numbers (or a note that none were computed)."""
+    """The faithfulness/necessity chart (chosen size and target marked) and its numbers (or a
+    note that none were computed)."""
     f = circuit.curve
     blocks: list[Block] = [Heading(2, "Faithfulness")]
     if f is None:
         return blocks + [Para(("No faithfulness curve was computed.",))]
+    what = size_word(circuit)
+    target = target_of(circuit)
     body = tuple((s, number(a), number(b)) for s, a, b in zip(f.sizes, f.faithfulness, f.necessity))
+    marks = f"the chosen circuit ({chosen_size(circuit)} {what}) and " + (
+        "no target" if target is None else f"the target {target:g}") + " are marked"
     return blocks + [
-        Figure(faithfulness_svg(f), chart_file, "Faithfulness (outside the circuit patched) and necessity (circuit "
-                                                "knocked out) by size; 1 = clean metric, 0 = corrupt metric"),
+        Figure(chart(circuit, f), chart_file,
+               f"Faithfulness (outside the circuit patched) and necessity (circuit knocked out) by size in {what}; "
+               f"1 = clean metric, 0 = corrupt metric; {marks}"),
         KeyValues((("clean metric", number(f.clean_metric)), ("corrupt metric", number(f.corrupt_metric)))),
-        Table(("edges", "faithfulness", "necessity"), body)]
+        Table((what, "faithfulness", "necessity"), body)]
 
 
 def report_blocks(circuit: Circuit, *, graph_svg: str | None, name: str, task: str | None = None,
                   title: str | None = None, stderr: dict[str, float] | None = None, top: int = 20) -> list[Block]:
     """Every block of the report, in order."""
-    return [*header_blocks(circuit, task, title), *graph_blocks(graph_svg, f"{name}.svg", f"{name}.dot"),
-            *top_blocks(circuit, stderr or {}, top), *verification_blocks(circuit),
+    return [*header_blocks(circuit, task, title), *graph_blocks(circuit, graph_svg, f"{name}.svg", f"{name}.dot"),
+            *main_blocks(circuit, stderr or {}, top), *verification_blocks(circuit),
             *faithfulness_blocks(circuit, f"{name}_faithfulness.svg")]
 
 
@@ -207,6 +304,8 @@ def md_cell(cell: Cell, table: bool = False) -> str:
     """A cell as Markdown text: angle brackets escaped, code in backticks, pipes escaped in tables."""
     if isinstance(cell, Code):
         text = "`" + cell.text + "`"
+    elif isinstance(cell, Strong):
+        text = "**" + md_cell(cell.text) + "**"
     else:
         text = (cell if isinstance(cell, str) else str(cell)).replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("|", "\\|") if table else text
@@ -216,6 +315,8 @@ def html_cell(cell: Cell) -> str:
     """A cell as escaped HTML (code in ``<code>``)."""
     if isinstance(cell, Code):
         return f"<code>{escape(cell.text)}</code>"
+    if isinstance(cell, Strong):
+        return f"<strong>{escape(cell.text)}</strong>"
     return escape(cell if isinstance(cell, str) else str(cell))
 
 
@@ -227,6 +328,8 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             out.append("#" * b.level + " " + md_cell(b.text))
         elif isinstance(b, Para):
             out.append("".join(md_cell(c) for c in b.cells))
+        elif isinstance(b, Notice):
+            out.append("\n>\n".join(f"> **{md_cell(b.label)}:** {md_cell(item)}" for item in b.items))
         elif isinstance(b, KeyValues):
             out.append("\n".join(f"- **{md_cell(k)}**: {md_cell(v)}" for k, v in b.items))
         elif isinstance(b, Table):
@@ -252,6 +355,9 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
             body.append(f"<h{b.level}>{html_cell(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
             body.append("<p>" + "".join(html_cell(c) for c in b.cells) + "</p>")
+        elif isinstance(b, Notice):
+            body += [f'<p class="notice"><strong>{html_cell(b.label)}:</strong> {html_cell(item)}</p>'
+                     for item in b.items]
         elif isinstance(b, KeyValues):
             items = "".join(f"<tr><th>{html_cell(k)}</th><td>{html_cell(v)}</td></tr>" for k, v in b.items)
             body.append(f'<table class="kv">{items}</table>')
@@ -264,7 +370,8 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
     style = ("body{font-family:Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:0.8em 0}td,th{border:1px solid #ddd;padding:3px 8px;"
              "text-align:left;font-size:0.9em}table.kv th{background:#f6f6f6;font-weight:normal}"
-             "figure{margin:1em 0}figcaption{color:#555;font-size:0.9em}svg{max-width:100%;height:auto}")
+             "figure{margin:1em 0}figcaption{color:#555;font-size:0.9em}svg{max-width:100%;height:auto}"
+             "p.notice{background:#fff4e5;border-left:4px solid #e08214;padding:0.5em 0.8em}")
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
             f"<style>{style}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
@@ -281,7 +388,7 @@ def report_files(circuit: Circuit, fmt: ReportFormat = "md", *, name: str = "cir
         raise EdgeatpError(f"report format must be 'md' or 'html', got {fmt!r}")
     files = {f"{name}.dot": to_dot(circuit)}
     if circuit.curve is not None:
-        files[f"{name}_faithfulness.svg"] = faithfulness_svg(circuit.curve)
+        files[f"{name}_faithfulness.svg"] = chart(circuit, circuit.curve)
     blocks = report_blocks(circuit, graph_svg=graph_svg, name=name, task=task, title=title,
                            stderr=stderr_lookup(circuit, scores), top=top)
     page_title = title or f"Circuit report: {circuit.meta.get('model', name)}"
