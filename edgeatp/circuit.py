@@ -199,8 +199,9 @@ class Circuit:
         return sorted(seen, key=lambda n: order.get(n, len(order)))
 
     def components(self) -> list[Node]:
-        """The heads, MLPs and neurons the circuit keeps (its nodes without the input and the logits)."""
-        return [n for n in self.nodes() if n.kind not in (NodeKind.INPUT, NodeKind.LOGITS)]
+        """The heads, MLPs and neurons the circuit keeps (its nodes without the input, the logits and
+        the inputs of shared key/value heads)."""
+        return [n for n in self.nodes() if n.kind in (NodeKind.HEAD, NodeKind.MLP, NodeKind.NEURON)]
 
     def with_(self, **changes: Any) -> "Circuit":
         return replace(self, **changes)

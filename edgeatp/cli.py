@@ -234,7 +234,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
     from .export.files import check_writable
 
     check_writable(Path(out))
-    if quiet_text:
+    if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
         _quiet_libraries()
     t0 = time.time()
     from .pipeline import run_discover
@@ -300,7 +300,7 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
 
     check_writable(target.parent)
     quiet_text = quiet or as_json
-    if quiet_text:
+    if quiet_text or not sys.stderr.isatty():
         _quiet_libraries()
     from .export import set_files
     from .pipeline import reverify

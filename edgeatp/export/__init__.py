@@ -78,7 +78,8 @@ def write_outputs(circuit: Circuit, out_dir: str | Path, formats: Sequence[str] 
     have_dot = dot_available()
     skipped = {f: f"Graphviz's dot is not installed ({INSTALL_HINT})"
                for f in wanted if f in PICTURE_FORMATS and not have_dot}
-    dot_text = to_dot(circuit)
+    drawn = [f for f in wanted if f in ("dot", "md", "html") or (f in PICTURE_FORMATS and have_dot)]
+    dot_text = to_dot(circuit) if drawn else ""
     graph_svg = render_bytes(dot_text, "svg").decode() if have_dot and any(
         f in ("svg", "md", "html") for f in wanted) else None
     contents: dict[str, tuple[str, str | bytes]] = {}  # file -> (format, content)

@@ -182,10 +182,10 @@ def size_summary(circuit: Circuit) -> str:
     components and edges among them)."""
     kind = unit_kind(circuit)
     if kind is None:
-        return f"{circuit.n_edges} edges, {len(circuit.nodes())} components"
+        return f"{circuit.n_edges} edges, {len(circuit.components())} components"
     among = f"{circuit.n_edges} edges among them"
     if kind == "group":
-        among = f"{sum(n.kind not in (NodeKind.INPUT, NodeKind.LOGITS) for n in circuit.nodes())} components, " + among
+        among = f"{len(circuit.components())} components, " + among
     return f"{chosen_size(circuit)} of {len(circuit.units_of(kind))} {size_word(circuit)} kept ({among})"
 
 
@@ -323,7 +323,21 @@ def drawing(circuit: Circuit, *, max_edges: int | None = MAX_EDGES, max_neurons:
         left.append(f"only {max_edges} of the {len(bundles)} edges among the kept components are drawn, those whose "
                     f"weaker end scores highest (standing for {sum(len(e.members) or 1 for e in edges)} of the "
                     f"{circuit.n_edges} circuit edges); every component stays in the picture")
-    return Drawing(nodes, tuple(edges), tuple(left))
+    return Drawing(nodes, tuple(edges) + _shared_kv_links(circuit, ends), tuple(left))
+
+
+def _shared_kv_links(circuit: Circuit, ends: Sequence[Node]) -> tuple[DrawEdge, ...]:
+    """Links from each drawn input of a shared key/value head to the drawn query heads that read it
+    (reader type ``shared``; they carry no numbers)."""
+    drawn = set(ends)
+    links = []
+    for node in ends:
+        if node.kv:
+            for head in circuit.graph.reader_targets(node.component):
+                target = head.at(node.position)
+                if target in drawn:
+                    links.append(DrawEdge(f"{node.name}=>{target.name}", node, target, "shared", 0.0, 0.0, None))
+    return tuple(links)
 
 
 def _strongest_edges(edges: list[DrawEdge], nodes: Sequence[DrawNode], neuron_scores: dict[str, float],

@@ -41,9 +41,9 @@ FILL_POSITIVE, FILL_NEGATIVE = "#6fa8dc", "#ef8a6f"  # nodes: exact effects
 FILL_LIGHT_POSITIVE, FILL_LIGHT_NEGATIVE, FILL_NEUTRAL = "#d4e6f4", "#fbd9cc", "#e8e8e8"  # nodes: estimates, unknown
 UNIFORM_PENWIDTH = 1.0  # edges of node- and group-level circuits (not scored one by one)
 READER_STYLE = {"q": ("solid", "normal"), "k": ("dashed", "empty"), "v": ("dotted", "odot"),
-                "mlp": ("solid", "normal"), "logits": ("solid", "normal")}
+                "mlp": ("solid", "normal"), "logits": ("solid", "normal"), "shared": ("dotted", "none")}
 NODE_FILL = {NodeKind.INPUT: "#e0e0e0", NodeKind.HEAD: "#d6e6f5", NodeKind.MLP: "#fde3c8",
-             NodeKind.NEURON: "#fde3c8", NodeKind.LOGITS: "#e0e0e0"}
+             NodeKind.NEURON: "#fde3c8", NodeKind.LOGITS: "#e0e0e0", NodeKind.K: "#eef3fa", NodeKind.V: "#eef3fa"}
 FORMATS = ("svg", "png", "pdf")
 INSTALL_HINT = "install Graphviz: apt-get install graphviz (Debian/Ubuntu) or brew install graphviz (macOS)"
 MAX_GROUP_LINES = 3  # kept groups named in one node's label
@@ -125,7 +125,9 @@ def _title_lines(circuit: Circuit, title: str | None, edges: list[DrawEdge], not
              f"method {circuit.method or 'n/a'} | direction {circuit.direction.value} | metric {circuit.metric}"]
     lines += _wrap("sign convention: " + circuit.sign_convention)
     qkv = "head inputs: q solid, k dashed, v dotted"
+    shared = any(e.reader_type == "shared" for e in edges)
     if circuit.level == "edge":
+        edges = [e for e in edges if e.reader_type != "shared"]
         exact = sum(e.exact is not None for e in edges)
         lines += _wrap("edge colour: " + sign_legend(circuit.direction, circuit.metric, "edge"))
         lines += _wrap(f"dark blue/red: sign of the exact effect ({exact} drawn edges patched in verification); "
@@ -146,6 +148,9 @@ def _title_lines(circuit: Circuit, title: str | None, edges: list[DrawEdge], not
         among = "the kept groups' components" if circuit.level == "group" else "the kept components"
         lines += _wrap(f"edges: every edge among {among}, not scored one by one, drawn alike; one edge into a head "
                        f"stands for the inputs it is labelled with (q, k, v) | {qkv}")
+    if shared:
+        lines += _wrap("a<L>.kv<G><k|v>: the key or value input of a key/value head shared by several query heads "
+                       "(grouped-query attention); dotted grey lines lead to the query heads that read it")
     for text in notes:
         lines += _wrap(text)
     return lines
@@ -199,6 +204,10 @@ def _edge_line(edge: DrawEdge, scored: bool, top: float, lo: float, hi: float) -
     """One DOT edge statement: colour by the sign of the best-known effect and width by score
     (scored edges; others grey and uniform), style/arrowhead/letter by reader type."""
     style, arrow = READER_STYLE.get(edge.reader_type, ("solid", "normal"))  # several head inputs: solid
+    if edge.reader_type == "shared":
+        return f"  {quote(edge.writer.name)} -> {quote(edge.reader.name)} " + attrs(
+            color=NEUTRAL, penwidth=UNIFORM_PENWIDTH, style=style, arrowhead=arrow, id=edge.id,
+            tooltip=f"{edge.writer.name} is a shared key/value input that {edge.reader.name} reads") + ";"
     qkv = edge.reader_type not in ("mlp", "logits")  # q, k, v or several of them
     colour = edge_colour(edge.signed, edge.exact) if scored else NEUTRAL
     extra: dict[str, str | float] = {"label": edge.reader_type, "fontsize": 9, "fontcolor": colour} if qkv else {}
