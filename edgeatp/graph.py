@@ -11,17 +11,23 @@ node per input, ``a1.kv0<k>`` and ``a1.kv0<v>`` (key/value head 0 of layer 1, re
 ``a1.h0`` … of its group); queries and head outputs stay per query head. The per-query-head
 ("ungrouped") view that EAP-IG and MIB expect, ``a1.h3<k>`` meaning query head 3's own copy of its
 key input, is a graph of its own (``EdgeGraph.from_shape(shape, ungrouped=True)``).
+
+torch is imported only where a graph's tensors are built, so shapes, names and :func:`graph_size`
+(the counts of a graph, without building it) load without it: the planner and the command line use them.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cached_property
-from typing import Iterable, Iterator, Sequence
+from itertools import accumulate
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class NodeKind(str, Enum):
@@ -315,6 +321,38 @@ def reader_nodes(shape: ModelShape, ungrouped: bool = False) -> list[Node]:
     return out
 
 
+def residual_points(shape: ModelShape, writers: Sequence[Node], readers: Sequence[Node]) -> tuple[list[int], list[int]]:
+    """The residual point each writer writes at and each reader reads at: a reader sees a writer
+    exactly when the writer's point is at most the reader's (see :meth:`ModelShape.io_points`)."""
+    points, final = shape.io_points()
+    wp = [0 if n.kind is NodeKind.INPUT else points[shape.block_of(n)][1] for n in writers]  # type: ignore[index]
+    rp = [final if n.kind is NodeKind.LOGITS else points[shape.block_of(n)][0] for n in readers]  # type: ignore[index]
+    return wp, rp
+
+
+@dataclass(frozen=True)
+class GraphSize:
+    """How large a model's full edge graph is: writers, readers and edges (per position)."""
+
+    writers: int
+    readers: int
+    edges: int
+
+
+def graph_size(shape: ModelShape, *, neurons: bool = False, ungrouped: bool = False) -> GraphSize:
+    """The counts of ``EdgeGraph.from_shape(shape, neurons=..., ungrouped=...)`` without building it
+    (an MLP writer stands for its ``d_mlp`` neurons, which write at the same point)."""
+    ws = writer_nodes(shape)
+    weight = {w: (shape.d_mlp or 0) if neurons and w.kind is NodeKind.MLP else 1 for w in ws}
+    rs = reader_nodes(shape, ungrouped)
+    wp, rp = residual_points(shape, ws, rs)
+    order = sorted(range(len(ws)), key=wp.__getitem__)
+    points = [wp[i] for i in order]
+    seen = [0, *accumulate(weight[ws[i]] for i in order)]  # writers at or before each sorted point
+    edges = sum(seen[bisect_right(points, p)] for p in rp)
+    return GraphSize(sum(weight.values()), len(rs), edges)
+
+
 @dataclass(frozen=True, eq=False)
 class EdgeGraph:
     """Dense index of writer→reader edges: ``mask[w, r]`` is True where the edge exists.
@@ -365,9 +403,9 @@ class EdgeGraph:
                                  "or per query head (a<L>.h<H><k>, the ungrouped view), not both")
         if n_positions is not None and n_positions < 1:
             raise ValueError("n_positions must be positive")
-        points, final = shape.io_points()
-        wp = [0 if n.kind is NodeKind.INPUT else points[shape.block_of(n)][1] for n in ws]
-        rp = [final if n.kind is NodeKind.LOGITS else points[shape.block_of(n)][0] for n in rs]
+        import torch
+
+        wp, rp = residual_points(shape, ws, rs)
         mask = torch.tensor(wp)[:, None] <= torch.tensor(rp)[None, :]
         return cls(shape, ws, rs, n_positions, mask)
 
@@ -433,6 +471,8 @@ class EdgeGraph:
     @cached_property
     def all_coords(self) -> torch.Tensor:
         """``[n_edges, 3]`` (position, writer, reader) coordinates of every edge, positions outermost."""
+        import torch
+
         wr = self.edge_coords
         pos = torch.arange(self.P).repeat_interleave(len(wr))
         return torch.cat([pos[:, None], wr.repeat(self.P, 1)], 1)
