@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 from .errors import option_error
 
 LEVELS = ("edge", "node", "neuron", "group")
+GradDropMode = Literal["block", "sublayer"]
+Unit = tuple[str, int]
 
 
 class Kind(str, Enum):
@@ -81,6 +84,20 @@ METHODS: dict[str, Method] = {
         Method("exact", Kind.EXACT, False, False, _ALL, "exact activation/edge patching, one forward per component"),
     )
 }
+
+
+def graddrop_units(n_layers: int, attn_only: bool, mode: GradDropMode = "block") -> list[Unit]:
+    """The units whose residual writes GradDrop drops one at a time (one extra backward each).
+
+    ``block``: one unit per transformer block (attention + MLP writes together), the AtP*
+    paper's ``L`` terms (exact for parallel blocks, our default for sequential ones);
+    ``sublayer``: attention and MLP writes separately (``2L`` terms for sequential blocks).
+    """
+    if mode == "block" or attn_only:
+        return [("block", layer) for layer in range(n_layers)]
+    if mode != "sublayer":
+        raise ValueError(f"unknown GradDrop granularity {mode!r}; use 'block' or 'sublayer'")
+    return [(kind, layer) for layer in range(n_layers) for kind in ("attn", "mlp")]
 
 
 def get_method(name: str | Method, level: str = "edge") -> Method:

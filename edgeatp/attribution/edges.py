@@ -28,12 +28,12 @@ import torch
 from ..circuit import KVView
 from ..errors import EdgeatpError, option_error
 from ..graph import EdgeGraph, Node, NodeKind
-from ..methods import Kind, Method, get_method
+from ..methods import GradDropMode, Kind, Method, get_method, graddrop_units
 from ..model import ModelAdapter, Site, WriterLayout
 from ..patching import _check_graph, patch_edges
 from ..scores import EdgeScores
 from ..setup import Setup
-from .passes import GradDropMode, GradRun, SiteNeeds, estimate_pairs, graddrop_units, nonzero_terms
+from .passes import GradRun, SiteNeeds, estimate_pairs, nonzero_terms
 from .qk_fix import joint, key_fix, key_shift, per_query, softmax_change
 
 

@@ -22,13 +22,13 @@ import torch
 
 from ..errors import EdgeatpError, option_error
 from ..graph import EdgeGraph, ModelShape, Node, NodeKind, attention_inputs, check_nodes, node_set
-from ..methods import Cost, Kind, Method, get_method
+from ..methods import Cost, GradDropMode, Kind, Method, get_method, graddrop_units
 from ..model import ModelAdapter, Site
 from ..patching import PatchEffects, patch_edges, patch_nodes
 from ..scores import EdgeScores, PairStats, _Result
 from ..setup import Setup
 from .nodes import QK, Family, NodeTerms, family
-from .passes import GradDropMode, GradRun, estimate_pairs, fold_passes, graddrop_units, nonzero_terms
+from .passes import GradRun, estimate_pairs, fold_passes, nonzero_terms
 from .qk_fix import joint, softmax_change
 
 

@@ -19,13 +19,13 @@ import torch
 
 from ..errors import EdgeatpError, option_error
 from ..graph import Node, NodeIndex, NodeKind, check_nodes, node_set
-from ..methods import Kind, Method, get_method
+from ..methods import GradDropMode, Kind, Method, get_method, graddrop_units
 from ..model import ModelAdapter, Site
 from ..model.sites import NODE_SITE
 from ..patching import patch_nodes
 from ..scores import NodeScores
 from ..setup import Setup
-from .passes import GradDropMode, GradRun, SiteNeeds, estimate_pairs, fold_passes, graddrop_units, nonzero_terms
+from .passes import GradRun, SiteNeeds, estimate_pairs, fold_passes, nonzero_terms
 from .qk_fix import joint, key_fix, key_shift, per_query, softmax_change
 
 Family = tuple[NodeKind, int]  # (kind, layer)

@@ -17,19 +17,15 @@ GradDrop combination ``Σ_l |Î_l| / n_terms``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
-from ..methods import Kind, Method
+from ..methods import Kind, Method, Unit
 from ..model import EMBED, FwdHook, Site, capture
 from ..scores import PairStats
 from ..setup import Setup
 from ..tasks.pairs import PairBatch
-
-GradDropMode = Literal["block", "sublayer"]
-Unit = tuple[str, int]
-
 
 class _Drop:
     """Which GradDrop unit is dropped in the current backward (``None`` = plain backward)."""
@@ -49,20 +45,6 @@ class _Gate(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         dropped = ctx.state.unit == ctx.unit
         return (torch.zeros_like(g) if dropped else g), None, None
-
-
-def graddrop_units(n_layers: int, attn_only: bool, mode: GradDropMode = "block") -> list[Unit]:
-    """The units whose residual writes GradDrop drops one at a time.
-
-    ``block``: one unit per transformer block (attention + MLP writes together), the AtP*
-    paper's ``L`` terms (exact for parallel blocks, our default for sequential ones);
-    ``sublayer``: attention and MLP writes separately (``2L`` terms for sequential blocks).
-    """
-    if mode == "block" or attn_only:
-        return [("block", layer) for layer in range(n_layers)]
-    if mode != "sublayer":
-        raise ValueError(f"unknown GradDrop granularity {mode!r}; use 'block' or 'sublayer'")
-    return [(kind, layer) for layer in range(n_layers) for kind in ("attn", "mlp")]
 
 
 def nonzero_terms(units: list[Unit], blocks: set[Unit | None]) -> int:
@@ -125,17 +107,21 @@ class GradRun:
 
 
 def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequence[Unit] = (),
-                 source: dict[Site, torch.Tensor] | None = None, alpha: float = 0.0) -> GradRun:
+                 source: dict[Site, torch.Tensor] | None = None, alpha: float = 0.0,
+                 base: dict[Site, torch.Tensor] | None = None) -> GradRun:
     """One batch's activations and gradients of the summed per-pair metric on the base run.
 
-    ``units`` adds one backward per GradDrop unit. ``source`` reuses source-run activations (it
-    must include the embedding when ``alpha`` is set); ``alpha`` moves the base run's embedding
-    that far toward the source's (integrated gradients), so ``point`` is the interpolated run.
+    ``units`` adds one backward per GradDrop unit. ``source`` reuses source-run activations.
+    ``alpha`` moves the base run's embedding that far toward the source's (integrated gradients),
+    so ``point`` is the interpolated run; it needs the source's embedding in ``source`` and the base
+    run's activations in ``base`` (captured once per batch, not once per point of the path).
     """
+    if alpha and (source is None or EMBED not in source or base is None):
+        raise ValueError("a point on the integration path needs the source run (with its embedding) and the base run")
     model, metric = setup.model, setup.metric
     ref = setup.reference(batch)
     if source is None:
-        _, source = capture(model, batch.source, [*needs.act, EMBED] if alpha else needs.act, logits=False)
+        _, source = capture(model, batch.source, needs.act, logits=False)
     kept: dict[Site, torch.Tensor] = {}
     state = _Drop()
     src0 = source.get(EMBED)
@@ -177,10 +163,7 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
             grads.append({s: (g if g is not None else torch.zeros_like(t)).detach()
                           for s, g, t in zip(needs.grad, got, targets)})
     point = {s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])}
-    base = point
-    if alpha:
-        _, base = capture(model, batch.base, needs.act, logits=False)
-    return GradRun(source, base, point, grads, list(units), value.detach())
+    return GradRun(source, base if alpha else point, point, grads, list(units), value.detach())  # type: ignore[arg-type]
 
 
 class Estimator(Protocol):
@@ -203,10 +186,11 @@ def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integrated gradients: gradient sides averaged over ``steps`` midpoints from base to source."""
     _, source = capture(setup.model, batch.source, [*est.needs.act, EMBED], logits=False)
+    _, base = capture(setup.model, batch.base, est.needs.act, logits=False)
     mean: dict[Any, torch.Tensor] = {}
     run = None
     for k in range(steps):
-        run = gradient_run(setup, batch, est.needs, source=source, alpha=(k + 0.5) / steps)
+        run = gradient_run(setup, batch, est.needs, source=source, alpha=(k + 0.5) / steps, base=base)
         side = est.gradient_side(run.point, run.grads[0])
         for key, value in side.items():
             mean[key] = mean[key] + value / steps if key in mean else value / steps
