@@ -88,13 +88,16 @@ def test_session_restores_flags_mode_and_hooks_even_on_error():
     m.train()
     m.cfg.use_attn_result = True
     m.cfg.use_split_qkv_input = True
+    m.W_E.requires_grad_(False)
     with pytest.raises(RuntimeError, match="boom"):
         with adapter.session():
             assert not m.training and not m.cfg.use_attn_result and m.cfg.use_hook_mlp_in
+            assert not any(p.requires_grad for p in m.parameters())
             def explode(t):
                 raise RuntimeError("boom")
             adapter.forward(torch.zeros(1, 3, dtype=torch.long), [(Site("z", 0), explode)])
     assert m.training and m.cfg.use_attn_result and m.cfg.use_split_qkv_input and not m.cfg.use_hook_mlp_in
+    assert not m.W_E.requires_grad and all(p.requires_grad for n, p in m.named_parameters() if n != "embed.W_E")
     assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in m.hook_dict.values())
 
 

@@ -2,8 +2,8 @@
 
 Every algorithm in edgeatp talks to a model through :class:`ModelAdapter`: named activation
 :class:`Site` s instead of hook strings, scoped hooks that are always removed, and a
-:meth:`ModelAdapter.session` that puts the model in eval mode and restores the caller's
-TransformerLens flags, training mode and tokenizer padding side on every exit path.
+:meth:`ModelAdapter.session` that puts the model in eval mode with frozen weights and restores the
+caller's TransformerLens flags, training mode, ``requires_grad`` and tokenizer padding side on every exit path.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ class ModelAdapter:
     # ------------------------------------------------------------------ state
     @contextmanager
     def session(self) -> Iterator["ModelAdapter"]:
-        """Eval mode, known TransformerLens flags, no foreign hooks; everything restored on exit.
+        """Eval mode, frozen weights, known TransformerLens flags, no foreign hooks; everything restored
+        on exit. Frozen weights keep gradient runs from saving what only weight gradients would need.
 
         Re-entrant; only the outermost session saves and restores. Sessions of different threads
         take turns (hooks and flags are model-wide state), so an adapter may be shared by threads.
@@ -140,11 +141,13 @@ class ModelAdapter:
                 )
             saved = {f: getattr(m.cfg, f) for f in _FLAGS}
             modes = [(mod, mod.training) for mod in m.modules()]
+            trainable = [p for p in m.parameters() if p.requires_grad]
             tok = getattr(m, "tokenizer", None)
             padding_side = getattr(tok, "padding_side", None)
             self._depth = 1
             try:
                 m.eval()
+                m.requires_grad_(False)
                 m.cfg.use_split_qkv_input = False
                 m.cfg.use_attn_result = False
                 m.cfg.use_attn_in = False
@@ -159,6 +162,8 @@ class ModelAdapter:
                     setattr(m.cfg, f, v)
                 for mod, mode in modes:
                     mod.training = mode
+                for p in trainable:
+                    p.requires_grad_(True)
                 if padding_side is not None:
                     tok.padding_side = padding_side
 
