@@ -96,12 +96,13 @@ class EdgePlan:
         act, grad, base = list(layout.sites()), [], []
         for g in groups:
             if g.kind in ("q", "k", "v"):
-                grad += [Site("q", g.layer), Site("k", g.layer), Site("v", g.layer)]
                 base.append(Site("resid_pre", g.layer))
-                if g.qk:
+                if g.qk:  # the softmax is recomputed: pattern gradients instead of the reader input's
                     base += [Site("rot_q", g.layer), Site("rot_k", g.layer), Site("scores", g.layer),
                              Site("pattern", g.layer)]
                     grad.append(Site("pattern", g.layer))
+                else:
+                    grad.append(Site(g.kind, g.layer))
             elif g.kind == "mlp":
                 grad.append(Site("mlp_in", g.layer))
             else:
@@ -165,11 +166,11 @@ class EdgeEstimator:
             elif group.kind == "logits":
                 side[i] = grads[Site("resid_final")][:, :, None, :].to(self.work)
             else:
-                if group.layer not in per_layer:
-                    g_qkv = {k: grads[Site(k, group.layer)] for k in "qkv"}
+                if group.layer not in per_layer:  # the q, k and v inputs this layer's linear groups read
+                    g_qkv = {k: grads[Site(k, group.layer)] for k in "qkv" if Site(k, group.layer) in grads}
                     per_layer[group.layer] = self.model.reader_input_grads(
                         group.layer, point[Site("resid_pre", group.layer)], g_qkv)
-                side[i] = per_layer[group.layer][group.kind][:, :, group.heads].to(self.work)
+                side[i] = per_layer[group.layer][group.kind][:, :, _selector(group.heads)].to(self.work)  # a view when it can
         return side
 
     def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
