@@ -34,7 +34,7 @@ from ..patching import _check_graph, patch_edges
 from ..scores import EdgeScores
 from ..setup import Setup
 from .passes import GradDropMode, GradRun, SiteNeeds, estimate_pairs, graddrop_units, nonzero_terms, relation
-from .qk_edges import first_difference, score_shifts, writer_chunks
+from .qk_edges import ReaderInputs, first_difference, score_shifts, writer_chunks
 from .qk_fix import joint, key_fix, key_shift, per_query, softmax_change
 
 
@@ -143,11 +143,13 @@ class MemoryBudget:
 
 @dataclass(frozen=True)
 class EdgeBatch:
-    """One batch's writer differences ``[b, T, W, d]`` and the first position where any is non-zero
-    (earlier positions carry no edge effect and are skipped)."""
+    """One batch's writer differences ``[b, T, W, d]``, the first position where any is non-zero
+    (earlier positions carry no edge effect and are skipped) and, for the QK fix, each writer
+    site's difference factors."""
 
     delta: torch.Tensor
     start: int
+    factors: dict[Site, tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,8 +203,9 @@ class EdgeEstimator:
         self.n_above = above
 
     def prepare(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> EdgeBatch:
-        delta = self.plan.layout.deltas(source, base).to(self.work)  # [b, T, W, d]
-        return EdgeBatch(delta, first_difference(delta))
+        factors = self.plan.layout.all_factors(source, base)
+        delta = self.plan.layout.deltas(factors).to(self.work)  # [b, T, W, d]
+        return EdgeBatch(delta, first_difference(delta), factors)
 
     def gradient_side(self, prep: EdgeBatch, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]
                       ) -> dict[Any, torch.Tensor]:
@@ -291,13 +294,13 @@ class EdgeEstimator:
         Q = run.base[Site("rot_q", l)][:, :, qheads].to(dt)
         K = model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(dt)
         F0 = model.attention_score_fn(l, Q, K)
-        resid = run.base[Site("resid_pre", l)]
+        inputs = ReaderInputs(model, l, group.kind, group.heads, run.base[Site("resid_pre", l)], t0, dt)
         S = run.base[Site("scores", l)][:, qheads, t0:].to(dt)[:, None]  # [b, 1, n, T', T]
         A = run.base[Site("pattern", l)][:, qheads, t0:].to(dt)[:, None]
         Gs = [(p, G[:, qheads, t0:].to(dt)[:, None]) for p, G in Gs]
-        for chunk in writer_chunks(self.plan.layout, run.source, run.base, prep.delta, group.writers, t0,
+        for chunk in writer_chunks(self.plan.layout, prep.factors, prep.delta, group.writers, t0,
                                    self.budget.writer_chunk):
-            shift = score_shifts(model, l, group.kind, group.heads, qheads, Q, K, F0, resid, chunk, t0)
+            shift = score_shifts(inputs, qheads, Q, K, F0, chunk)
             # the softmax recomputation does not depend on the gradient: once per chunk, not per pass
             if group.kind == "q" or not positional:
                 dA = softmax_change(S, S + shift, A)

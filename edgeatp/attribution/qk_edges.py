@@ -38,15 +38,16 @@ def first_difference(delta: torch.Tensor) -> int:
     return int(moved.nonzero()[0, 0]) if bool(moved.any()) else delta.shape[1]
 
 
-def writer_chunks(layout: WriterLayout, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
+def writer_chunks(layout: WriterLayout, factors: dict[Site, tuple[torch.Tensor, torch.Tensor | None]],
                   delta: torch.Tensor, writers: torch.Tensor, start: int, size: int) -> Iterator[WriterChunk]:
-    """The given graph writers, site by site, in chunks of at most ``size``."""
+    """The given graph writers, site by site, in chunks of at most ``size`` (``factors``: each
+    writer site's :meth:`WriterLayout.factors` of this batch)."""
     wanted = set(writers.tolist())
     for site, (idx, _) in layout.groups.items():
         pos = [k for k, w in enumerate(idx) if w in wanted]
         if not pos:
             continue
-        coef, basis = layout.factors(site, source, base)
+        coef, basis = factors[site]
         for lo in range(0, len(pos), size):
             sel = torch.tensor(pos[lo: lo + size])
             ws = torch.tensor(idx)[sel]
@@ -59,53 +60,60 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(-1, keepdim=True)
 
 
-def patched_inputs(model: ModelAdapter, layer: int, kind: str, heads: torch.Tensor, resid: torch.Tensor,
-                   chunk: WriterChunk, start: int) -> torch.Tensor:
-    """``[b, c, T', n, d_head]`` pre-rotary queries or keys of ``heads`` when each chunk writer's
-    difference is added to their residual input ``resid`` ``[b, T, d]`` (positions from ``start``)."""
-    dt = chunk.delta.dtype
-    x = resid[:, start:].to(dt)
-    b, T, c = x.shape[0], x.shape[1], chunk.delta.shape[2]
-    proj = model.normed_projection(layer, kind, heads)
-    if proj is None:  # a norm without a closed form: project every patched residual exactly
-        new = model.qkv_all_heads(layer, kind, x[:, :, None, :] + chunk.delta, heads)
-        return new.to(dt).permute(0, 2, 1, 3, 4)
-    W, bias = proj.W.to(dt), proj.b.to(dt)
-    xc = _centre(x) if proj.centred else x
-    dc = _centre(chunk.delta) if proj.centred else chunk.delta
-    new = (xc @ W)[:, :, None, :]
-    if chunk.basis is not None and _factored_is_cheaper(chunk.basis.shape[1], x.shape[-1], b * T):
-        basis = _centre(chunk.basis) if proj.centred else chunk.basis
-        composed = (basis.reshape(-1, basis.shape[-1]) @ W).view(c, basis.shape[1], -1)  # [c, r, X]
-        new = new + torch.einsum("btcr,crx->btcx", chunk.coef, composed)
-    else:
-        new = new + dc @ W
-    if proj.scaled:
-        new = new / ((xc[:, :, None, :] + dc).pow(2).mean(-1, keepdim=True) + proj.eps).sqrt()
-    new = new + bias
-    return new.view(b, T, c, len(heads), -1).permute(0, 2, 1, 3, 4)
-
-
 def _factored_is_cheaper(rank: int, d_model: int, rows: int) -> bool:
     """Whether ``coef · (basis W)`` costs fewer multiplications than ``(coef · basis) W`` for ``rows`` rows."""
     return rank * (d_model + rows) < rows * d_model
 
 
-def score_shifts(model: ModelAdapter, layer: int, kind: str, heads: torch.Tensor, qheads: torch.Tensor,
-                 Q: torch.Tensor, K: torch.Tensor, F0: torch.Tensor, resid: torch.Tensor, chunk: WriterChunk,
-                 start: int) -> torch.Tensor:
-    """``[b, c, n_q, T', T]`` changes of the scores of query heads ``qheads`` (query rows from
-    ``start``) when each chunk writer's difference enters the query (or key) input of ``heads``.
+class ReaderInputs:
+    """The query (or key) inputs of some heads of one layer, ready to take writer differences:
+    the base residual from the first differing position and its projection, computed once."""
+
+    def __init__(self, model: ModelAdapter, layer: int, kind: str, heads: torch.Tensor, resid: torch.Tensor,
+                 start: int, dtype: torch.dtype) -> None:
+        self.model, self.layer, self.kind, self.heads, self.start = model, layer, kind, heads, start
+        self.x = resid[:, start:].to(dtype)
+        self.proj = model.normed_projection(layer, kind, heads)
+        if self.proj is not None:
+            self.W, self.bias = self.proj.W.to(dtype), self.proj.b.to(dtype)
+            self.xc = _centre(self.x) if self.proj.centred else self.x
+            self.P0 = (self.xc @ self.W)[:, :, None, :]
+
+    def patched(self, chunk: WriterChunk) -> torch.Tensor:
+        """``[b, c, T', n, d_head]`` pre-rotary inputs when each chunk writer's difference is added."""
+        b, T, c = self.x.shape[0], self.x.shape[1], chunk.delta.shape[2]
+        proj = self.proj
+        if proj is None:  # a norm without a closed form: project every patched residual exactly
+            new = self.model.qkv_all_heads(self.layer, self.kind, self.x[:, :, None, :] + chunk.delta, self.heads)
+            return new.to(self.x.dtype).permute(0, 2, 1, 3, 4)
+        dc = _centre(chunk.delta) if proj.centred else chunk.delta
+        if chunk.basis is not None and _factored_is_cheaper(chunk.basis.shape[1], self.x.shape[-1], b * T):
+            basis = _centre(chunk.basis) if proj.centred else chunk.basis
+            composed = (basis.reshape(-1, basis.shape[-1]) @ self.W).view(c, basis.shape[1], -1)  # [c, r, X]
+            new = self.P0 + torch.einsum("btcr,crx->btcx", chunk.coef, composed)
+        else:
+            new = self.P0 + dc @ self.W
+        if proj.scaled:
+            new = new / ((self.xc[:, :, None, :] + dc).pow(2).mean(-1, keepdim=True) + proj.eps).sqrt()
+        new = new + self.bias
+        return new.view(b, T, c, len(self.heads), -1).permute(0, 2, 1, 3, 4)
+
+
+def score_shifts(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, F0: torch.Tensor,
+                 chunk: WriterChunk) -> torch.Tensor:
+    """``[b, c, n_q, T', T]`` changes of the scores of query heads ``qheads`` (query rows from the
+    first differing position) when each chunk writer's difference enters the readers' inputs.
 
     ``Q``, ``K`` are the base run's post-rotary queries and keys of ``qheads`` ``[b, T, n_q, e]``
     (keys repeated per query head), ``F0`` their unmasked scores ``[b, n_q, T, T]``. A shared key
     head feeds every query head of its group, so its patched key is repeated to each of them.
     """
-    new = patched_inputs(model, layer, kind, heads, resid, chunk, start)
+    model, layer, start = inputs.model, inputs.layer, inputs.start
+    new = inputs.patched(chunk)
     b, c, Tp, n, e = new.shape
     new = model.rotate(layer, new.reshape(b * c, Tp, n, e), offset=start).view(b, c, Tp, n, e)
     new = new.repeat_interleave(len(qheads) // n, dim=3).reshape(b, c * Tp, len(qheads), e)
-    if kind == "q":
+    if inputs.kind == "q":
         F = model.attention_score_fn(layer, new, K).unflatten(2, (c, Tp)).transpose(1, 2)
         return F - F0[:, None, :, start:, :]
     F = model.attention_score_fn(layer, Q[:, start:], new).unflatten(3, (c, Tp)).permute(0, 3, 1, 2, 4)

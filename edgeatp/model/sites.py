@@ -103,12 +103,16 @@ class WriterLayout:
         coef_b, _ = factor(site.layer, base[site][:, :, sel], base[scale_site] if scale_site else None)
         return coef_s - coef_b, basis[sel]
 
-    def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> torch.Tensor:
-        """``[b, T, W, d]`` writer differences source − base, in graph writer order."""
+    def all_factors(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]
+                    ) -> dict[Site, tuple[torch.Tensor, torch.Tensor | None]]:
+        """:meth:`factors` of every writer site."""
+        return {site: self.factors(site, source, base) for site in self.groups}
+
+    def deltas(self, factors: dict[Site, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """``[b, T, W, d]`` dense writer differences in graph writer order, from :meth:`all_factors`."""
         parts: dict[int, torch.Tensor] = {}
         for site, (idx, _) in self.groups.items():
-            coef, basis = self.factors(site, source, base)
-            d = expand(coef, basis)
+            d = expand(*factors[site])
             for k, w in enumerate(idx):
                 parts[w] = d[:, :, k]
         return torch.stack([parts[w] for w in range(self.graph.n_writers)], dim=2)
