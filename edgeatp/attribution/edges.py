@@ -97,12 +97,13 @@ class EdgePlan:
         act, grad, base = list(layout.sites()), [], []
         for g in groups:
             if g.kind in ("q", "k", "v"):
-                grad += [Site("q", g.layer), Site("k", g.layer), Site("v", g.layer)]
                 base.append(Site("resid_pre", g.layer))
-                if g.qk:
+                if g.qk:  # the softmax is recomputed: pattern gradients instead of the reader inputs'
                     base += [Site("rot_q", g.layer), Site("rot_k", g.layer), Site("scores", g.layer),
                              Site("pattern", g.layer)]
                     grad.append(Site("pattern", g.layer))
+                else:
+                    grad.append(Site(g.kind, g.layer))
             elif g.kind == "mlp":
                 grad.append(Site("mlp_in", g.layer))
             else:
@@ -218,9 +219,9 @@ class EdgeEstimator:
                 site = Site("resid_final") if c.key == "logits" else Site("mlp_in", c.key[1])
                 if site in grads:
                     side[c.key] = grads[site][:, t0:, None, :].to(self.work)
-            elif Site("q", c.key[1]) in grads:
+            elif Site(c.groups[0].kind, c.key[1]) in grads:  # only the q/k/v inputs its linear groups read
                 layer = c.key[1]
-                g_qkv = {k: grads[Site(k, layer)][:, t0:] for k in "qkv"}
+                g_qkv = {k: grads[Site(k, layer)][:, t0:] for k in "qkv" if Site(k, layer) in grads}
                 g_in = self.model.reader_input_grads(layer, point[Site("resid_pre", layer)][:, t0:], g_qkv)
                 side[c.key] = torch.cat([g_in[x.kind][:, :, x.heads] for x in c.groups], 2).to(self.work)
         for group in self.plan.groups:
