@@ -373,6 +373,94 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
     _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
 
 
+# ------------------------------------------------------------------------------------ plan
+@main.command("plan")
+@click.option("--model", "model_spec", default="zoo:ioi", show_default=True,
+              help="zoo:NAME, a checkpoint folder (its config.json is enough: no weights are read) or a "
+                   "TransformerLens name whose config is known offline.")
+@click.option("--n-pairs", type=click.IntRange(1), default=64, show_default=True, help="Prompt pairs.")
+@click.option("--seq-len", type=click.IntRange(1), default=None,
+              help="Tokens per prompt (default: 32, or the model's context if shorter).")
+@click.option("--shared-prefix", type=click.IntRange(0), default=0, show_default=True,
+              help="Leading tokens every pair's two prompts share (edge attribution skips them).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+              help="One method (default: every method of the level).")
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="edge", show_default=True)
+@click.option("--positions/--no-positions", default=False, help="Position-resolved edges/nodes.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Weights and activations in this dtype (default: the checkpoint's own, else float32).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Prompt pairs per forward.")
+@click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
+              help="Megabytes for edge attribution's large buffers, as for discover.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: int, method: str | None, level: str,
+             positions: bool, dtype: str | None, batch_size: int, memory_budget: float, as_json: bool,
+             debug: bool) -> None:
+    """What a run would cost, from the model's config alone: graph size, passes, peak memory, time."""
+    from .model_config import describe_model
+    from .plan import Workload, plan
+
+    _check_model_spec(model_spec)
+    spec = describe_model(model_spec, dtype)
+    T = seq_len if seq_len is not None else min(32, spec.n_ctx)
+    if shared_prefix >= T:
+        raise EdgeatpError(f"--shared-prefix {shared_prefix} leaves no token that differs in prompts of {T} tokens; "
+                           "use a smaller --shared-prefix or a larger --seq-len")
+    work = Workload(level, n_pairs, T, shared_prefix, positions, batch_size, memory_budget)
+    methods = [method] if method is not None else None
+    if method is not None:
+        from .methods import get_method
+
+        get_method(method, "node" if level == "neuron" else level)
+    result = plan(spec, work, methods)
+    click.echo(_json(result.as_dict()) if as_json else _plan_text(result))
+
+
+def _size(n: float) -> str:
+    """Bytes for people: MB below a gigabyte, GB below a terabyte, TB above."""
+    for unit, scale in (("MB", 2 ** 20), ("GB", 2 ** 30)):
+        if n < 1024 * scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2 ** 40:,.1f} TB"
+
+
+def _count(x: float, digits: int = 1) -> str:
+    """A count or ratio for a narrow column: grouped digits up to millions, then scientific notation."""
+    return f"{x:,.{digits}f}" if x < 1e7 else f"{x:.2e}"
+
+
+def _plan_text(p: Any) -> str:
+    """The plan as a short report: the model, the workload, the graph, one row per method."""
+    s, w, g = p.spec, p.work, p.graph
+    sh = s.shape
+    kv = f" ({sh.kv_heads} key/value heads)" if sh.grouped else ""
+    arch = "attention only" if sh.attn_only else f"d_mlp {sh.d_mlp}" + (", gated" if s.gated_mlp else "") + \
+        (", parallel attention+MLP" if sh.parallel_attn_mlp else "")
+    lines = [f"{s.name} ({s.dtype}, {s.params / 1e6:,.1f} M parameters): {sh.n_layers} layers x {sh.n_heads} heads"
+             f"{kv}, d_model {sh.d_model}, {arch}",
+             f"workload: {w.n_pairs} pairs x {w.seq_len} tokens (prompts differ from token {w.shared_prefix}), "
+             f"{w.level} level, {'per position' if w.positions else 'aggregated over positions'}, "
+             f"batch size {w.batch_size}, memory budget {w.memory_budget:g} MB",
+             f"graph: {g.writers:,} writers, {g.readers:,} readers, {g.edges:,} edges; {g.nodes:,} node-level sites "
+             f"in {g.components:,} components", "",
+             f"{'method':<8}{'forwards':>12}{'backwards':>11}{'(equiv.)':>10}{'batch':>7}{'device peak':>13}"
+             f"{'weights':>10}{'host':>11}{'time':>13}  device"]
+    for name, m in p.methods.items():
+        mem = m.memory
+        lines.append(f"{name:<8}{_count(m.passes.forwards, 0):>12}{_count(m.passes.backwards, 0):>11}"
+                     f"{_count(m.passes.backward_equivalents):>10}{mem.batch_size:>7}{_size(mem.device_peak):>13}"
+                     f"{_size(mem.fixed['weights']):>10}{_size(mem.host):>11}{_count(m.time) + 'x':>13}  "
+                     f"{m.as_dict()['device']}")
+    lines += ["", "forwards: passes over every pair; backwards: calls per batch (equiv.: in full backwards, GradDrop's "
+              "being truncated); time: expected, in units of one plain forward+backward over the same pairs; device "
+              "peak: live tensors on the model's device at the largest phase of a batch (no allocator caching); host: "
+              "per-pair estimates kept for analyses; device: the smallest common accelerator memory that holds the "
+              "peak with 10% to spare."]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ listings
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

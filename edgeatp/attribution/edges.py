@@ -14,8 +14,9 @@ backward passes with block ``l``'s write cut). ``ig`` averages reader gradients 
 points on the straight path from base to source embedding (EAP-IG's "inputs" variant).
 
 The work is cut in three: :class:`EdgePlan` (which reader sites, which get the QK fix, which
-activations are needed), :class:`MemoryBudget` (pairs per batch and writers per QK chunk) and
-:class:`EdgeEstimator` (the per-batch arithmetic run by the shared batch loop).
+activations are needed), :class:`~edgeatp.plan.MemoryBudget` (pairs per batch and writers per QK chunk;
+the rule lives with the planner, which reports the batches it picks) and :class:`EdgeEstimator` (the
+per-batch arithmetic run by the shared batch loop).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..graph import EdgeGraph, Node, NodeKind
 from ..methods import GradDropMode, Kind, Method, get_method, graddrop_units
 from ..model import ModelAdapter, Site, WriterLayout
 from ..patching import _check_graph, patch_edges
+from ..plan import MemoryBudget
 from ..scores import EdgeScores
 from ..setup import Setup
 from .passes import GradRun, SiteNeeds, estimate_pairs, nonzero_terms, relation
@@ -113,33 +115,6 @@ class EdgePlan:
     @property
     def has_qk(self) -> bool:
         return any(g.qk for g in self.groups)
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """Pairs per batch and writers per QK-fix chunk that keep the large buffers within a budget."""
-
-    batch_size: int
-    writer_chunk: int
-    peak_mb: float
-
-    @classmethod
-    def plan(cls, model: ModelAdapter, plan: EdgePlan, n_positions: int, batch_size: int, budget_mb: float
-             ) -> "MemoryBudget":
-        """Per pair: writer differences ``[T, W, d]`` and one pass's reader gradients ``[T, R, d]``
-        (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64); per (pair, writer) of
-        a QK chunk: about a dozen ``[H, T, T]`` softmax buffers."""
-        if budget_mb <= 0:
-            raise option_error("{memory_budget_mb} must be positive")
-        g, T = plan.graph, n_positions
-        d, H = model.shape.d_model, model.shape.n_heads
-        per_pair = 4 * T * (g.n_writers + g.n_readers) * d / 2 ** 20 + 2 * 8 * g.P * g.n_writers * g.n_readers / 2 ** 20
-        bs = max(1, min(batch_size, int(budget_mb // max(per_pair, 1e-9))))
-        if not plan.has_qk:
-            return cls(bs, g.n_writers, round(bs * per_pair, 1))
-        unit = 12 * 4 * H * T * T / 2 ** 20
-        chunk = max(1, min(g.n_writers, int((budget_mb - bs * per_pair) // max(unit * bs, 1e-9))))
-        return cls(bs, chunk, round(bs * per_pair + chunk * bs * unit, 1))
 
 
 @dataclass(frozen=True)
@@ -360,7 +335,11 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
         raise option_error("{ig_steps} must be at least 1")
     plan = EdgePlan.build(model, graph, m.qk_fix, qk_readers)
     units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
-    budget = MemoryBudget.plan(model, plan, setup.pairs.n_positions, setup.batch_size, memory_budget_mb)
+    if memory_budget_mb <= 0:
+        raise option_error("{memory_budget_mb} must be positive")
+    g = plan.graph
+    budget = MemoryBudget.fit(g.n_writers, g.n_readers, g.P, setup.pairs.n_positions, model.shape.d_model,
+                              model.shape.n_heads, plan.has_qk, setup.batch_size, memory_budget_mb)
     est = EdgeEstimator(model, plan, budget, units)
     with model.ungrouped(graph.ungrouped):
         stats, per_pair, per_abs = estimate_pairs(setup.with_(batch_size=budget.batch_size), m, est,

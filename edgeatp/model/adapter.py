@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import DataError, ModelError
-from ..graph import ModelShape
+from ..model_config import shape_of, spec_of
+from ..plan import ModelSpec
 from ..tokenizer import Tokenizer
 from .sites import FwdHook, Site
 
@@ -46,12 +47,7 @@ class ModelAdapter:
         self.name = name
         self.card = card or {}
         cfg = model.cfg
-        self.shape = ModelShape(
-            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-            d_mlp=None if cfg.attn_only else cfg.d_mlp, attn_only=bool(cfg.attn_only),
-            parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
-            n_kv_heads=None if cfg.ungroup_grouped_query_attention else cfg.n_key_value_heads,
-        )
+        self.shape = shape_of(cfg)
         self._depth = 0
         self._lock = threading.RLock()
 
@@ -59,6 +55,11 @@ class ModelAdapter:
     @property
     def cfg(self) -> Any:
         return self.model.cfg
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The planner's description of this model (:mod:`edgeatp.plan`)."""
+        return spec_of(self.cfg, self.name)
 
     @property
     def device(self) -> torch.device:

@@ -361,6 +361,16 @@ def translate(path: Path, raw: dict, arch: str, c: Any, dtype: torch.dtype, prep
     return cfg
 
 
+def config_only(path: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """TransformerLens' config of a checkpoint folder from its ``config.json`` alone: the same preflight
+    and translation as :func:`open_checkpoint`, reading no weights and no tokenizer (for planning)."""
+    path = Path(path).expanduser().resolve()
+    raw = read_config(path)
+    arch = preflight(path, raw)
+    c = read_hf_config(path, arch)
+    return translate(path, raw, arch, c, checkpoint_dtype(raw, dtype), None)
+
+
 def open_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """Preflight a checkpoint folder, load its tokenizer and translate its config; reads no weights
     (safetensors headers only).

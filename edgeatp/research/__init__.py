@@ -1,5 +1,6 @@
 """The AtP* paper's research apparatus: patching baselines, the node false-negative diagnostic and
-the evaluation of node rankings (cost-of-verification curves, IRWRGM)."""
+the evaluation of node rankings (cost-of-verification curves, IRWRGM); :mod:`.measure` measures runs'
+passes, memory and time for the cost planner (imported on its own: it is not part of the paper)."""
 
 from .baselines import (BlocksResult, HierarchicalResult, Ranking, SubsamplingResult, attribution_ranking, blocks,
                         hierarchical, iterative, joint_effects, order_ranking, subsampling)

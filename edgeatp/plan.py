@@ -1,0 +1,661 @@
+"""The cost planner: a run's graph size, passes, peak memory and time, from the model's config alone.
+
+Everything here is a pure function of a :class:`ModelSpec` (the graph's :class:`ModelShape` plus the
+vocabulary, dtype and the few TransformerLens facts that set memory) and a :class:`Workload`; nothing
+imports torch, so ``edgeatp plan`` answers from a ``config.json`` without weights. Counts come from
+the code's own rules: forwards and backward calls from :meth:`Method.cost` and
+:func:`graddrop_units`, GradDrop's truncated backwards from the layers below each dropped unit,
+graph sizes from :func:`graph_size`, and edge attribution's pairs per batch and writers per QK-fix
+chunk from :class:`MemoryBudget`, the rule edge attribution itself uses.
+
+**Memory** is the peak of live tensor bytes on the model's device: the weights; the copies of the
+projection weights TransformerLens 3.9 makes in every forward (a backward-able forward keeps them);
+the source run's cached writes; what the base run keeps for the backward; the gradients of every
+backward pass; edgeatp's buffers (writer differences, reader-input gradients, estimates, the QK fix's
+recomputed softmaxes). It is the largest of the phases a batch goes through; the previous batch's
+results are still alive while the next batch's runs are made. Per-pair estimates kept for analyses
+live on the host. Allocator caching and fragmentation are not included.
+
+**Time** is expected CPU time in units of one plain forward+backward over the same pairs, counted in
+flop-equivalents: matrix-multiply flops plus :data:`ELEMENTWISE_FLOPS` per element an elementwise
+kernel touches. Fixed per-call overheads are not modelled, so tiny models (the zoo) run slower than
+planned relative to their fast passes. ``benchmarks/plan_check.py`` and ``tests/test_plan.py`` compare
+every figure with measured runs.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .graph import ModelShape, NodeKind, graph_size, node_set, reader_nodes, residual_points, writer_nodes
+from .methods import METHODS, Kind, Method, Unit, get_method, graddrop_units
+
+MB = 2 ** 20
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+#: Flop-equivalents of one element of an elementwise kernel, next to matrix-multiply flops: one CPU core
+#: here does ~50 GFLOP/s in matrix products and ~1 G elements/s in elementwise kernels.
+ELEMENTWISE_FLOPS = 40.0
+KEEP_PER_PAIR_MB = 256.0  # as edgeatp.setup: per-pair estimates are kept up to this size
+IG_STEPS = 8  # attribute_edges' and attribute_nodes' default
+
+
+# ------------------------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner knows of a model: its graph shape and what sets its memory and flops."""
+
+    name: str
+    shape: ModelShape
+    d_vocab: int
+    d_vocab_out: int
+    n_ctx: int
+    dtype: str  # float32, float64, bfloat16 or float16
+    norm: str | None  # TransformerLens normalization_type: LN, LNPre, RMS, RMSPre or None
+    gated_mlp: bool = False
+    learned_positions: bool = False  # an absolute, learned position embedding (W_pos)
+    rotary: bool = False
+    post_norm: bool = False  # sublayer outputs normalised too (Gemma-2)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def work_bytes(self) -> int:
+        """Bytes per number of edgeatp's working precision: float64 for float64 models, else float32."""
+        return 8 if self.dtype == "float64" else 4
+
+    @property
+    def d_mlp(self) -> int:
+        return 0 if self.shape.attn_only else self.shape.d_mlp or 0
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of one MLP: 3 gated, 2 plain, 0 attention-only."""
+        return 0 if self.shape.attn_only else 3 if self.gated_mlp else 2
+
+    @property
+    def params(self) -> int:
+        """Parameters of the HookedTransformer (TransformerLens 3.9 keeps every bias, zero or not)."""
+        s = self.shape
+        d, dh, H, kv, m = s.d_model, s.d_head, s.n_heads, s.kv_heads, self.d_mlp
+        norm = {"LN": 2 * d, "RMS": d}.get(self.norm or "", 0)
+        attn = (H + 2 * kv) * dh * (d + 1) + H * dh * d + d  # W_Q, W_K, W_V with biases; W_O, b_O
+        mlp = 0 if s.attn_only else self.mlp_matrices * d * m + m + d
+        norms = (1 if s.attn_only else 2) * (2 if self.post_norm else 1)
+        embed = self.d_vocab * d + (self.n_ctx * d if self.learned_positions else 0)
+        return embed + s.n_layers * (norms * norm + attn + mlp) + norm + (d + 1) * self.d_vocab_out
+
+    @property
+    def weight_copies(self) -> int:
+        """Numbers TransformerLens 3.9 copies out of the weights in one forward (rearranged W_Q/W_K/W_V,
+        contiguous W_O, transposed gated-MLP matrices and W_U): a backward-able forward keeps them all."""
+        s = self.shape
+        attn = (2 * s.n_heads + 2 * s.kv_heads) * s.d_head * s.d_model
+        mlp = 3 * s.d_model * self.d_mlp if self.gated_mlp else 0
+        return s.n_layers * (attn + mlp) + s.d_model * self.d_vocab_out
+
+    def layer_flops(self, T: int) -> float:
+        """Matrix-multiply flops of one block's forward over one prompt of ``T`` tokens."""
+        s = self.shape
+        linear = (2 * s.n_heads + 2 * s.kv_heads) * s.d_head * s.d_model + self.mlp_matrices * s.d_model * self.d_mlp
+        return 2 * T * linear + 4 * T * T * s.n_heads * s.d_head
+
+    def layer_elements(self, T: int) -> float:
+        """Elementwise work of one block's forward (norms, rotary, softmax, nonlinearity, residual adds)."""
+        s = self.shape
+        rotary = 6 * T * (s.n_heads + s.kv_heads) * s.d_head if self.rotary else 0
+        return 30 * T * s.d_model + 8 * s.n_heads * T * T + (4 + 4 * self.gated_mlp) * T * self.d_mlp + rotary
+
+    def unembed_flops(self, T: int) -> float:
+        return 2 * T * self.shape.d_model * self.d_vocab_out + ELEMENTWISE_FLOPS * 2 * T * self.d_vocab_out
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run is asked to do, as far as cost goes."""
+
+    level: str = "edge"  # edge, node or neuron
+    n_pairs: int = 64
+    seq_len: int = 32  # tokens per prompt
+    shared_prefix: int = 0  # leading tokens every pair's two prompts share (edge attribution skips them)
+    positions: bool = False
+    batch_size: int = 32
+    memory_budget: float = 1024.0
+    graddrop: str = "block"
+    ig_steps: int = IG_STEPS
+
+    def __post_init__(self) -> None:
+        if self.level not in ("edge", "node", "neuron"):
+            raise ValueError(f"unknown level {self.level!r}")
+        if min(self.n_pairs, self.seq_len, self.batch_size, self.ig_steps) < 1 or self.memory_budget <= 0:
+            raise ValueError("pairs, tokens, batch size, IG steps and the memory budget must be positive")
+        if not 0 <= self.shared_prefix < self.seq_len:
+            raise ValueError("the shared prefix must be shorter than the prompts")
+
+    @property
+    def moved(self) -> int:
+        """Positions from the first one where the two prompts differ (edge attribution's ``T'``)."""
+        return self.seq_len - self.shared_prefix
+
+
+# ------------------------------------------------------------------------------------ graph
+@dataclass(frozen=True)
+class GraphCounts:
+    """The size of what a run scores: the edge graph's writers, readers and edges, and the node sites."""
+
+    writers: int
+    readers: int
+    edges: int  # times positions when position-resolved
+    nodes: int  # node-level attribution sites (times positions when position-resolved)
+    components: int  # heads and MLPs (or neurons) a node-level circuit is chosen from
+    positions: int | None
+
+
+def graph_counts(spec: ModelSpec, work: Workload) -> GraphCounts:
+    """Writers, readers and edges of the edge graph, and the sites node-level attribution scores
+    (heads, queries, keys, values and MLPs; neurons instead of MLPs at the neuron level)."""
+    s = spec.shape
+    size = graph_size(s)
+    mlp = [] if s.attn_only else ["neuron" if work.level == "neuron" else "mlp"]
+    nodes = node_set(s, ["head", "q", "k", "v", *mlp])
+    components = len({n.component.head_node for n in nodes})
+    P = work.seq_len if work.positions else 1
+    return GraphCounts(size.writers, size.readers, size.edges * P, len(nodes) * P, components,
+                       work.seq_len if work.positions else None)
+
+
+def reader_sites(shape: ModelShape) -> list[tuple[str, int, int, int]]:
+    """``(kind, layer, readers, upstream writers)`` of every reader site of the full edge graph in
+    forward order: the q, k, v inputs and the MLP input of each layer, then the logits (layer -1)."""
+    ws, rs = writer_nodes(shape), reader_nodes(shape)
+    wp, rp = residual_points(shape, ws, rs)
+    points = sorted(wp)
+    sites: dict[tuple[str, int], list[int]] = {}
+    for node, p in zip(rs, rp):
+        kind = "mlp" if node.kind is NodeKind.MLP else node.kind.value
+        sites.setdefault((kind, node.layer if node.layer is not None else -1), []).append(bisect_right(points, p))
+    return [(kind, layer, len(ups), ups[0]) for (kind, layer), ups in sites.items()]
+
+
+# ------------------------------------------------------------------------------------ the batch rule
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Pairs per batch and writers per QK-fix chunk that keep edge attribution's large buffers within a
+    budget (the rule :func:`edgeatp.attribute_edges` uses; ``peak_mb`` is the rule's own estimate)."""
+
+    batch_size: int
+    writer_chunk: int
+    peak_mb: float
+
+    @classmethod
+    def fit(cls, n_writers: int, n_readers: int, P: int, T: int, d_model: int, n_heads: int, qk: bool,
+            batch_size: int, budget_mb: float) -> "MemoryBudget":
+        """Per pair: writer differences ``[T, W, d]`` and one pass's reader gradients ``[T, R, d]``
+        (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64); per (pair, writer) of
+        a QK chunk: about a dozen ``[H, T, T]`` softmax buffers."""
+        per_pair = (4 * T * (n_writers + n_readers) * d_model + 2 * 8 * P * n_writers * n_readers) / MB
+        bs = max(1, min(batch_size, int(budget_mb // max(per_pair, 1e-9))))
+        if not qk:
+            return cls(bs, n_writers, round(bs * per_pair, 1))
+        unit = 12 * 4 * n_heads * T * T / MB
+        chunk = max(1, min(n_writers, int((budget_mb - bs * per_pair) // max(unit * bs, 1e-9))))
+        return cls(bs, chunk, round(bs * per_pair + chunk * bs * unit, 1))
+
+
+def edge_budget(spec: ModelSpec, work: Workload, method: Method) -> MemoryBudget:
+    """The batch and chunk edge attribution with ``method`` picks for this workload."""
+    size = graph_size(spec.shape)
+    return MemoryBudget.fit(size.writers, size.readers, work.seq_len if work.positions else 1, work.seq_len,
+                            spec.shape.d_model, spec.shape.n_heads, method.qk_fix, work.batch_size, work.memory_budget)
+
+
+def batch_of(spec: ModelSpec, work: Workload, method: Method) -> int:
+    """Pairs per batch of an attribution run."""
+    if work.level == "edge" and method.kind is not Kind.EXACT:
+        return min(work.n_pairs, edge_budget(spec, work, method).batch_size)
+    return min(work.n_pairs, work.batch_size)
+
+
+# ------------------------------------------------------------------------------------ passes
+def _below(unit: Unit) -> float:
+    """Blocks a GradDrop pass with ``unit`` dropped runs backward through: every block below the unit
+    (and, for a sequential MLP unit, its own block's attention)."""
+    kind, layer = unit
+    own = 0.5 if kind == "mlp" else 0.0
+    return layer + own
+
+
+def units_of(spec: ModelSpec, work: Workload, method: Method) -> list[Unit]:
+    """GradDrop's units of a run (none without GradDrop)."""
+    s = spec.shape
+    return graddrop_units(s.n_layers, s.attn_only, work.graddrop) if method.graddrop else []  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Work of a run in passes over the prompt pairs: forwards (a forward of ``k`` stacked patch sets
+    counts ``k``), backward calls per batch, and those backwards in full-backward equivalents (GradDrop's
+    truncated backwards cover only the blocks below the dropped unit)."""
+
+    forwards: float = 0
+    backwards: float = 0
+    backward_equivalents: float = 0
+    forward_calls: int = 0  # model calls over the whole run
+
+
+def sweep_passes(n_pairs: int, batch_size: int, n_sets: int, reference: bool = False) -> Passes:
+    """Exact patching of ``n_sets`` patch sets (:func:`edgeatp.patching.sweep`): per batch of pairs a base
+    and a source forward, then the sets stacked as many per forward as the batch size allows."""
+    pair_rows = min(n_pairs, batch_size)
+    per_forward = max(1, batch_size // pair_rows)
+    batches = math.ceil(n_pairs / pair_rows)
+    ref = int(reference)
+    return Passes(2 + ref + n_sets, 0, 0, batches * (2 + ref + math.ceil(n_sets / per_forward)))
+
+
+def attribution_passes(spec: ModelSpec, work: Workload, method: Method, reference: bool = False) -> Passes:
+    """Passes of one attribution run with ``method`` (:meth:`Method.cost`, in the batches it uses)."""
+    counts = graph_counts(spec, work)
+    if method.kind is Kind.EXACT:
+        return sweep_passes(work.n_pairs, work.batch_size, counts.edges if work.level == "edge" else counts.nodes,
+                            reference)
+    units = units_of(spec, work, method)
+    cost = method.cost(graddrop_terms=len(units), ig_steps=work.ig_steps, reference=reference)
+    batches = math.ceil(work.n_pairs / batch_of(spec, work, method))
+    backwards = 1 + sum(1 for u in units if _below(u) > 0) if method.kind is Kind.GRADIENT else cost.backwards
+    equivalents = cost.backwards if method.kind is Kind.INTEGRATED else \
+        1 + sum(_below(u) for u in units) * _block_share(spec, work.seq_len)
+    return Passes(cost.forwards, backwards, equivalents, batches * cost.forwards)
+
+
+def _block_share(spec: ModelSpec, T: int) -> float:
+    """One block's share of a full backward's work."""
+    block = _backward_work(spec, T, blocks=1, logits=False)
+    return block / _backward_work(spec, T)
+
+
+# ------------------------------------------------------------------------------------ time
+def _forward_work(spec: ModelSpec, T: int, logits: bool = True) -> float:
+    """Flop-equivalents of one forward over one prompt."""
+    s = spec.shape
+    work = s.n_layers * (spec.layer_flops(T) + ELEMENTWISE_FLOPS * spec.layer_elements(T))
+    return work + (spec.unembed_flops(T) if logits else 0.0)
+
+
+def _backward_work(spec: ModelSpec, T: int, blocks: float | None = None, logits: bool = True) -> float:
+    """Flop-equivalents of the input-gradient backward through ``blocks`` blocks (all by default) and the
+    unembedding: attention's two products twice, every projection once (weights are frozen)."""
+    s = spec.shape
+    n = s.n_layers if blocks is None else blocks
+    layer = spec.layer_flops(T) + 4 * T * T * s.n_heads * s.d_head + 2 * ELEMENTWISE_FLOPS * spec.layer_elements(T)
+    return n * layer + (spec.unembed_flops(T) if logits else 0.0)
+
+
+def _fb(spec: ModelSpec, T: int) -> float:
+    """One plain forward+backward over one prompt: the time unit."""
+    return _forward_work(spec, T) + _backward_work(spec, T)
+
+
+def _reader_side_work(spec: ModelSpec, Tm: int, projected: int, readers: int) -> float:
+    """Reader-input gradients of one layer's q/k/v inputs: the transposed projections of ``projected``
+    heads' gradients, the norm's closed-form backward and the copies of ``readers`` into the contraction."""
+    d = spec.shape.d_model
+    return 2 * Tm * projected * spec.shape.d_head * d + ELEMENTWISE_FLOPS * Tm * d * (8 * projected + 2 * readers)
+
+
+def _edge_work(spec: ModelSpec, work: Workload, method: Method, b: int) -> float:
+    """Flop-equivalents per prompt of edge attribution's own arithmetic (``b`` pairs per batch): writer
+    differences, reader-input gradients and their contraction with the differences per pass (integrated
+    gradients: gradients per path point, one contraction), the estimates' bookkeeping, and the QK fix
+    (patched projections, scores and softmaxes per upstream writer once; their products with the pattern
+    gradient per pass)."""
+    s, el = spec.shape, ELEMENTWISE_FLOPS
+    T, Tm, d, dh, L = work.seq_len, work.moved, s.d_model, s.d_head, s.n_layers
+    size = graph_size(s)
+    W, R, P = size.writers, size.readers, work.seq_len if work.positions else 1
+    qk = method.qk_fix and method.kind is Kind.GRADIENT
+    integrated = method.kind is Kind.INTEGRATED
+    units = units_of(spec, work, method)
+    sites = reader_sites(s)
+    # passes reaching a layer: the plain one and every GradDrop pass whose dropped unit is above it
+    reach = {layer: 1 + sum(1 for u in units if _below(u) > layer) for layer in range(L)}
+    total = 2 * T * L * s.n_heads * dh * d + el * (3 * T + Tm) * W * d  # differences, first difference, flat
+    for layer in range(L):
+        linear = [(kind, r, w) for kind, lay, r, w in sites
+                  if lay == layer and not (qk and kind in ("q", "k"))]
+        readers = sum(r for kind, r, _ in linear if kind != "mlp")
+        projected = s.kv_heads if qk else s.n_heads + 2 * s.kv_heads
+        mlps = sum(kind == "mlp" for kind, _, _ in linear)
+        side = _reader_side_work(spec, Tm, projected, readers) + el * Tm * d * mlps
+        contract = sum(2 * Tm * d * r * w + el * (Tm * d * r + 2 * r * w * P) for _, r, w in linear)
+        total += (work.ig_steps if integrated else reach[layer]) * side + (1 if integrated else reach[layer]) * contract
+    _, _, r_log, w_log = sites[-1]
+    total += 2 * Tm * d * r_log * w_log + el * 2 * r_log * w_log * P
+    total += el * 4 * (len(units) + 1) * P * W * R  # zeroed targets, magnitudes, the sum of dropped passes
+    for kind, layer, r, w in sites if qk else ():
+        if kind not in ("q", "k"):
+            continue
+        n = r if kind == "q" else r * s.group_size  # query heads whose softmax the readers move
+        dense = 1 + (0 if s.attn_only else layer)  # the embedding and MLP writers; the others are heads
+        factored = dh * (d + b * Tm) < b * Tm * d  # a head's write through its rank-d_head factors
+        per_head = (2 * dh * d * r * dh / b + 2 * Tm * dh * r * dh) if factored else 2 * Tm * d * r * dh
+        projections = (w - dense) * per_head + dense * 2 * Tm * d * r * dh
+        per_writer = el * (5 * Tm * d + (3 + 6 * spec.rotary) * Tm * r * dh + Tm * n * dh) \
+            + 2 * Tm * T * n * dh + el * (10 if kind == "q" or not work.positions else 24) * n * Tm * T
+        total += projections + w * per_writer + w * reach[layer] * el * 3 * n * Tm * T
+        total += el * 6 * n * Tm * T + 4 * T * T * n * dh  # base scores, probabilities and inputs per group
+    return total
+
+
+def _node_work(spec: ModelSpec, work: Workload, method: Method) -> float:
+    """Flop-equivalents per prompt of node attribution's arithmetic: products of differences with
+    gradients per pass, and the QK fix's recomputed scores and softmaxes per query/key family."""
+    s, el, T = spec.shape, ELEMENTWISE_FLOPS, work.seq_len
+    units = units_of(spec, work, method)
+    passes = 1 + len(units)
+    width = _node_width(spec, work.level, False)
+    total = el * 3 * passes * T * width
+    if method.qk_fix and method.kind is Kind.GRADIENT:
+        total += 2 * s.n_layers * (4 * T * T * s.n_heads * s.d_head + el * (20 + 3 * passes) * s.n_heads * T * T)
+    return total
+
+
+def attribution_time(spec: ModelSpec, work: Workload, method: Method, reference: bool = False) -> float:
+    """Expected time of one attribution run with ``method``, in units of one plain forward+backward over
+    the same pairs."""
+    T = work.seq_len
+    passes = attribution_passes(spec, work, method, reference)
+    fb = _fb(spec, T)
+    if method.kind is Kind.EXACT:
+        return passes.forwards * (_forward_work(spec, T) + _patch_work(spec, work)) / fb
+    full = _backward_work(spec, T)
+    if method.kind is Kind.INTEGRATED:
+        runs = 2 * _forward_work(spec, T, logits=False) + work.ig_steps * (_forward_work(spec, T) + full)
+    else:
+        runs = _forward_work(spec, T, logits=False) + _forward_work(spec, T) + passes.backward_equivalents * full
+    references = passes.forwards - method.cost(ig_steps=work.ig_steps).forwards  # clean runs for KL
+    runs += references * _forward_work(spec, T)
+    if work.level == "edge":
+        own = _edge_work(spec, work, method, batch_of(spec, work, method))
+    else:
+        own = _node_work(spec, work, method)
+    return (runs + own) / fb
+
+
+def _patch_work(spec: ModelSpec, work: Workload) -> float:
+    """Flop-equivalents per patched prompt of exact edge patching's hooks: every writer's write in the
+    source and the patched run, and their differences."""
+    if work.level != "edge":
+        return 0.0
+    s = spec.shape
+    writers = graph_size(s).writers
+    return 4 * work.seq_len * s.n_layers * s.n_heads * s.d_head * s.d_model \
+        + ELEMENTWISE_FLOPS * 4 * work.seq_len * writers * s.d_model
+
+
+# ------------------------------------------------------------------------------------ memory
+@dataclass(frozen=True)
+class Memory:
+    """Peak bytes of one run: the device's fixed parts, the live bytes beyond them in each phase of a
+    batch (the device's peak is the fixed parts plus the largest phase) and the host's."""
+
+    fixed: dict[str, int]  # weights (and, with a backward, TransformerLens' weight copies)
+    phases: dict[str, int]
+    parts: dict[str, int]  # the main tensors, each at its largest (they overlap in phases, not in sum)
+    host: int
+    batch_size: int
+    writer_chunk: int | None = None
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.fixed.values()) + max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.__getitem__)
+
+    def as_mb(self) -> dict[str, Any]:
+        """The figures in megabytes, for reports and JSON."""
+        return {"device_peak": _mb(self.device_peak), "peak_phase": self.peak_phase, "host": _mb(self.host),
+                "fixed": {k: _mb(v) for k, v in self.fixed.items()},
+                "parts": {k: _mb(v) for k, v in self.parts.items()},
+                "phases": {k: _mb(v) for k, v in self.phases.items()},
+                "batch_size": self.batch_size, "writer_chunk": self.writer_chunk}
+
+
+def _mb(n: float) -> float:
+    return round(n / MB, 1)
+
+
+def _writer_width(spec: ModelSpec) -> int:
+    """Numbers per token of the sites a run caches for the writer differences: the embedding, head
+    outputs and MLP outputs."""
+    s = spec.shape
+    return s.d_model + s.n_layers * (s.n_heads * s.d_head + (0 if s.attn_only else s.d_model))
+
+
+def _node_width(spec: ModelSpec, level: str, qk: bool) -> int:
+    """Numbers per token of node attribution's sites: head outputs, queries, keys, values (rotated ones
+    under the QK fix) and MLP outputs or neurons."""
+    s = spec.shape
+    mlp = 0 if s.attn_only else spec.d_mlp if level == "neuron" else s.d_model
+    return s.n_layers * ((2 * s.n_heads + 2 * s.kv_heads) * s.d_head + mlp)
+
+
+def _saved(spec: ModelSpec, rows: int, T: int, edge: bool, qk: bool) -> int:
+    """Bytes a backward-able forward keeps for the backward besides its cached sites (weights frozen):
+    the norms' centred inputs, q/k/v as the products read them, scores and pattern, the MLP's hidden
+    values and the logits; for edges also the hooked residuals and q/k/v edgeatp differentiates at."""
+    s = spec.shape
+    d, dh, H, kv, dt = s.d_model, s.d_head, s.n_heads, s.kv_heads, spec.dtype_bytes
+    ln = spec.norm in ("LN", "LNPre")  # LayerNorm keeps x - mean per call; RMSNorm keeps x itself
+    residuals = 1 if s.attn_only else 2  # a block's output and its MLP's input
+    token = ((3 if s.attn_only else 4) * d if ln else 0) + 3 * H * dh
+    token += (3 if spec.gated_mlp else 1) * spec.d_mlp
+    if edge:
+        token += residuals * d + (H + 2 * kv) * dh
+    elif not ln:
+        token += residuals * d
+    row = s.n_layers * (T * token * dt + H * T * T * ((3 if qk else 2) * dt + 1))  # scores, pattern, mask
+    row += T * ((d if ln else 0) + spec.d_vocab_out) * dt
+    return rows * row
+
+
+def _per_layer_grads(spec: ModelSpec, T: int, qk: bool, edge: bool, level: str) -> int:
+    """Numbers per pair of one layer's gradients a backward pass returns: q, k, v and the MLP input
+    (edges; the pattern under the QK fix), or the node sites."""
+    s = spec.shape
+    if edge:
+        return T * ((s.kv_heads if qk else s.n_heads + 2 * s.kv_heads) * s.d_head + (0 if s.attn_only else s.d_model)) \
+            + (s.n_heads * T * T if qk else 0)
+    width = _node_width(spec, level, False) // s.n_layers - ((s.n_heads + s.kv_heads) * s.d_head if qk else 0)
+    return T * width + (s.n_heads * T * T if qk else 0)
+
+
+def _batch_terms(spec: ModelSpec, work: Workload, method: Method, b: int) -> dict[str, int]:
+    """Bytes of each tensor group one batch of ``b`` pairs makes (all of them grow with ``b``)."""
+    s, T, Tm = spec.shape, work.seq_len, work.moved
+    d, dh, H, kv, L = s.d_model, s.d_head, s.n_heads, s.kv_heads, s.n_layers
+    dt, wk = spec.dtype_bytes, spec.work_bytes
+    edge = work.level == "edge"
+    qk = method.qk_fix and method.kind is Kind.GRADIENT
+    units = units_of(spec, work, method)
+    counts = graph_counts(spec, work)
+    entries = (T if work.positions else 1) * counts.writers * counts.readers if edge else counts.nodes
+    width = _writer_width(spec) if edge else _node_width(spec, work.level, qk)
+    t: dict[str, int] = {"entries": entries, "score": 8 * b * entries, "cache": b * T * width * dt}
+    if edge:  # residuals at every block input and, under the QK fix, rotated q/k, scores and pattern
+        t["kept"] = b * T * ((L - 1) * d + (L * (H + kv) * dh + 2 * L * H * T if qk else 0)) * dt
+    else:
+        t["kept"] = b * T * 2 * L * H * T * dt if qk else 0
+    t["layer_grads"] = b * _per_layer_grads(spec, T, qk, edge, work.level) * dt
+    t["plain"] = L * t["layer_grads"] + (b * T * d * dt if edge else 0)  # + the final residual's
+    cut = b * T * d * dt * (L + (L if work.graddrop == "sublayer" and not s.attn_only else 0)) if units else 0
+    dropped = sum(math.ceil(_below(u)) for u in units) * t["layer_grads"]  # truncated passes: layers below
+    t["grads"] = t["plain"] + cut + dropped
+    t["saved"] = _saved(spec, b, T, edge, qk)
+    t["transient"] = b * dt * max(2 * T * spec.d_vocab_out, 4 * H * T * T, 3 * T * spec.d_mlp)  # a backward's largest
+    if qk and not edge:  # each query/key family's base scores, score change and recomputed softmax, float64
+        t["qk_fix"] = 3 * 2 * L * b * H * T * T * 8
+    if edge:
+        n_lin = kv if qk else H + 2 * kv  # q/k/v readers per layer read through the projection
+        t["delta"] = b * T * counts.writers * d * wk
+        t["deltas"] = t["delta"] + (0 if work.positions else b * Tm * counts.writers * d * wk)  # and flattened
+        t["sides"] = b * Tm * L * (n_lin * d * wk + (d * wk if wk != dt and not s.attn_only else 0))
+        t["reader_grads"] = t["sides"] + 5 * b * Tm * n_lin * d * max(dt, wk)  # and one layer's norm backward
+        if qk:  # a group's base scores, pattern and pattern gradients; per writer of a chunk its softmaxes
+            chunk = min(edge_budget(spec, work, method).writer_chunk, max(H, 1))  # chunks stay within a site
+            t["qk_fix"] = b * wk * (H * T * T * (4 + len(units)) + 4 * T * H * dh + 2 * Tm * d
+                                    + chunk * (4 * Tm * d + 4 * Tm * H * dh + 5 * H * Tm * T))
+    return t
+
+
+def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memory:
+    """Peak memory of ``method`` over the workload's pairs at its level, in the batches edgeatp uses: the
+    first batch alone, then each later one while the previous batch's results are still alive."""
+    if method.kind is Kind.EXACT:
+        return _exact_memory(spec, work)
+    b = batch_of(spec, work, method)
+    batches = math.ceil(work.n_pairs / b)
+    later = ([b] if batches > 2 else []) + ([work.n_pairs - b * (batches - 1)] if batches > 1 else [])
+    first = _batch_terms(spec, work, method, b)
+    phases = _phases(spec, work, method, first, None)
+    for size in later:
+        later = _phases(spec, work, method, _batch_terms(spec, work, method, size), first)
+        phases = {k: max(v, later[k]) for k, v in phases.items()}
+    entries = first["entries"]
+    copies = spec.weight_copies * spec.dtype_bytes
+    parts = {"weight_copies": copies, "source_cache": first["cache"], "base_run": first["saved"] + first["kept"],
+             "gradients": first["grads"]}
+    parts.update({k: first[k] for k in ("deltas", "reader_grads", "qk_fix") if k in first})
+    parts["estimates"] = (6 if units_of(spec, work, method) else 3) * first["score"]
+    host = 16 * work.n_pairs * entries if 16 * work.n_pairs * entries / MB <= KEEP_PER_PAIR_MB else 0
+    qk = method.qk_fix and method.kind is Kind.GRADIENT and work.level == "edge"
+    return Memory({"weights": spec.params * spec.dtype_bytes}, phases, parts, host, b,
+                  edge_budget(spec, work, method).writer_chunk if qk else None)
+
+
+def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], prev: dict[str, int] | None
+            ) -> dict[str, int]:
+    """Live bytes beyond the weights in each phase of a batch with terms ``t``; ``prev``: the previous
+    batch's terms (its runs live on through this batch's runs, its differences through this batch's
+    differences, its estimates until this batch's are made)."""
+    units = units_of(spec, work, method)
+    copies = spec.weight_copies * spec.dtype_bytes  # kept by the autograd graph while it lives
+    stats = 5 * 8 * t["entries"] if prev else 0  # running statistics, merged batch by batch
+    last = (3 if units else 1) * prev["score"] if prev else 0
+    prev_delta = prev.get("deltas", 0) if prev else 0
+    prev_run = 2 * prev["cache"] + prev["kept"] + prev["grads"] if prev else 0
+    held = 2 * t["cache"] + t["kept"] + t["grads"]  # a batch's runs, once its backward passes are done
+    edge = work.level == "edge"
+    scores = (6 if units else 3) * t["score"]
+    out: dict[str, int] = {}
+    if method.kind is Kind.INTEGRATED:
+        mean = t["sides"] if edge else t["plain"]
+        point = t["cache"] + t["kept"] + t["grads"]  # one path point's run and gradients
+        base = stats + last + 3 * t["cache"] + t.get("deltas", 0) + mean
+        out["backward"] = base + point + t["saved"] + copies + t["kept"] + t["transient"]
+        out["gradient_side"] = base + 2 * point + t.get("reader_grads", 0)
+    else:
+        out["backward"] = stats + last + prev_run + prev_delta + 2 * t["cache"] + t["saved"] + copies + t["kept"] \
+            + t["grads"] - t["layer_grads"] + t["transient"]
+        if edge:
+            out["prepare"] = stats + last + held + prev_delta + 2 * t["delta"]
+            out["estimate"] = stats + last + held + t["deltas"] + t["reader_grads"] + scores
+            if "qk_fix" in t:
+                out["qk_fix"] = stats + last + held + t["deltas"] + (2 if units else 1) * t["score"] + t["qk_fix"]
+        elif "qk_fix" in t:
+            out["qk_fix"] = stats + last + held + t["qk_fix"]
+    out["batch_end"] = last + held + (9 if units else 6) * t["score"] + 3 * stats
+    return out
+
+
+def _exact_memory(spec: ModelSpec, work: Workload) -> Memory:
+    """Exact patching: forwards of stacked patch sets with the source run's sites (one layer's gathered
+    per stacked row) and, for edges, every writer's write in both runs and each patched reader's private
+    input; on the host, the per-pair effects and, for edges, a dense ``[P, W, R]`` mask per edge (twice,
+    as built and as checked)."""
+    n, s = work.n_pairs, spec.shape
+    pair_rows = min(n, work.batch_size)
+    rows = pair_rows * max(1, work.batch_size // pair_rows)
+    T, dt = work.seq_len, spec.dtype_bytes
+    counts = graph_counts(spec, work)
+    edge = work.level == "edge"
+    width = _writer_width(spec) if edge else _node_width(spec, work.level, False)
+    cache = (pair_rows + rows / s.n_layers) * T * width * dt  # the source run; one layer's sites per stacked row
+    writes = 2 * rows * T * counts.writers * s.d_model * dt if edge else 0
+    masks = rows * T * counts.writers * max(r for _, _, r, _ in reader_sites(s)) * (1 + spec.work_bytes) if edge else 0
+    layer = T * (6 * s.d_model + 3 * s.n_heads * s.d_head) + 3 * s.n_heads * T * T
+    forward = rows * dt * (max(T * spec.d_vocab_out, layer, 3 * T * spec.d_mlp) + T * spec.d_vocab_out)
+    dense = (T if work.positions else 1) * counts.writers * counts.readers
+    host = 8 * n * (counts.edges + dense) + 2 * counts.edges * dense if edge else 8 * n * counts.nodes
+    parts = {"source_cache": int(cache), "patch_writes": writes + masks, "forward": forward}
+    return Memory({"weights": spec.params * dt}, {"patched_forward": int(cache + writes + masks + forward)}, parts,
+                  host, pair_rows)
+
+
+# ------------------------------------------------------------------------------------ the plan
+#: Memory of common accelerators, in GB (decimal, as sold), smallest first.
+DEVICES_GB = (16, 24, 40, 48, 80, 141, 192)
+
+
+def device_for(peak: int) -> str:
+    """The smallest common accelerator memory that holds ``peak`` bytes with 10% to spare for the allocator."""
+    need = peak * 1.1 / 1e9
+    for gb in DEVICES_GB:
+        if need <= gb:
+            return f"{gb} GB"
+    return f"more than {DEVICES_GB[-1]} GB: split the model over devices or lower the batch and budget"
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """One attribution method's cost on a workload."""
+
+    method: str
+    passes: Passes
+    memory: Memory
+    time: float  # in units of one plain forward+backward over the same pairs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "passes": asdict(self.passes), "memory_mb": self.memory.as_mb(),
+                "device": device_for(self.memory.device_peak), "time_vs_forward_backward": round(self.time, 3)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``edgeatp plan`` reports: the model, the workload, the graph and every method's cost."""
+
+    spec: ModelSpec
+    work: Workload
+    graph: GraphCounts
+    methods: dict[str, MethodPlan]
+    forward_backward_flops: float = field(default=0.0)  # flop-equivalents of the time unit, per pair
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "model": {"name": s.name, "params": s.params, "dtype": s.dtype, **asdict(s.shape),
+                      "d_vocab": s.d_vocab, "normalization": s.norm, "gated_mlp": s.gated_mlp, "rotary": s.rotary},
+            "workload": asdict(self.work),
+            "graph": asdict(self.graph),
+            "time_unit": {"what": "one plain forward+backward over every pair",
+                          "flop_equivalents": self.forward_backward_flops * self.work.n_pairs},
+            "methods": {k: v.as_dict() for k, v in self.methods.items()},
+        }
+
+
+def plan(spec: ModelSpec, work: Workload, methods: list[str] | None = None, metric_reference: bool = False) -> Plan:
+    """Every figure ``edgeatp plan`` prints, for ``methods`` (default: every method of the level)."""
+    level = "node" if work.level == "neuron" else work.level
+    names = methods or [m for m in METHODS if level in METHODS[m].levels]
+    out = {}
+    for name in names:
+        m = get_method(name, level)
+        out[m.name] = MethodPlan(m.name, attribution_passes(spec, work, m, metric_reference),
+                                 attribution_memory(spec, work, m), attribution_time(spec, work, m, metric_reference))
+    return Plan(spec, work, graph_counts(spec, work), out, _fb(spec, work.seq_len))
