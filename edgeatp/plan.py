@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .graph import ModelShape, NodeKind, graph_size, node_set, reader_nodes, residual_points, writer_nodes
@@ -143,6 +144,9 @@ class Workload:
 
 
 # ------------------------------------------------------------------------------------ graph
+_graph_size = lru_cache(maxsize=64)(graph_size)  # the planner asks for the same shapes' sizes many times
+
+
 @dataclass(frozen=True)
 class GraphCounts:
     """The size of what a run scores: the edge graph's writers, readers and edges, and the node sites."""
@@ -155,11 +159,12 @@ class GraphCounts:
     positions: int | None
 
 
+@lru_cache(maxsize=64)
 def graph_counts(spec: ModelSpec, work: Workload) -> GraphCounts:
     """Writers, readers and edges of the edge graph, and the sites node-level attribution scores
     (heads, queries, keys, values and MLPs; neurons instead of MLPs at the neuron level)."""
     s = spec.shape
-    size = graph_size(s)
+    size = _graph_size(s)
     mlp = [] if s.attn_only else ["neuron" if work.level == "neuron" else "mlp"]
     nodes = node_set(s, ["head", "q", "k", "v", *mlp])
     components = len({n.component.head_node for n in nodes})
@@ -168,7 +173,8 @@ def graph_counts(spec: ModelSpec, work: Workload) -> GraphCounts:
                        work.seq_len if work.positions else None)
 
 
-def reader_sites(shape: ModelShape) -> list[tuple[str, int, int, int]]:
+@lru_cache(maxsize=64)
+def reader_sites(shape: ModelShape) -> tuple[tuple[str, int, int, int], ...]:
     """``(kind, layer, readers, upstream writers)`` of every reader site of the full edge graph in
     forward order: the q, k, v inputs and the MLP input of each layer, then the logits (layer -1)."""
     ws, rs = writer_nodes(shape), reader_nodes(shape)
@@ -178,7 +184,7 @@ def reader_sites(shape: ModelShape) -> list[tuple[str, int, int, int]]:
     for node, p in zip(rs, rp):
         kind = "mlp" if node.kind is NodeKind.MLP else node.kind.value
         sites.setdefault((kind, node.layer if node.layer is not None else -1), []).append(bisect_right(points, p))
-    return [(kind, layer, len(ups), ups[0]) for (kind, layer), ups in sites.items()]
+    return tuple((kind, layer, len(ups), ups[0]) for (kind, layer), ups in sites.items())
 
 
 # ------------------------------------------------------------------------------------ the batch rule
@@ -208,7 +214,7 @@ class MemoryBudget:
 
 def edge_budget(spec: ModelSpec, work: Workload, method: Method) -> MemoryBudget:
     """The batch and chunk edge attribution with ``method`` picks for this workload."""
-    size = graph_size(spec.shape)
+    size = _graph_size(spec.shape)
     return MemoryBudget.fit(size.writers, size.readers, work.seq_len if work.positions else 1, work.seq_len,
                             spec.shape.d_model, spec.shape.n_heads, method.qk_fix, work.batch_size, work.memory_budget)
 
@@ -315,7 +321,7 @@ def _edge_work(spec: ModelSpec, work: Workload, method: Method, b: int) -> float
     gradient per pass)."""
     s, el = spec.shape, ELEMENTWISE_FLOPS
     T, Tm, d, dh, L = work.seq_len, work.moved, s.d_model, s.d_head, s.n_layers
-    size = graph_size(s)
+    size = _graph_size(s)
     W, R, P = size.writers, size.readers, work.seq_len if work.positions else 1
     qk = method.qk_fix and method.kind is Kind.GRADIENT
     integrated = method.kind is Kind.INTEGRATED
@@ -392,7 +398,7 @@ def _patch_work(spec: ModelSpec, work: Workload) -> float:
     if work.level != "edge":
         return 0.0
     s = spec.shape
-    writers = graph_size(s).writers
+    writers = _graph_size(s).writers
     return 4 * work.seq_len * s.n_layers * s.n_heads * s.d_head * s.d_model \
         + ELEMENTWISE_FLOPS * 4 * work.seq_len * writers * s.d_model
 

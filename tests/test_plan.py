@@ -1,0 +1,201 @@
+"""The cost planner (``edgeatp plan``): config readers, and its figures against measured runs.
+
+Oracles: TransformerLens' own translation of a ``config.json`` (the torch-free reader must give the
+same model), the loaded model's config (zoo), and runs measured by :mod:`edgeatp.research.measure`
+— forward rows and backward calls exactly, the peak of live tensor bytes within a stated error.
+``benchmarks/plan_check.py`` does the same on larger models and adds CPU time.
+"""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from click.testing import CliRunner
+
+from edgeatp.cli import main
+from edgeatp.errors import ModelError
+from edgeatp.graph import EdgeGraph, graph_size
+from edgeatp.methods import get_method
+from edgeatp.model import load_model
+from edgeatp.model.checkpoint import config_only
+from edgeatp.model_config import _folder_spec, describe_model, spec_of
+from edgeatp.plan import MemoryBudget, Workload, attribution_passes, plan
+from edgeatp.research.measure import check_plan, shared_prefix, workload_of
+from edgeatp.setup import Setup
+from edgeatp.zoo import ZOO
+
+from .conftest import random_pairs, tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MEMORY_TOLERANCE = 0.35  # the planned peak is within 35% of the measured one (typically within 15%)
+SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+             max_position_embeddings=64)
+
+
+def _config_folder(tmp_path: Path, name: str, config) -> Path:
+    folder = tmp_path / name
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name,config", [
+    ("gpt2-tiny", lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=64,
+                                        architectures=["GPT2LMHeadModel"])),
+    ("pythia-seq", lambda: tf.GPTNeoXConfig(**SMALL, use_parallel_residual=False, architectures=["GPTNeoXForCausalLM"])),
+    ("my-llama-gqa", lambda: tf.LlamaConfig(**SMALL, num_key_value_heads=2, architectures=["LlamaForCausalLM"])),
+    ("mistral-tiny", lambda: tf.MistralConfig(**SMALL, num_key_value_heads=2, architectures=["MistralForCausalLM"])),
+    ("qwen2-tiny", lambda: tf.Qwen2Config(**SMALL, num_key_value_heads=4, architectures=["Qwen2ForCausalLM"])),
+])
+def test_config_json_reader_gives_transformerlens_translation(tmp_path, name, config):
+    folder = _config_folder(tmp_path, name, config())
+    fast = _folder_spec(folder, None)
+    assert fast is not None, "a plain config of a common family is read without TransformerLens"
+    assert fast == spec_of(config_only(folder), folder.name)
+
+
+@pytest.mark.parametrize("folder", ["pythia-12b", "Meta-Llama-3-8B"])
+def test_paper_scale_fixtures_read_like_transformerlens(folder):
+    fast = describe_model(str(FIXTURES / folder))
+    assert fast == spec_of(config_only(FIXTURES / folder), folder)
+    assert describe_model(str(FIXTURES / folder / "config.json")) == fast
+    assert replace(describe_model(str(FIXTURES / folder), "float32"), dtype=fast.dtype) == fast
+
+
+def test_paper_scale_numbers():
+    pythia = describe_model(str(FIXTURES / "pythia-12b"))
+    assert pythia.dtype == "float16" and pythia.shape.parallel_attn_mlp and 11.8e9 < pythia.params < 11.9e9
+    llama = describe_model(str(FIXTURES / "Meta-Llama-3-8B"))
+    assert llama.dtype == "bfloat16" and llama.shape.kv_heads == 8 and 8.0e9 < llama.params < 8.1e9
+    work = Workload(n_pairs=1000, seq_len=32)
+    p = plan(pythia, work)
+    assert (p.graph.writers, p.graph.readers, p.graph.edges) == (1477, 4357, graph_size(pythia.shape).edges)
+    gd = p.methods["atp-gd"].passes
+    assert gd.backwards == 36 and 17 < gd.backward_equivalents < 18.5  # L²/2 block-backwards, in full backwards
+    assert p.methods["exact"].passes.forwards == 2 + p.graph.edges
+
+
+def test_settings_the_reader_does_not_know_go_through_the_loader(tmp_path):
+    scaled = _config_folder(tmp_path, "scaled", tf.LlamaConfig(**SMALL, architectures=["LlamaForCausalLM"],
+                                                               rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert _folder_spec(scaled, None) is None
+    with pytest.raises(ModelError, match="rope_type"):
+        describe_model(str(scaled))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        describe_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_specs_equal_the_loaded_models(name):
+    assert describe_model(f"zoo:{name}") == load_model(f"zoo:{name}").spec
+
+
+def test_the_batch_rule_is_the_one_edge_attribution_uses():
+    model = tiny_model(d_model=32, n_heads=4)
+    setup = Setup(model, random_pairs(n=6, length=10), batch_size=4)
+    from edgeatp.attribution import attribute_edges
+
+    for budget in (1024.0, 0.02, 0.002):
+        scores = attribute_edges(setup, "atp-qk", memory_budget_mb=budget)
+        g = EdgeGraph.from_shape(model.shape)
+        rule = MemoryBudget.fit(g.n_writers, g.n_readers, 1, 10, 32, 4, True, 4, budget)
+        assert (scores.meta["batch_size"], scores.meta["writer_chunk"], scores.meta["peak_buffer_mb"]) == \
+            (rule.batch_size, rule.writer_chunk, rule.peak_mb)
+        planned = plan(model.spec, workload_of(setup, memory_budget=budget), ["atp-qk"]).methods["atp-qk"]
+        assert (planned.memory.batch_size, planned.memory.writer_chunk) == (rule.batch_size, rule.writer_chunk)
+
+
+CASES = {
+    "gpt2-like": dict(d_model=64, n_heads=4, d_vocab=50),
+    "llama-gqa": dict(d_model=64, n_heads=4, n_key_value_heads=2, normalization="RMS", rotary=True, gated_mlp=True,
+                      act_fn="silu", d_vocab=50),
+    "parallel-rotary": dict(d_model=64, n_heads=4, parallel=True, rotary=True, d_vocab=50),
+    "attn-only-nonorm": dict(d_model=64, n_heads=4, attn_only=True, normalization=None, d_vocab=50),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("level,methods", [("edge", ["atp", "atp-qk", "atp*", "ig"]), ("node", ["atp", "atp*", "ig"]),
+                                           ("neuron", ["atp-qk"])])
+def test_passes_exactly_and_memory_within_tolerance(case, level, methods):
+    model = tiny_model(**CASES[case])
+    if level == "neuron" and model.shape.attn_only:
+        pytest.skip("no neurons in an attention-only model")
+    _check_runs(model, level, methods)
+
+
+@pytest.mark.parametrize("level", ["edge", "node"])
+def test_exact_patching_passes_and_memory(level):
+    _check_runs(tiny_model(**{**CASES["gpt2-like"], "d_model": 32, "n_layers": 2}), level, ["exact"])
+
+
+def _check_runs(model, level: str, methods: list[str]) -> None:
+    pairs = random_pairs(n=6, length=12, d_vocab=50)
+    setup = Setup(model, pairs, batch_size=4)  # two batches: the second runs beside the first one's results
+    work = workload_of(setup, level)
+    assert work.shared_prefix == shared_prefix(pairs)
+    for check in check_plan(setup, model.spec, work, methods):
+        p, m = check.planned, check.measured
+        batches = -(-setup.n_pairs // p.memory.batch_size)
+        assert m.forwards == p.passes.forwards, p.method
+        assert m.backward_calls == p.passes.backwards * batches, p.method
+        assert abs(check.memory_error) <= MEMORY_TOLERANCE, (p.method, m.peak_mb, check.planned_peak_mb)
+
+
+def test_graddrop_passes_and_sublayer_units():
+    model = tiny_model(d_model=32, n_heads=4, n_layers=3)
+    setup = Setup(model, random_pairs(n=4, length=8), batch_size=4)
+    for mode in ("block", "sublayer"):
+        work = workload_of(setup, graddrop=mode)
+        (check,) = check_plan(setup, model.spec, work, ["atp-gd"])
+        # a unit with nothing below it (layer 0's block or attention) needs no backward of its own
+        assert check.measured.backward_calls == check.planned.passes.backwards == (3 if mode == "block" else 6)
+        assert abs(check.memory_error) <= MEMORY_TOLERANCE
+    spec = model.spec
+    equiv = attribution_passes(spec, Workload(seq_len=8), get_method("atp-gd")).backward_equivalents
+    # three block-backwards (below units 1 and 2: 1 + 2), each a third of a full backward less the unembedding's share
+    assert 1.8 < equiv <= 2.0
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_plan_command_text_and_json():
+    res = run("plan", "--model", str(FIXTURES / "Meta-Llama-3-8B"), "--n-pairs", "1000", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["model"]["n_kv_heads"] == 8 and data["workload"]["n_pairs"] == 1000
+    assert set(data["methods"]) == {"atp", "atp-qk", "atp-gd", "atp*", "ig", "exact"}
+    atp = data["methods"]["atp"]
+    assert atp["passes"]["forwards"] == 2 and atp["memory_mb"]["fixed"]["weights"] > 15_000
+    assert atp["device"].endswith("GB")
+    text = run("plan", "--model", "zoo:ioi", "--level", "node", "--method", "atp*")
+    assert text.exit_code == 0 and "atp*" in text.output and "graph: 11 writers" in text.output
+    assert text.output.count("\n") < 12
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "/no/such/folder"], "unknown model"),
+    (["--seq-len", "8", "--shared-prefix", "8"], "--shared-prefix 8"),
+    (["--model", "zoo:nope"], "the zoo has"),
+])
+def test_plan_command_errors_are_one_line(args, match):
+    res = CliRunner().invoke(main, ["plan", *args])
+    assert res.exit_code == 2 and match in res.output and res.output.count("\n") == 1, res.output
+
+
+def test_plan_answers_without_importing_torch():
+    code = ("import sys; from edgeatp.cli import main; "
+            f"main(['plan', '--model', {str(FIXTURES / 'pythia-12b')!r}, '--n-pairs', '1000', '--json'], "
+            "standalone_mode=False); assert 'torch' not in sys.modules, 'plan imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["graph"]["writers"] == 1477
+    assert torch.__version__  # the test process itself may import torch
