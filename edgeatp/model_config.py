@@ -104,7 +104,7 @@ def _folder_spec(path: Path, dtype: str | None) -> ModelSpec | None:
         raise ModelError(f"{file} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or not _plain(raw):
         return None
-    arch = raw["architectures"][0]
+    arch = _architecture(raw)
     declared = raw.get("dtype") or raw.get("torch_dtype")
     dt = _dtype_name(dtype, declared if declared in DTYPE_BYTES else "float32")
     try:
@@ -131,10 +131,16 @@ def _folder_spec(path: Path, dtype: str | None) -> ModelSpec | None:
         raise ModelError(f"{file}: {exc}") from None
 
 
+def _architecture(raw: dict) -> str | None:
+    """The architecture a config declares (the loader's translation needs it declared)."""
+    declared = raw.get("architectures")
+    return declared[0] if isinstance(declared, list) and declared else None
+
+
 def _plain(raw: dict) -> bool:
     """Whether a config is of a family :func:`_folder_spec` reads, with none of the settings the loader
     refuses or translates specially (rotary scaling, extra biases, unusual widths, sliding windows)."""
-    arch = (raw.get("architectures") or [None])[0]
+    arch = _architecture(raw)
     if raw.get("quantization_config") or raw.get("auto_map") or raw.get("is_encoder_decoder"):
         return False
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
