@@ -307,23 +307,38 @@ class ModelAdapter:
             return x
         return self._block(layer).attn.apply_rotary(x, past_kv_pos_offset=offset)
 
-    def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: dict[str, torch.Tensor]
-                           ) -> dict[str, torch.Tensor]:
-        """Gradients w.r.t. each head's private q/k/v residual input, ``{kind: [b, p, n, d_model]}``.
+    def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gradients w.r.t. each head's private q/k/v residual input, ``[b, p, R, d_model]`` with the
+        readers of ``grads``' kinds concatenated in its order (often a view of an ``[R, b, p, d]`` buffer).
 
         ``grads`` are ``dL/d hook_q, hook_k, hook_v`` (``[b, p, n, d_head]`` each: per query head,
         or per key/value head) and ``resid`` the block input. The projection is transposed by hand
-        and the normalisation's exact Jacobian applied to every reader at once — the same numbers
-        TransformerLens' ``use_split_qkv_input`` gives, without its cost in every later pass.
+        and the normalisation's exact Jacobian applied in closed form — the same numbers
+        TransformerLens' ``use_split_qkv_input`` gives, without its cost in every later pass: with
+        ``x̂`` the normalised input and ``u = w ⊙ Wᵀδ``, the gradient is ``(u − x̂·mean(u x̂) − mean(u))/σ``,
+        so the weight and ``1/σ`` go into the small factors and two in-place passes finish it.
         """
-        kinds = list(grads)
-        ups = []
-        for kind in kinds:
-            W, _ = self.qkv_weights(layer, kind)
-            ups.append(torch.einsum("bphe,hde->bphd", grads[kind].to(W.dtype), W))
-        u = torch.cat(ups, dim=2).detach()  # [b, p, n_q + n_k + n_v, d]
-        g_in = self.norm_vjp(self._block(layer).ln1, resid.detach(), u)
-        return dict(zip(kinds, g_in.split([x.shape[2] for x in ups], dim=2)))
+        W = torch.cat([self.qkv_weights(layer, kind)[0] for kind in grads])  # [R, d, e]
+        delta = torch.cat([g.to(W.dtype) for g in grads.values()], dim=2).detach()  # [b, p, R, e]
+        b, p, R, e = delta.shape
+        norm = self._block(layer).ln1
+        parts = _norm_parts(norm)
+        if parts is None:
+            return self.norm_vjp(norm, resid.detach(), torch.einsum("bphe,hde->bphd", delta, W))
+        if parts.weight is not None:
+            W = W * parts.weight[:, None].to(W.dtype)
+        x = resid.detach().to(W.dtype).reshape(b * p, -1)
+        if parts.scaled:
+            xc = x - x.mean(-1, keepdim=True) if parts.centred else x
+            sigma = (xc.pow(2).mean(-1, keepdim=True) + parts.eps).sqrt()  # [bp, 1]
+            delta = delta / sigma.view(b, p, 1, 1)
+        out = torch.bmm(delta.permute(2, 0, 1, 3).reshape(R, b * p, e), W.transpose(1, 2))  # [R, bp, d]
+        if parts.scaled:
+            xhat = xc / sigma
+            out.addcmul_(torch.einsum("rnd,nd->rn", out, xhat)[..., None] / x.shape[-1], xhat, value=-1)
+            if parts.centred:
+                out.sub_(out.mean(-1, keepdim=True))
+        return out.view(R, b, p, -1).permute(1, 2, 0, 3)
 
     @staticmethod
     def norm_vjp(norm: Any, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
