@@ -10,9 +10,9 @@ Run from the repository root with our venv::
 pairs in one batch): all-edge ``atp``, ``atp-qk``, ``atp*``, node-level ``atp*`` (ratios to one plain
 forward+backward), exact patching of K single edges (throughput relative to K plain forwards of the
 same batch) and the peak extra memory of ``atp-qk`` relative to ``atp`` (RSS growth of one call and
-edgeatp's own buffer estimate). ``scaling`` prints the ratios against tokens (32, 128, 512), layers
-(2, 6, 12, 24) and pairs (2, 8, 32). Ratios use process CPU time, medians of interleaved repeats
-(slow calls run once), measured side by side in one process.
+edgeatp's own buffer estimate). ``scaling`` prints the ratios against tokens (32, 128, 512; 2 pairs),
+layers (2, 6, 12, 24; 4 pairs × 32 tokens) and pairs (2, 8, 32; 32 tokens). Ratios use process CPU
+time, medians of interleaved repeats (slow calls run once), measured side by side in one process.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def targets(shape: str, threads: int, k: int, repeats: int) -> None:
 def scaling(threads: int) -> None:
     """Cost ratios of every method against tokens, layers and pairs (one run each)."""
     torch.set_num_threads(threads)
-    grid = ([("tokens", 4, 12, t) for t in (32, 128, 512)] + [("layers", 8, n, 32) for n in (2, 6, 12, 24)]
+    grid = ([("tokens", 2, 12, t) for t in (32, 128, 512)] + [("layers", 4, n, 32) for n in (2, 6, 12, 24)]
             + [("pairs", p, 12, 32) for p in (2, 8, 32)])
     print(f"\nedgeatp at {code_version()}, torch {torch.__version__}, {threads} thread(s); GPT-2-small widths, "
           "ratios to a plain forward+backward of the same batch (CPU time)")
