@@ -134,3 +134,14 @@ def test_timings_add_up_per_phase_and_marks_outside_a_recording_do_nothing(monke
     timings.mark("write")
     assert t.wall == {"load": 1.5, "attribute": 2.0} and t.cpu == {"load": 0.0, "attribute": 0.0}
     assert t.describe().startswith("load 1.50, attribute 2.00 s wall (total 3.50 s)")
+
+
+def test_the_heap_is_frozen_at_exit_so_the_last_collection_is_skipped():
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"  # runs after the CLI's
+            "from edgeatp.cli import main\n"
+            "print('frozen before exit:', gc.get_freeze_count() > 0)\n"
+            "main(['tasks'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "frozen before exit: False" in done.stdout and "frozen at exit: True" in done.stdout, done.stdout
