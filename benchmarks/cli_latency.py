@@ -10,10 +10,12 @@
   import, load, attribute, select, verify and write.
 
 Each row is the median of ``--repeats`` runs (``--demo-repeats`` for the demo): wall seconds and
-the child's CPU seconds (user + system, from ``getrusage``). The machine's load average is
-printed with the table: wall times on a shared machine grow with it, CPU times much less.
+the child's CPU seconds (user + system, from ``getrusage``; for the demo this includes Graphviz).
+The machine's load average is printed with the tables: wall times on a shared machine grow with
+it, CPU times much less. The checkout measured is the one holding this script (``PYTHONPATH``
+points at it); ``--baseline DIR`` measures another checkout side by side, run for run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cli_latency.py [--repeats 5] [--demo-repeats 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cli_latency.py [--repeats 5] [--demo-repeats 3] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ LATE_ERRORS = [  # decided by torch / TransformerLens themselves
     ("--device cuda without CUDA (needs torch)", ["discover", "--device", "cuda"]),
     ("pretrained name not cached (needs TransformerLens)", ["discover", "--model", "gpt2"]),
 ]
+ROOT = Path(__file__).resolve().parent.parent
 FLOORS = [("python -c pass", ["-c", "pass"]), ("import click", ["-c", "import click"]),
           ("import torch", ["-c", "import torch"]), ("import transformer_lens", ["-c", "import transformer_lens"])]
 
@@ -64,19 +67,24 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, fl
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done
 
 
-def median_run(command: list[str], repeats: int, cwd: Path, env: dict[str, str],
-               expect: int) -> tuple[float, float, str]:
-    """Median wall and CPU seconds of ``repeats`` runs, and the last line the command printed."""
-    walls, cpus, last = [], [], ""
+def median_runs(command: list[str], repeats: int, cwd: Path, envs: list[dict[str, str]],
+                expect: int) -> tuple[list[str], str]:
+    """"wall / CPU" median seconds of ``repeats`` runs in each environment (alternating), and the
+    last line the command printed in the first."""
+    walls: list[list[float]] = [[] for _ in envs]
+    cpus: list[list[float]] = [[] for _ in envs]
+    last = ""
     for _ in range(repeats):
-        wall, cpu, done = timed(command, cwd, env)
-        if done.returncode != expect:
-            raise SystemExit(f"{command} exited with {done.returncode}, expected {expect}: {done.stderr[-500:]}")
-        walls.append(wall)
-        cpus.append(cpu)
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        last = lines[-1] if lines else ""
-    return statistics.median(walls), statistics.median(cpus), last
+        for i, env in enumerate(envs):
+            wall, cpu, done = timed(command, cwd, env)
+            if done.returncode != expect:
+                raise SystemExit(f"{command} exited with {done.returncode}, expected {expect}: {done.stderr[-500:]}")
+            walls[i].append(wall)
+            cpus[i].append(cpu)
+            if i == 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                last = lines[-1] if lines else ""
+    return [f"{statistics.median(w):.2f} / {statistics.median(c):.2f}" for w, c in zip(walls, cpus)], last
 
 
 def fixtures(folder: Path) -> None:
@@ -89,53 +97,64 @@ def fixtures(folder: Path) -> None:
     (folder / "afile").write_text("")
 
 
-def demo(repeats: int, cli: list[str], cwd: Path, env: dict[str, str]) -> list[tuple[str, float, float]]:
-    """The demo's phases (median wall, median CPU), start-up first (process wall minus the phases)."""
-    runs = []
+def demo(repeats: int, cli: list[str], cwd: Path, env: dict[str, str],
+         baseline: dict[str, str] | None) -> list[tuple[str, float, float]]:
+    """The demo's phases (median wall, median CPU): the rest of the process (start-up, checks, exit,
+    Graphviz's CPU) first, the process total last, then the baseline's total when given."""
+    runs, base = [], []
     for i in range(repeats):
         out = cwd / f"demo-{i}"
         wall, cpu, done = timed([*cli, "discover", "--out", str(out), "--quiet", "--json", "--timings"], cwd, env)
         if done.returncode != 0:
             raise SystemExit(f"the demo failed: {done.stderr[-2000:]}")
         phases = json.loads(done.stdout)["timings"]
-        runs.append({"start-up and exit": (wall - sum(p["wall"] for p in phases.values()),
-                                           cpu - sum(p["cpu"] for p in phases.values())),
+        runs.append({"rest (start-up, checks, exit)": (wall - sum(p["wall"] for p in phases.values()),
+                                                       cpu - sum(p["cpu"] for p in phases.values())),
                      **{k: (p["wall"], p["cpu"]) for k, p in phases.items()}, "total": (wall, cpu)})
-    return [(name, statistics.median(r[name][0] for r in runs), statistics.median(r[name][1] for r in runs))
-            for name in runs[0]]
+        if baseline is not None:
+            wall, cpu, done = timed([*cli, "discover", "--out", str(out), "--quiet", "--json"], cwd, baseline)
+            if done.returncode != 0:
+                raise SystemExit(f"the baseline demo failed: {done.stderr[-2000:]}")
+            base.append({"baseline total": (wall, cpu)})
+    return [(name, statistics.median(r[name][0] for r in rs), statistics.median(r[name][1] for r in rs))
+            for rs in (runs, base) if rs for name in rs[0]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per command (median)")
     parser.add_argument("--demo-repeats", type=int, default=3, help="runs of the demo (median)")
+    parser.add_argument("--baseline", type=Path, default=None, help="another edgeatp checkout to measure alongside")
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    envs = [{**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+            for root in [ROOT, *([args.baseline.resolve()] if args.baseline else [])]]
     script = Path(sys.executable).with_name("edgeatp")
     entry_points = [("python -m edgeatp", [sys.executable, "-m", "edgeatp"])]
     if script.is_file():
         entry_points.append(("edgeatp", [str(script)]))
+    cols = " | wall / CPU s" + (" | baseline wall / CPU s" if args.baseline else "")
+    rule = "|---" * (2 + bool(args.baseline))
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores\n")
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
         fixtures(cwd)
-        print("| command | wall s (median) | CPU s (median) |\n|---|---|---|")
+        print(f"| command{cols} |\n{rule}|")
         for label, argv in FLOORS:
-            wall, cpu, _ = median_run([sys.executable, *argv], args.repeats, cwd, env, 0)
-            print(f"| floor: `{label}` | {wall:.2f} | {cpu:.2f} |")
+            times, _ = median_runs([sys.executable, *argv], args.repeats, cwd, envs[:1], 0)
+            print(f"| floor: `{label}` | {times[0]} |" + (" |" if args.baseline else ""))
         for name, cli in entry_points:
             for argv in HELP:
-                wall, cpu, _ = median_run([*cli, *argv], args.repeats, cwd, env, 0)
-                print(f"| `{name} {' '.join(argv)}` | {wall:.2f} | {cpu:.2f} |")
+                times, _ = median_runs([*cli, *argv], args.repeats, cwd, envs, 0)
+                print(f"| `{name} {' '.join(argv)}` | {' | '.join(times)} |")
         cli = entry_points[-1][1]
-        print("\n| error (`edgeatp ...`) | wall s (median) | CPU s (median) | message |\n|---|---|---|---|")
+        print(f"\n| error (`edgeatp ...`){cols} | message |\n{rule}|---|")
         for what, argv in ERRORS + LATE_ERRORS:
             repeats = args.repeats if (what, argv) in ERRORS else max(1, args.repeats // 2)
-            wall, cpu, last = median_run([*cli, *argv], repeats, cwd, env, 2)
-            print(f"| {what}: `{' '.join(argv)}` | {wall:.2f} | {cpu:.2f} | {last[:110].replace('|', '/')} |")
+            times, last = median_runs([*cli, *argv], repeats, cwd, envs, 2)
+            print(f"| {what}: `{' '.join(argv)}` | {' | '.join(times)} | {last[:110].replace('|', '/')} |")
         print(f"\nDemo: `edgeatp discover --out DIR --quiet --json --timings`, median of {args.demo_repeats} runs\n")
         print("| phase | wall s | CPU s |\n|---|---|---|")
-        for name, wall, cpu in demo(args.demo_repeats, cli, cwd, env):
+        for name, wall, cpu in demo(args.demo_repeats, cli, cwd, envs[0], envs[1] if args.baseline else None):
             print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
