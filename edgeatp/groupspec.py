@@ -20,6 +20,9 @@ def parse_spans(spec: str) -> list[tuple[int, int]]:
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
         if m is None:
             raise option_error(f"{{group}} {spec!r}: write spans as start-end, e.g. span:0-3,4-9")
+        if int(m[1]) > int(m[2]):
+            raise option_error(f"{{group}} {spec!r}: span {m[1]}-{m[2]} ends before it starts; write start-end with "
+                               "start <= end")
         out.append((int(m[1]), int(m[2])))
     return out
 

@@ -100,6 +100,7 @@ def test_option_and_file_errors_are_reported_before_any_heavy_import(tmp_path):
         (["discover", "--metric", "kl"], "zero gradient at the clean run"),
         (["discover", "--format", "json,gif"], "unknown format"),
         (["discover", "--level", "node", "--group", "span:0..3"], "write spans as start-end"),
+        (["discover", "--level", "node", "--group", "span:0-3,5-4"], "span 5-4 ends before it starts"),
         (["discover", "--level", "node", "--group", "missing.json"], "neither layer, head, span"),
         (["discover", "--level", "node", "--group", "groups.json"], "groups.json: not valid JSON"),
         (["discover", "--out", "afile/sub"], "afile is a file, not a folder"),

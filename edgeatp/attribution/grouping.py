@@ -113,7 +113,7 @@ def span_groups(nodes: Iterable[Node], spans: Sequence[tuple[int, int]]) -> list
     for comp in dict.fromkeys(n.component for n in nodes):
         for start, end in spans:
             if start > end or start < 0:
-                raise EdgeatpError(f"bad position span {start}-{end}")
+                raise EdgeatpError(f"position span {start}-{end}: write start-end with 0 <= start <= end")
             out.append(Group(f"{comp.name}@{start}-{end}", tuple(comp.at(p) for p in range(start, end + 1))))
     return out
 
