@@ -9,7 +9,9 @@ shows the traceback. Options and files are checked before torch is imported, so 
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import json
 import math
 import os
@@ -25,6 +27,7 @@ from . import __version__
 from .config import DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
 from .errors import EdgeatpError
 from .methods import METHODS
+from .timings import mark, recording
 
 FORMATS = ("json", "mib", "dot", "svg", "png", "pdf", "md", "html", "networkx")
 DEFAULT_FORMATS = "json,dot,svg,md"
@@ -130,7 +133,13 @@ def _check_model_spec(spec: str) -> None:
 
         if spec[4:] not in ZOO:
             raise EdgeatpError(f"--model {spec}: the zoo has {', '.join('zoo:' + n for n in ZOO)}")
-    elif not Path(spec).expanduser().exists() and re.search(r"[\s]", spec):
+        return
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise EdgeatpError(f"--model {spec}: this is a file; pass the checkpoint folder that holds config.json")
+    if not path.exists() and spec.startswith(("/", "./", "../", "~")):
+        raise EdgeatpError(f"--model {spec}: no such folder; pass a checkpoint folder, zoo:NAME or a model name")
+    if not path.exists() and re.search(r"[\s]", spec):
         raise EdgeatpError(f"--model {spec!r} is neither a folder nor a model name (names have no spaces)")
 
 
@@ -142,17 +151,33 @@ def _check_data(path: str | None) -> None:
         check_records(Path(path), read_rows(Path(path)))
 
 
-def _group_file(spec: str | None) -> None:
-    """A ``--group`` file must exist and be JSON (named group specs are checked later)."""
-    if spec and spec not in ("layer", "head") and not spec.startswith("span:") and not Path(spec).is_file():
-        raise EdgeatpError(f"--group {spec!r}: no such file; use layer, head, span:a-b,... or a JSON file of "
-                           "named node lists")
+def _check_group(spec: str | None) -> None:
+    """A ``--group`` spec must name groups: valid spans, or a JSON file of named node lists."""
+    if spec:
+        from .groupspec import check_group_spec
+
+        check_group_spec(spec)
+
+
+def _check_circuit_file(path: str) -> None:
+    """A circuit file must hold a circuit (JSON of a known format and version, following the schema)."""
+    from .export.schema import check_circuit_data, load_json_data
+
+    check_circuit_data(load_json_data(Path(path)))
+
+
+def _skip_final_collection() -> None:
+    """Freeze the heap at exit, so the interpreter's last garbage collection does not walk the
+    millions of objects torch and TransformerLens made (seconds of a run's wall time)."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeatp")
 def main() -> None:
     """edgeatp: find the circuits inside transformer language models (AtP*, edge attribution, exact verification)."""
+    _skip_final_collection()
 
 
 # ------------------------------------------------------------------------------------ discover
@@ -211,13 +236,16 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--timings", is_flag=True,
+              help="Print where the time went (import, load, attribute, select, verify, write; wall and CPU "
+                   "seconds) to stderr, and add it to the --json summary.")
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
              bound_p: float, direction: str, device: str, dtype: str | None, batch_size: int, memory_budget: float,
              seed: int, threads: int | None, out: str, fmt: str, allow_download: bool, quiet: bool, as_json: bool,
-             debug: bool) -> None:
+             debug: bool, timings: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
     quiet_text = quiet or as_json
@@ -230,21 +258,28 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)
-    _group_file(group)
+    _check_group(group)
     from .export.files import check_writable
 
     check_writable(Path(out))
     if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
         _quiet_libraries()
     t0 = time.time()
-    from .pipeline import run_discover
-    from .progress import for_stream, silent
+    with recording() as clock:
+        from .pipeline import run_discover
+        from .progress import for_stream, silent
 
-    result = run_discover(cfg, progress=silent if quiet_text else for_stream(sys.stderr),
-                          log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
-    written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
+        mark("import")
+        result = run_discover(cfg, progress=silent if quiet_text else for_stream(sys.stderr),
+                              log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
+        written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
+        mark("write")
     summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
                "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
+    if timings:
+        click.echo(f"timings: {clock.describe()}", err=True)
+        summary["timings"] = {name: {"wall": round(clock.wall[name], 3), "cpu": round(clock.cpu[name], 3)}
+                              for name in clock.wall}
     if as_json:
         click.echo(_json(summary))
     else:
@@ -294,7 +329,14 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
     """Re-verify a saved circuit with exact patches and whole-circuit runs, and rewrite its files."""
     if task and data:
         raise EdgeatpError("give either --task or --data, not both")
+    if model_spec is not None:
+        _check_model_spec(model_spec)
+    if task:
+        from .tasks.builtin import task_spec
+
+        task_spec(task)
     _check_data(data)
+    _check_circuit_file(circuit_file)
     target = Path(out) if out else Path(circuit_file)
     from .export.files import check_writable
 
@@ -362,10 +404,12 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
     if not wanted:
         raise EdgeatpError(f"nothing to write: {path.name} is already the circuit's JSON in {folder}; choose another "
                            "--format or --out")
-    from .export import read_circuit
     from .export.files import check_writable
 
     check_writable(folder)
+    _check_circuit_file(str(path))
+    from .export import read_circuit
+
     circuit = read_circuit(path)
     written = _write(circuit, folder, wanted, path.stem, replace_set=False, overwrite=force)
     if not written.paths:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import ModelError
+from ..timings import mark
 from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
 from .checkpoint import load_checkpoint
@@ -27,10 +28,11 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` and ``device`` convert the weights —
     in place when you pass your own model.
     """
-    from transformer_lens import HookedTransformer
-
     torch_dtype = _parse_dtype(dtype)
     torch_device = _parse_device(device)
+    from transformer_lens import HookedTransformer
+
+    mark("import")  # TransformerLens loads on first use: its import is not part of loading the model
     if isinstance(spec, ModelAdapter):
         adapter = spec
     elif isinstance(spec, HookedTransformer):
