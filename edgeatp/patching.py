@@ -26,7 +26,7 @@ from .graph import Edge, EdgeGraph, Node, check_nodes
 from .metrics import sign_convention
 from .model import FwdHook, ModelAdapter, Site, WriterLayout, capture, node_site
 from .setup import Setup
-from .tasks.pairs import Direction
+from .tasks.pairs import Direction, PairBatch
 
 
 @dataclass(frozen=True)
@@ -206,10 +206,15 @@ class EdgePatch:
 def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
                     source: dict[Site, torch.Tensor]) -> list[tuple[Site, FwdHook]]:
     """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, P, W, R]``: each patched
-    reader reads its own copy of the residual in which the writers' source values replace theirs."""
+    reader reads its own copy of the residual in which the writers' source values replace theirs.
+
+    A float mask moves each edge by that fraction of its writer's source-minus-current delta
+    (0 = the edge as it is, 1 = its source value) and is differentiable; a boolean mask is its
+    0/1 case, on the same code path."""
     mask = mask.to(adapter.device)
     T = next(iter(source.values())).shape[1]
     mask = mask[:, :T] if graph.positional else mask.expand(-1, T, -1, -1)  # [rows, T, W, R]
+    live = _live(graph, mask)
     src_writes = {s: writers.writes(s, source) for s in writers.groups}
     site_writers = {s: torch.tensor(idx, device=adapter.device) for s, (idx, _) in writers.groups.items()}
     current: dict[Site, torch.Tensor] = {}  # this forward's writer activations, as they happen
@@ -228,9 +233,9 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         return deltas[site]
 
     def summed(readers: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[rows, T, n, d]`` summed deltas into these readers and the ``[rows, T, n]`` touched flags."""
-        m = mask[..., readers]
-        used = m.any(dim=3).any(dim=1).any(dim=0)  # [W]
+        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T, n]`` touched flags."""
+        on = live[..., readers]
+        used = on.any(dim=3).any(dim=1).any(dim=0)  # [W]
         if not bool(used.any()):
             return None
         parts, cols = [], []
@@ -240,7 +245,8 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
                 parts.append(site_delta(site)[:, :, sel])
                 cols.append(idx[sel])
         D = torch.cat(parts, dim=2)  # [rows, T, w, d]
-        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, torch.cat(cols)].to(D.dtype)), m.any(2)
+        weights = mask[..., readers][:, :, torch.cat(cols)].to(D.dtype)
+        return torch.einsum("rtwd,rtwn->rtnd", D, weights), on.any(2)
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
@@ -269,7 +275,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
     for site in writers.sites():
         hooks.append((site, record(site)))
     for (kind, layer), (rs, hs) in graph.reader_sites().items():
-        if not bool(mask[..., rs].any()):
+        if not bool(live[..., rs].any()):
             continue
         if kind in ("q", "k", "v"):
             hooks.append((Site("resid_pre", layer), keep_resid(layer)))
@@ -279,6 +285,16 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         else:
             hooks.append((Site("resid_final"), resid_reader(rs)))
     return hooks
+
+
+def _live(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask may move a reader's input: its set (or non-zero) entries, and every existing edge
+    when the mask takes gradients (a zero weight still has a derivative)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.requires_grad:
+        return graph.mask.to(mask.device).expand_as(mask)
+    return mask != 0
 
 
 def edge_masks(graph: EdgeGraph, sets: Sequence[Sequence[Edge]]) -> torch.Tensor:
@@ -321,6 +337,32 @@ def run_circuit(setup: Setup, graph: EdgeGraph, keep: torch.Tensor, knockout: bo
     keeps = keep[None] if keep.dim() == 3 else keep
     masks = keeps.bool() if knockout else ~keeps.bool()
     return patch_edges(setup, graph, masks & graph.mask, labels=[f"circuit{i}" for i in range(len(masks))])
+
+
+def edge_sources(setup: Setup, graph: EdgeGraph, batch: PairBatch) -> dict[Site, torch.Tensor]:
+    """The source run's writer activations of a batch: what :func:`weighted_run` moves edges towards."""
+    _check_graph(setup, graph)
+    with setup.model.ungrouped(graph.ungrouped):
+        return capture(setup.model, batch.source, WriterLayout(setup.model, graph).sites(), logits=False)[1]
+
+
+def weighted_run(setup: Setup, graph: EdgeGraph, batch: PairBatch, weights: torch.Tensor,
+                 source: dict[Site, torch.Tensor], ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric values ``[S, B]`` of the base run of ``batch`` with every edge moved by ``weights[s]``
+    (``[S, P, W, R]`` floats: the fraction of the edge's source-minus-current delta applied; 0/1
+    weights give :func:`run_circuit`'s patches), differentiable in ``weights``. ``source`` comes from
+    :func:`edge_sources`, ``ref`` from :meth:`Setup.reference` (metrics that compare with the clean run)."""
+    model = setup.model
+    S, B = int(weights.shape[0]), len(batch)
+    pair_rows = torch.arange(B, device=model.device).repeat(S)
+    set_rows = torch.arange(S, device=weights.device).repeat_interleave(B)
+    rows = batch.repeat_rows(pair_rows)
+    w = (weights * graph.full_mask.to(weights.device))[set_rows]
+    with model.ungrouped(graph.ungrouped):
+        hooks = edge_mask_hooks(model, graph, WriterLayout(model, graph), w,
+                                {s: v[pair_rows] for s, v in source.items()})
+        logits = model.forward(rows.base, hooks)
+    return setup.metric(logits, rows, ref[pair_rows] if ref is not None else None).view(S, B)
 
 
 def _check_graph(setup: Setup, graph: EdgeGraph) -> None:
