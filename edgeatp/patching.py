@@ -75,8 +75,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
     n, s = setup.n_pairs, intervention.n_sets
     if s == 0:
         raise EdgeatpError("nothing to patch: the list of patch sets is empty")
-    pair_bs = max(1, min(n, setup.batch_size))
-    chunk = max(1, setup.batch_size // pair_bs)
+    pair_bs, chunk = _stacking(setup)
     per_pair = torch.zeros(n, s, dtype=torch.float64)
     base_metric = torch.zeros(n, dtype=torch.float64)
     forwards = 0
@@ -104,6 +103,19 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
             forwards += 1
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
     return PatchEffects(names, per_pair, base_metric, setup.direction, metric.name, forwards)
+
+
+def _stacking(setup: Setup) -> tuple[int, int]:
+    """Pairs per batch and patch sets stacked per forward in a sweep."""
+    pair_bs = max(1, min(setup.n_pairs, setup.batch_size))
+    return pair_bs, max(1, setup.batch_size // pair_bs)
+
+
+def sweep_forwards(setup: Setup, n_sets: int) -> int:
+    """The forwards :func:`sweep` spends (and counts) on ``n_sets`` patch sets: to plan work within a budget."""
+    pair_bs, chunk = _stacking(setup)
+    n_batches = sum(1 for _ in setup.pairs.batches(pair_bs, setup.direction, same_length=not setup.model.causal))
+    return n_batches * (2 + -(-n_sets // chunk))
 
 
 # ------------------------------------------------------------------------------------ nodes
@@ -213,7 +225,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
     0/1 case, on the same code path."""
     mask = mask.to(adapter.device)
     T = next(iter(source.values())).shape[1]
-    mask = mask[:, :T] if graph.positional else mask.expand(-1, T, -1, -1)  # [rows, T, W, R]
+    mask = mask[:, :T] if graph.positional else mask  # [rows, T, W, R], or [rows, 1, W, R] for all positions
     live = _live(graph, mask)
     src_writes = {s: writers.writes(s, source) for s in writers.groups}
     site_writers = {s: torch.tensor(idx, device=adapter.device) for s, (idx, _) in writers.groups.items()}
@@ -233,7 +245,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         return deltas[site]
 
     def summed(readers: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T, n]`` touched flags."""
+        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T|1, n]`` touched flags."""
         on = live[..., readers]
         used = on.any(dim=3).any(dim=1).any(dim=0)  # [W]
         if not bool(used.any()):
@@ -245,8 +257,12 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
                 parts.append(site_delta(site)[:, :, sel])
                 cols.append(idx[sel])
         D = torch.cat(parts, dim=2)  # [rows, T, w, d]
-        weights = mask[..., readers][:, :, torch.cat(cols)].to(D.dtype)
-        return torch.einsum("rtwd,rtwn->rtnd", D, weights), on.any(2)
+        weights = mask[:, :, torch.cat(cols)][..., readers].to(D.dtype)  # [rows, T|1, w, n]
+        if weights.shape[1] == 1:  # one weight for all positions: one matrix product per row
+            R, T_, w, d = D.shape
+            out = torch.bmm(weights[:, 0].transpose(1, 2), D.permute(0, 2, 1, 3).reshape(R, w, T_ * d))
+            return out.view(R, -1, T_, d).transpose(1, 2), on.any(2)
+        return torch.matmul(D.transpose(2, 3), weights).transpose(2, 3), on.any(2)
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
