@@ -393,9 +393,7 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
         fa, na = measured[tuple(after[k].in_graph.nonzero().flatten().tolist())]
         key, how, cost = found[k]
         b = before[k].with_(faithfulness=fb, necessity=nb)
-        a = after[k].with_(faithfulness=fa, necessity=na, selection=Selection(
-            "refined", k, k, after[k].n_edges, (f"searched with exact whole-circuit runs from the top {M} edges of "
-                                                f"{scores.method} (found by: {how})",)))
+        a = after[k].with_(faithfulness=fa, necessity=na, selection=Selection("refined", k, k, after[k].n_edges))
         results.append(SizeResult(k, b, a, how, cost))
         records.append(RefinedSize(k, tuple(e.name for e in a.edges()), fa, na, b.n_edges, fb, nb, how, cost))
     record = Refinement(scores.method, objective, budget, seed, M, total, ends.clean, ends.corrupt, tuple(records))
