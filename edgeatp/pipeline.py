@@ -257,13 +257,16 @@ def search_sizes(spec: str | None, n_edges: int, own: int) -> list[int]:
     return sorted(chosen | {own})
 
 
-def refined_circuit(setup: Setup, scores: EdgeScores, circuit: Circuit, cfg: DiscoverConfig, log: Log) -> Circuit:
-    """The circuit replaced by the result of an exact circuit search from ``scores`` (at its own size
-    or, when it was chosen by the faithfulness target, the smallest searched size reaching it),
+def refined_circuit(setup: Setup, scores: EdgeScores, circuit: Circuit, cfg: DiscoverConfig, log: Log,
+                    seed: int | None = None) -> Circuit:
+    """The circuit replaced by the result of an exact circuit search from ``scores`` (at the size its
+    selection asked for or, when it was chosen by the faithfulness target, the smallest searched size
+    reaching it),
     with the search's record and, when the search covered MIB's grid, the searched circuits' CPR/CMD."""
-    own = max(circuit.n_edges, 1)
+    requested = circuit.selection.requested if circuit.selection is not None else None
+    own = max(1, min(scores.graph.n_edges, requested or circuit.n_edges))  # the size the rule asked for
     result = refine(setup, scores, search_sizes(cfg.refine_sizes, scores.graph.n_edges, own),
-                    budget=cfg.refine_budget, seed=cfg.seed)
+                    budget=cfg.refine_budget, seed=cfg.seed if seed is None else seed)
     by_target = circuit.selection is not None and circuit.selection.rule == "target"
     reach = [r for r in result.sizes if r.after.faithfulness is not None and r.after.faithfulness >= cfg.target]
     pick = reach[0] if by_target and reach else result.at(own)
@@ -365,7 +368,8 @@ def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, se
                  data: str | None = None, batch_size: int = 32, allow_download: bool = False,
                  progress: Progress = silent, log: Log = lambda s: None) -> DiscoverResult:
     """Search a saved edge circuit's sizes for better circuits (on its own model and data, from its
-    stored estimates as the ranking), measure them exactly and verify the result again."""
+    stored estimates as the ranking; ``seed`` seeds the search, default the recorded seed), measure
+    them exactly and verify the result again."""
     from .export import read_circuit
 
     saved = read_circuit(path)
@@ -374,11 +378,10 @@ def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, se
                           "with {level} edge)", level="level")
     overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "refine": True,
                                  "refine_budget": budget, "refine_sizes": sizes}
-    with _saved(path, overrides, data=data, seed=seed, progress=progress, circuit=saved) as (circuit, cfg, setup,
-                                                                                            label):
+    with _saved(path, overrides, data=data, progress=progress, circuit=saved) as (circuit, cfg, setup, label):
         scores = _stored_scores(circuit)
         circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
-        circuit = refined_circuit(setup, scores, circuit, cfg, log)
+        circuit = refined_circuit(setup, scores, circuit, cfg, log, seed)
         if cfg.n_verify or cfg.sample_below:
             circuit = circuit.with_(verification=verify(
                 setup, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
