@@ -6,8 +6,9 @@ as top-k circuits (dangling edges dropped) at 5/10/20 edges and at MIB's grid (C
 score, CMD by magnitude); then :func:`edgeatp.search.refine` from AtP+QKfix at 5/10/20 edges and
 at the grid's sizes. Every faithfulness is an exact whole-circuit run. Costs: forwards as counted
 by the patching engine (a backward counts two), and wall time over one plain forward+backward of
-all pairs. On the smallest model a long search (many seeds, a large budget) is the reference for
-the best circuit of each size.
+all pairs. On the smallest model, every connected circuit of at most 5 edges run exactly and a long
+search (4 seeds, a large budget, every edge a candidate) at 5 and 10 edges are the reference for the
+best circuit of each size.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/circuit_search.py [--pairs 32] [--budget 1500]
 """
@@ -18,12 +19,13 @@ import argparse
 import statistics
 import subprocess
 import time
+from itertools import combinations
 
 import torch
 
 import edgeatp as ea
 from edgeatp.attribution.edges import attribute_edges
-from edgeatp.circuit import circuit_from_edges, select_top_k
+from edgeatp.circuit import circuit_from_edges, connected, select_top_k
 from edgeatp.metrics import get_metric
 from edgeatp.mib import GRID, grid_sizes, ranking_metrics, refined_metrics
 from edgeatp.search import refine
@@ -56,6 +58,24 @@ def top_k_faithfulness(setup: Setup, scores: ea.EdgeScores, sizes: tuple[int, ..
     f, _, _ = faithfulness_of(setup, scores.graph, torch.stack([c.in_graph for c in nonempty]), ends, necessity=False)
     values = iter(f.tolist())
     return [(c.n_edges, next(values) if c.n_edges else 0.0) for c in circuits]
+
+
+def exhaustive_best(setup: Setup, graph, k: int) -> tuple[float, int]:
+    """The best exact faithfulness of any circuit of at most ``k`` edges (every edge on an
+    input→logits path; circuits with dangling edges equal their connected part) and how many
+    such circuits there are: all of them run exactly, many per forward."""
+    coords = graph.all_coords.tolist()
+    masks = []
+    for j in range(1, k + 1):
+        for combo in combinations(range(len(coords)), j):
+            m = torch.zeros(graph.full_mask.shape, dtype=torch.bool)
+            for i in combo:
+                m[tuple(coords[i])] = True
+            if torch.equal(connected(graph, m), m):
+                masks.append(m)
+    wide = setup.with_(batch_size=setup.n_pairs * 32)
+    f, _, _ = faithfulness_of(wide, graph, torch.stack(masks), endpoints(wide), necessity=False)
+    return float(f.max()), len(masks)
 
 
 def cell(kept: int, f: float, k: int) -> str:
@@ -109,6 +129,8 @@ def run_model(name: str, pairs_n: int, budget: int, reference_budget: int) -> No
           f"smallest size where the oracle is below 0.8"
           + (f" ({SIZES[below[0]]} edges): {'yes' if strict else 'NO'}" if below else ": (none below 0.8)"))
     if reference_budget:
+        best_5, count = exhaustive_best(setup, qk.graph, 5)
+        print(f"reference (exhaustive): best of the {count} connected circuits of at most 5 edges {best_5:.3f}")
         best = {}
         for seed in range(4):
             long = refine(setup, qk, [5, 10], budget=reference_budget, seed=seed, candidates=n)
