@@ -208,7 +208,8 @@ class Circuit:
     """A set of edges with the estimates it was chosen from and what verification found.
 
     ``in_graph``, ``score`` and ``signed`` are ``[P, W, R]`` like the graph's scores (``P = 1``
-    for a position-aggregated graph).
+    for a position-aggregated graph). ``refinement`` records the circuit search that produced it
+    (if any) and ``circuit_metrics`` MIB's CPR/CMD of its ranking (and of searched circuits).
     """
 
     graph: EdgeGraph

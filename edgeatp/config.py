@@ -125,6 +125,8 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error("coarse edges between layers are position-aggregated; drop {positions}")
     if cfg.refine and cfg.level != "edge":
         raise option_error("{refine} searches edge circuits; drop it or use {level} edge")
+    if cfg.refine_sizes is not None and not cfg.refine:
+        raise option_error("{refine_sizes} says what {refine} searches; add {refine} or drop it")
     if cfg.refine_budget < 1:
         raise option_error("{refine_budget} must be a positive number of forwards")
     parse_sizes(cfg.refine_sizes, "refine_sizes")

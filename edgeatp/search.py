@@ -4,15 +4,18 @@
 method's scores) and, at each requested size ``k``, looks for the circuit of at most ``k`` edges
 with the best exact faithfulness:
 
-1. **Learned mask** (a share of the budget): one hard-concrete gate per candidate edge and size
+1. **Exact re-ranking** (when it takes at most a quarter of the budget): every candidate patched
+   alone, the oracle single-edge ranking restricted to the candidates.
+2. **Learned mask** (a share of the budget): one hard-concrete gate per candidate edge and size
    (Louizos et al.'s L0 relaxation, as in Edge Pruning), warm-started from the ranking. A gate
    ``z`` keeps the edge's clean value with weight ``z``: the patched forward moves the edge by the
    fraction ``1 − z`` of its corrupt delta when noising (``z`` of its clean delta when denoising),
    edges outside the candidates patched as outside any circuit. The gates are trained on the
    faithfulness objective with a penalty that pushes their expected count down to ``k``, all
-   sizes stacked in one forward; the candidates ordered by the learned gates seed step 2.
-2. **Exact local search**: from the best of the seeds (the ranking's top-``k`` circuit, the
-   ranking and the mask order filled to ``k`` connected edges, the previous size's result grown
+   sizes stacked in one forward; the candidates ordered by the learned gates seed step 3.
+3. **Exact local search**: from the best of the seeds (the ranking's top-``k`` circuit, the
+   ranking, the exact re-ranking and the mask order filled to ``k`` connected edges (the
+   re-ranking's top ``k`` too), the previous size's result grown
    to ``k``), passes of single-edge removals and additions, all evaluated exactly, many circuits
    stacked per forward; when no single move helps, swaps of the most promising removals and
    additions; then seeded random restarts while the size's budget lasts. When every circuit of
@@ -223,6 +226,8 @@ def _search_size(ev: _Evaluator, k: int, seeds: dict[str, Key], rng: random.Rand
         got = ev.run(keys)
         return max(got, key=lambda c: (got[c], -len(c))), "exhaustive"
     got = ev.run(list(seeds.values()))
+    if not got:  # the budget is spent: the ranking's circuit stays (the final check measures it)
+        return seeds["ranking"], "ranking"
     origin = {c: name for name, c in reversed(seeds.items())}
     start = max(got, key=lambda c: (got[c], -len(c)))
     best, best_value = _local_search(ev, start, got[start], k, n_cand)

@@ -143,6 +143,7 @@ def test_listings():
     (["discover", "--device", "cuda:0"], "use --device cpu"),
     (["discover", "--level", "node", "--refine"], "--refine searches edge circuits"),
     (["discover", "--refine", "--refine-sizes", "5,x"], "--refine-sizes '5,x': give positive edge counts"),
+    (["discover", "--refine-sizes", "5"], "--refine-sizes says what --refine searches"),
     (["refine", "README.md", "--sizes", "0"], "--sizes '0': give positive edge counts"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
