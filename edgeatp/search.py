@@ -387,15 +387,15 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
             found[k] = (key, how, ev.spent - spent0)
         after = {k: circuit_from_edges(scores, ev.mask(found[k][0]), "refined", k) for k in ks}
         masks = [before[k].in_graph for k in ks] + [after[k].in_graph for k in ks]
-        unique = list({tuple(m.nonzero().flatten().tolist()): m for m in masks}.values())
+        unique = list({_kept(m): m for m in masks}.values())
         f, nec, forwards = faithfulness_of(inner, graph, torch.stack(unique), ends)
         bar.update(forwards)
-    measured = {tuple(m.nonzero().flatten().tolist()): (a, b) for m, a, b in zip(unique, f.tolist(), nec.tolist())}  # type: ignore[union-attr]
+    measured = {_kept(m): (a, b) for m, a, b in zip(unique, f.tolist(), nec.tolist())}  # type: ignore[union-attr]
     total = ends.n_forwards + ev.spent + forwards
     results, records = [], []
     for k in ks:
-        fb, nb = measured[tuple(before[k].in_graph.nonzero().flatten().tolist())]
-        fa, na = measured[tuple(after[k].in_graph.nonzero().flatten().tolist())]
+        fb, nb = measured[_kept(before[k].in_graph)]
+        fa, na = measured[_kept(after[k].in_graph)]
         key, how, cost = found[k]
         b = before[k].with_(faithfulness=fb, necessity=nb)
         a = after[k].with_(faithfulness=fa, necessity=na, selection=Selection("refined", k, k, after[k].n_edges))
@@ -413,6 +413,11 @@ def _exact_order(ev: _Evaluator) -> list[int]:
     eff = patch_edges(ev.setup, ev.graph, masks)
     ev.charge(eff.n_forwards)
     return torch.sort(-eff.mean_abs, stable=True).indices.tolist()
+
+
+def _kept(mask: torch.Tensor) -> tuple[int, ...]:
+    """A hashable form of a circuit mask."""
+    return tuple(mask.nonzero().flatten().tolist())
 
 
 def _all_exhaustive(ev: _Evaluator, sizes: Sequence[int], n_cand: int) -> bool:
