@@ -88,7 +88,9 @@ def test_edge_bound_runs_and_reports(zoo_induction):
 # The sizes stated in the README's zoo table: faithfulness >= 0.8 and the known mechanism inside.
 ZOO_BAR = {"induction": (8, {"a0.h1->a1.h0<k>", "a0.h1->a1.h1<k>", "input->a0.h1<v>"}),
            "ioi": (16, {"input->a0.h1<v>", "input->a0.h3<v>", "m0->logits", "m1->logits"}),
-           "dup": (48, {"a1.h1->logits", "a1.h0->logits"})}
+           "dup": (48, {"a1.h1->logits", "a1.h0->logits"}),
+           "llama-induction": (28, {"a0.h0->a1.kv0<k>", "a0.h0->a1.kv1<k>", "input->a0.kv0<v>", "a1.h0->m1",
+                                    "a1.h2->m1", "a1.h3->m1", "m1->logits"})}
 
 
 @pytest.mark.parametrize("name", list(ZOO_BAR))

@@ -105,7 +105,7 @@ BY_FOLDER = {f.folder: f for f in FAMILIES}
 
 
 def _bpe() -> Any:
-    """A GPT-2-style byte-level BPE tokenizer (tokenizer.json); BOS = EOS = <|endoftext|>, never added."""
+    """A GPT-2-style byte-level BPE tokenizer (tokenizer.json); BOS = EOS = <|endoftext|>, not added by the tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -218,11 +218,13 @@ def test_accepted_families_attribute_exactly_and_run_the_command_line(family, bu
     adapter = edgeatp.load_model(str(folder), dtype="float64")
     assert adapter.dtype == torch.float64
     pairs = edgeatp.load_pairs(data, adapter.tokenizer, prepend_bos=adapter.prepend_bos, n_ctx=adapter.n_ctx)
-    # BOS follows the tokenizer: once for SentencePiece (it adds <s> itself), never for byte-level BPE
+    # BOS follows the checkpoint: once for SentencePiece (it adds <s> itself) and for GPT-2 (as
+    # TransformerLens does for gpt2), never for other byte-level BPE tokenizers
     first = json.loads(data.read_text().splitlines()[0])["clean"]
-    bos = [tokenizers["sp"].bos_token_id] if family.tokenizer == "sp" else []
+    with_bos = family.tokenizer == "sp" or isinstance(family.config(), tf.GPT2Config)
+    bos = [tokenizers[family.tokenizer].bos_token_id] if with_bos else []
     expected = bos + tokenizers[family.tokenizer].encode(first, add_special_tokens=False)
-    assert adapter.prepend_bos == (family.tokenizer == "sp")
+    assert adapter.prepend_bos == with_bos
     assert pairs.clean[0, :len(expected)].tolist() == expected
     fast = edgeatp.attribute_edges(edgeatp.Setup(adapter, pairs), "atp").per_pair[:, 0]
     assert float((fast - _split_input_reference(adapter, pairs)).abs().max()) <= 1e-8

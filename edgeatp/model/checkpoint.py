@@ -60,6 +60,7 @@ TEMPLATES: dict[str, str] = {
     "Gemma3ForCausalLM": "google/gemma-3-1b-pt", "OlmoForCausalLM": "allenai/OLMo-1B-hf",
 }
 #: Families translated and converted by a sibling branch of TransformerLens (same module layout).
+BOS_BY_CONVENTION = frozenset({"GPT2LMHeadModel"})  # BOS prepended though the tokenizer does not add it
 ALIASES: dict[str, str] = {"Olmo2ForCausalLM": "Olmo3ForCausalLM"}
 #: Converted by TransformerLens only through the checkpoint's own modelling code.
 REMOTE_CODE = frozenset({"QWenLMHeadModel", "GPT2LMHeadCustomModel"})
@@ -364,8 +365,9 @@ def open_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Check
     """Preflight a checkpoint folder, load its tokenizer and translate its config; reads no weights
     (safetensors headers only).
 
-    The config's ``default_prepend_bos`` follows the tokenizer: true exactly when it puts BOS first
-    by itself (Llama, Gemma), false when it does not (GPT-2, Pythia, Qwen).
+    The config's ``default_prepend_bos`` follows the checkpoint: true when the tokenizer puts BOS
+    first by itself (Llama, Gemma) and for GPT-2 checkpoints (``<|endoftext|>`` first, as
+    TransformerLens does for ``gpt2`` and edgeatp always did), false otherwise (Pythia, Qwen, OPT).
     """
     path = Path(path).expanduser().resolve()
     raw = read_config(path)
@@ -374,7 +376,8 @@ def open_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Check
     check_weight_files(path)
     dt = checkpoint_dtype(raw, dtype)
     tokenizer = load_tokenizer(path)
-    prepend_bos = None if tokenizer is None else adds_bos(tokenizer)
+    prepend_bos = None if tokenizer is None else adds_bos(tokenizer) or (
+        arch in BOS_BY_CONVENTION and tokenizer.bos_token_id is not None)
     return Checkpoint(path, arch, c, translate(path, raw, arch, c, dt, prepend_bos), dt, tokenizer)
 
 

@@ -2,10 +2,11 @@
 
 Each model has ``weights/<name>.safetensors`` (a HookedTransformer state dict), a card
 ``weights/<name>.json`` (architecture, vocabulary, task, accuracy, training recipe) and an
-exhaustive exact-patching reference table ``weights/<name>.reference.json``. The training
-code that made them is :mod:`edgeatp.zoo.train`; ``python -m edgeatp.zoo.train NAME``
-regenerates a model in a few CPU minutes. This package holds data only; loading a zoo model
-as an adapter is :func:`edgeatp.model.load_model` (``"zoo:NAME"``).
+exhaustive exact-patching reference table ``weights/<name>.reference.json``; cards may also
+carry hook-level ``mechanism_checks`` (:mod:`edgeatp.zoo.checks`). The training code that made
+them is :mod:`edgeatp.zoo.train`; ``python -m edgeatp.zoo.train NAME`` regenerates a model in a
+few CPU minutes. This package holds data only; loading a zoo model as an adapter is
+:func:`edgeatp.model.load_model` (``"zoo:NAME"``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class ZooEntry:
     vocab: tuple[str, ...]
     task: str
     known_mechanism: str
+    biases: bool = True  # False: every b_* parameter is zero and frozen (Llama-style, no biases anywhere)
+
+    @property
+    def grouped_query(self) -> bool:
+        """Grouped-query attention: fewer key/value heads than query heads."""
+        kv = self.config.get("n_key_value_heads")
+        return kv is not None and kv < self.config["n_heads"]
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -59,6 +67,19 @@ ZOO: dict[str, ZooEntry] = {
                  act_fn=None, normalization_type="LN", default_prepend_bos=False, seed=0),
             NAME_VOCAB, "dup",
             "layer-0 heads gather the names at the last position, layer-1 heads count them",
+        ),
+        ZooEntry(
+            "llama-induction",
+            "2-layer Llama-shaped induction model: RMSNorm, rotary, gated SiLU MLPs, grouped-query attention "
+            "(4 query heads, 2 key/value heads), no biases",
+            dict(n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, n_ctx=48, d_vocab=64,
+                 act_fn="silu", gated_mlp=True, normalization_type="RMS", final_rms=True,
+                 positional_embedding_type="rotary", rotary_dim=16, default_prepend_bos=False, seed=0),
+            SYMBOL_VOCAB, "induction",
+            "previous-token head a0.h0 feeds the layer-1 induction heads a1.h0 (kv head 0) and a1.h2, a1.h3 "
+            "(sharing kv head 1) through their keys (K-composition); a1.h1 shares kv head 0 with a1.h0 but is only a "
+            "weak induction head",
+            biases=False,
         ),
     )
 }
