@@ -1,6 +1,8 @@
 """Circuit search against brute force: every circuit of a restricted candidate set run exactly."""
 
+from contextlib import contextmanager
 from itertools import combinations
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,9 +64,23 @@ def test_exhaustive_search_finds_the_brute_force_optimum(direction):
     assert result.n_forwards <= 5000
 
 
+class _Recorder:
+    """A progress display that keeps what it was shown."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[str, int, list[int]]] = []
+
+    @contextmanager
+    def __call__(self, description: str, total: int):
+        steps: list[int] = []
+        self.shown.append((description, total, steps))
+        yield SimpleNamespace(update=lambda n=1: steps.append(n))
+
+
 def test_budgeted_search_is_exact_bounded_deterministic_and_no_worse_than_the_ranking():
     setup, scores = _problem(batch_size=5)  # one circuit per forward: the 93 circuits do not fit
-    runs = [refine(setup, scores, [3], budget=80, candidates=N_CAND, seed=s) for s in (7, 7)]
+    shown = _Recorder()
+    runs = [refine(s, scores, [3], budget=80, candidates=N_CAND, seed=7) for s in (setup, setup.with_(progress=shown))]
     best, table = _brute_force(setup, scores, 3)
     r = runs[0].at(3)
     assert r.found_by != "exhaustive"
@@ -74,6 +90,8 @@ def test_budgeted_search_is_exact_bounded_deterministic_and_no_worse_than_the_ra
     assert r.after.necessity is not None and r.before.necessity is not None
     assert [e.name for e in runs[1].at(3).after.edges()] == [e.name for e in r.after.edges()]
     assert runs[1].refinement == runs[0].refinement
+    [(description, total, steps)] = shown.shown  # one display, counted in forwards up to what was spent
+    assert description == "circuit search" and total == 80 and len(steps) > 3 and sum(steps) == runs[1].n_forwards
 
 
 def test_the_learned_mask_runs_within_the_budget():
