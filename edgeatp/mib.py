@@ -5,9 +5,11 @@ As in the MIB circuit-localization track: the circuit at grid point ``x`` keeps 
 drops dangling edges; its faithfulness is ``(m̄ − m̄_corrupt)/(m̄_clean − m̄_corrupt)`` (means over
 the prompt pairs first, no clipping; 0 for the empty circuit, 1 for the whole model). On the nominal
 fractions ``x`` (linear axis), CPR is the trapezoid area under faithfulness (higher is better) and
-CMD the area under ``|1 − faithfulness|`` (lower is better). CPR ranks edges by signed score (the
-edges that carry the behaviour first), CMD by magnitude. Searched circuits at the grid's sizes give
-both from the same circuits (MIB's multi-circuit submissions).
+CMD the area under ``|1 − faithfulness|`` (lower is better). Both follow the method's own ranking
+score (the one circuits are cut by; for AtP* its GradDrop magnitudes): CMD by the score, CPR by the
+score signed by the mean estimate's direction (the edges that carry the behaviour first, as MIB
+ranks by signed score). Searched circuits at the grid's sizes give both from the same circuits
+(MIB's multi-circuit submissions).
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ def cmd(grid: Sequence[float], faithfulness: Sequence[float]) -> float:
 
 
 def helpfulness(scores: EdgeScores, ends: Endpoints) -> torch.Tensor:
-    """Signed scores oriented so that positive means "keeping the edge moves the metric towards the
-    clean run": noising effects that pull towards the corrupt run, denoising effects that push
-    towards the clean one."""
+    """Ranking scores signed so that positive means "keeping the edge moves the metric towards the
+    clean run" (by the sign of its mean estimate): noising effects that pull towards the corrupt
+    run, denoising effects that push towards the clean one."""
     towards_clean = 1.0 if ends.gap > 0 else -1.0
-    return scores.signed.double().cpu() * towards_clean * (1.0 if scores.direction is Direction.DENOISING else -1.0)
+    side = 1.0 if scores.direction is Direction.DENOISING else -1.0
+    return scores.scores.double().cpu() * torch.sign(scores.signed.double().cpu() * towards_clean * side)
 
 
 def _top(graph: EdgeGraph, values: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,17 +89,18 @@ def _faithfulness_at(setup: Setup, graph: EdgeGraph, masks: list[torch.Tensor], 
 
 
 def ranking_metrics(setup: Setup, scores: EdgeScores, grid: Sequence[float] = GRID) -> CircuitMetrics:
-    """CPR and CMD of a ranking: the top edges at every grid point (CPR by signed score, CMD by
-    magnitude), dangling edges dropped, every circuit run exactly."""
-    signed = scores.signed.double().cpu()
-    if not bool(torch.isfinite(signed[scores.graph.full_mask]).all()):
-        raise option_error("some signed edge estimates are not finite; the attribution overflowed: run in a wider "
+    """CPR and CMD of a ranking: the top edges at every grid point (CPR by the signed ranking score,
+    CMD by the ranking score), dangling edges dropped, every circuit run exactly."""
+    score = scores.scores.double().cpu()
+    on = scores.graph.full_mask
+    if not bool(torch.isfinite(score[on]).all() and torch.isfinite(scores.signed.double().cpu()[on]).all()):
+        raise option_error("some edge estimates are not finite; the attribution overflowed: run in a wider "
                            "{dtype} (float32 or float64)")
     graph = scores.graph
     ends = endpoints(setup)
     sizes = grid_sizes(graph.n_edges, grid)
     cpr_masks = [connected(graph, _top(graph, helpfulness(scores, ends), k)) for k in sizes]
-    cmd_masks = [connected(graph, _top(graph, signed.abs(), k)) for k in sizes]
+    cmd_masks = [connected(graph, _top(graph, score, k)) for k in sizes]
     values, forwards = _faithfulness_at(setup, graph, cpr_masks + cmd_masks, ends)
     f_cpr, f_cmd = values[: len(sizes)], values[len(sizes):]
     return CircuitMetrics(f"top-k of {scores.method}", graph.n_edges, tuple(grid),

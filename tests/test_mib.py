@@ -26,10 +26,11 @@ def test_areas_and_grid_sizes_follow_mib():
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
-def test_ranking_metrics_run_the_top_edges_exactly(direction):
+@pytest.mark.parametrize("method", ["atp", "atp*"])  # AtP*'s ranking score is not its signed mean's magnitude
+def test_ranking_metrics_run_the_method_s_top_edges_exactly(direction, method):
     adapter = tiny_model(seed=5, n_layers=2, n_heads=2)
     setup = Setup(adapter, random_pairs(n=4, seed=2), direction=direction)
-    scores = attribute_edges(setup, "atp")
+    scores = attribute_edges(setup, method)
     g = scores.graph
     grid = (0.05, 0.2, 0.5, 1.0)
     got = ranking_metrics(setup, scores, grid)
@@ -37,10 +38,12 @@ def test_ranking_metrics_run_the_top_edges_exactly(direction):
     empty_full = run_circuit(setup, g, torch.stack([torch.zeros_like(g.full_mask), g.full_mask.clone()]),
                              knockout=not noising)
     m0, m1 = (empty_full.base_metric[:, None] + empty_full.per_pair).mean(0).tolist()
-    signed = scores.signed.double()[tuple(g.all_coords.T)]
+    at = tuple(g.all_coords.T)
+    signed, score = scores.signed.double()[at], scores.scores.double()[at]
     towards = (1.0 if m1 > m0 else -1.0) * (1.0 if not noising else -1.0)
-    for key, sizes, faith in ((signed * towards, got.cpr_sizes, got.cpr_faithfulness),
-                              (signed.abs(), got.cmd_sizes, got.cmd_faithfulness)):
+    helps = score * torch.sign(signed * towards)
+    for key, sizes, faith in ((helps, got.cpr_sizes, got.cpr_faithfulness),
+                              (score, got.cmd_sizes, got.cmd_faithfulness)):
         for x, kept, f in zip(grid, sizes, faith):
             k = int(x * g.n_edges)
             mask = torch.zeros(g.full_mask.shape, dtype=torch.bool)
