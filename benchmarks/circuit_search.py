@@ -1,15 +1,15 @@
 """Circuit search against rankings: MIB's CPR/CMD and faithfulness at 5, 10 and 20 edges.
 
 For every zoo model (its own task, ``--pairs`` pairs, seed 0, noising, logit difference): the
-rankings of AtP, AtP+QKfix, AtP*, IG and exact single-edge patching (the oracle ranking), each
-as top-k circuits (dangling edges dropped) at 5/10/20 edges and at MIB's grid (CPR by signed
-score, CMD by magnitude); then :func:`edgeatp.search.refine` from AtP+QKfix at 5/10/20 edges and
-at the grid's sizes. Every faithfulness is an exact whole-circuit run. Costs: forwards as counted
-by the patching engine (a backward counts two), and process CPU time over one plain forward+backward of
-all pairs. On the smallest model, every connected circuit of at most 5 edges run exactly and a long
-search (4 seeds, a large budget, every edge a candidate) at 5 and 10 edges are the reference for the
-best circuit of each size; ``--other-reference-seeds N`` runs the long search (N seeds) on the other
-models too.
+rankings of AtP, AtP+QKfix, AtP*, IG and exact single-edge patching (the oracle ranking), each as
+top-k circuits (dangling edges dropped) at 5/10/20 edges and at MIB's grid (CPR by the ranking
+score signed by the estimate's direction, CMD by the ranking score); then
+:func:`edgeatp.search.refine` from AtP+QKfix at 5/10/20 edges and at the grid's sizes. Every
+faithfulness is an exact whole-circuit run. Costs: forwards as counted by the patching engine (a
+backward counts two), and process CPU time over one plain forward+backward of all pairs. On the
+smallest model, every connected circuit of at most 5 edges run exactly and a long search (4 seeds,
+a large budget, every edge a candidate) at 5 and 10 edges are the reference for the best circuit
+of each size; ``--other-reference-seeds N`` runs the long search (N seeds) on the other models too.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/circuit_search.py [--pairs 32] [--budget 1500] \
         [--other-reference-seeds 1]

@@ -309,7 +309,8 @@ def mib_blocks(circuit: Circuit) -> list[Block]:
     return [Heading(2, "MIB circuit metrics"),
             Para(("CPR: area under faithfulness over MIB's grid of circuit sizes (fractions of all edges, linear "
                   "axis; higher is better). CMD: area under |1 − faithfulness| (lower is better). CPR's circuits "
-                  "take the top edges by signed score, CMD's by magnitude; dangling edges are dropped.",)),
+                  "take the top edges by the ranking score signed by the estimate's direction, CMD's by the ranking "
+                  "score; dangling edges are dropped.",)),
             Table(("circuits", "CPR", "CMD", "all edges", "faithfulness (CPR) at each fraction", "forwards"), body)]
 
 
