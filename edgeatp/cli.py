@@ -33,7 +33,7 @@ FORMATS = ("json", "mib", "dot", "svg", "png", "pdf", "md", "html", "networkx")
 DEFAULT_FORMATS = "json,dot,svg,md"
 FLAG_NAMES = {"n_verify": "--verify", "memory_budget_mb": "--memory-budget", "top": "--verify",
               "m": "--bound-samples", "samples": "--bound-samples", "p": "--bound-p", "out_dir": "--out",
-              "overwrite": "--force"}
+              "overwrite": "--force", "budget": "--refine-budget"}
 
 
 def flag(option: str) -> str:
@@ -229,6 +229,14 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of task generation and sampling.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
+@click.option("--refine", is_flag=True,
+              help="Search for better edge circuits with exact whole-circuit runs, from the method's top edges "
+                   "(greedy add/remove/swap passes and a learned edge mask), and keep the best one.")
+@click.option("--refine-budget", type=click.IntRange(1), default=2000, show_default=True,
+              help="Forwards the --refine search may spend, its final exact check included.")
+@click.option("--refine-sizes", default=None,
+              help="Circuit sizes (edges) --refine searches: a comma list, or mib for MIB's grid (then CPR/CMD of "
+                   "the searched circuits too). Default: the curve's sizes up to the chosen circuit's.")
 @click.option("--out", type=click.Path(file_okay=False), default="edgeatp-out", show_default=True,
               help="Output folder (written as a whole at the end; files of an earlier run are replaced).")
 @click.option("--format", "fmt", default=DEFAULT_FORMATS, show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
@@ -244,8 +252,8 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
              bound_p: float, direction: str, device: str, dtype: str | None, batch_size: int, memory_budget: float,
-             seed: int, threads: int | None, out: str, fmt: str, allow_download: bool, quiet: bool, as_json: bool,
-             debug: bool, timings: bool) -> None:
+             seed: int, threads: int | None, refine: bool, refine_budget: int, refine_sizes: str | None, out: str,
+             fmt: str, allow_download: bool, quiet: bool, as_json: bool, debug: bool, timings: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
     quiet_text = quiet or as_json
@@ -254,7 +262,8 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
                          direction=direction, device=device, dtype=dtype, batch_size=batch_size,
-                         memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads)
+                         memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads,
+                         refine=refine, refine_budget=refine_budget, refine_sizes=refine_sizes)
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)
@@ -353,6 +362,63 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
                       allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
     existing = set_files(target.parent, target.stem) if not out else []
     formats = _formats_of(existing, target.stem) or ["json"]
+    written = _write(result.circuit, target.parent, formats, target.stem)
+    if as_json:
+        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
+    else:
+        _say(quiet, result.describe())
+        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+
+
+# ------------------------------------------------------------------------------------ refine
+@main.command("refine")
+@click.argument("circuit_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sizes", default=None,
+              help="Circuit sizes (edges) to search: a comma list such as 5,10,20, or mib for MIB's grid (then "
+                   "CPR/CMD of the searched circuits too). Default: the curve's sizes up to the circuit's own; its "
+                   "own size is always searched.")
+@click.option("--refine-budget", "budget", type=click.IntRange(1), default=2000, show_default=True,
+              help="Forwards the search may spend, its final exact check included.")
+@click.option("--seed", type=int, default=None, help="Search seed (default: the recorded one).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="The prompt pairs the circuit was found on, when they moved.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Prompt pairs per forward (circuits are stacked along the batch too).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the refined circuit (default: NAME-refined.json next to the input, with the "
+                   "input's other formats).")
+@click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | None, data: str | None,
+               batch_size: int, out: str | None, allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+    """Search a saved edge circuit's sizes for more faithful circuits with exact whole-circuit runs."""
+    from .config import parse_sizes
+
+    parse_sizes(sizes)
+    _check_data(data)
+    source = Path(circuit_file)
+    target = Path(out) if out else source.with_name(f"{source.stem}-refined.json")
+    from .export.files import check_writable
+
+    check_writable(target.parent)
+    quiet_text = quiet or as_json
+    if quiet_text or not sys.stderr.isatty():
+        _quiet_libraries()
+    from .export import set_files
+    from .pipeline import refine_saved
+    from .progress import for_stream, silent
+
+    try:
+        result = refine_saved(source, sizes=sizes, budget=budget, seed=seed, data=data, batch_size=batch_size,
+                              allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr),
+                              log=lambda s: _say(quiet_text, s))
+    except EdgeatpError as exc:  # this command's flag for the sizes is --sizes
+        exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}
+        raise
+    formats = (_formats_of(set_files(source.parent, source.stem), source.stem) or ["json"]) if not out else ["json"]
     written = _write(result.circuit, target.parent, formats, target.stem)
     if as_json:
         click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))

@@ -54,6 +54,9 @@ class DiscoverConfig:
     seed: int = 0
     allow_download: bool = False
     threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
+    refine: bool = False
+    refine_budget: int = 2000
+    refine_sizes: str | None = None  # comma list of edge counts or "mib"; None: the curve's sizes up to the circuit's
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "the saved configuration") -> "DiscoverConfig":
@@ -128,7 +131,28 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error("node groups carry their own positions (e.g. span:0-3); drop {positions}")
     if cfg.group == "layer" and cfg.level == "edge" and cfg.positions:
         raise option_error("coarse edges between layers are position-aggregated; drop {positions}")
+    if cfg.refine and cfg.level != "edge":
+        raise option_error("{refine} searches edge circuits; drop it or use {level} edge")
+    if cfg.refine_sizes is not None and not cfg.refine:
+        raise option_error("{refine_sizes} says what {refine} searches; add {refine} or drop it")
+    if cfg.refine_budget < 1:
+        raise option_error("{refine_budget} must be a positive number of forwards")
+    parse_sizes(cfg.refine_sizes, "refine_sizes")
     if method.is_estimate and cfg.metric == "kl" and cfg.direction == "noising":
         raise option_error("{metric} kl has zero gradient at the clean run, so gradient methods cannot estimate "
                            "noising effects with it; use {direction} denoising, another metric or {method} exact")
     return rule
+
+
+def parse_sizes(spec: str | None, option: str = "sizes") -> tuple[int, ...] | str | None:
+    """Circuit sizes to search: a comma list of positive edge counts, ``"mib"`` (MIB's grid) or ``None``."""
+    if spec is None or spec.strip().lower() == "mib":
+        return None if spec is None else "mib"
+    try:
+        sizes = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(k < 1 for k in sizes):
+        raise OptionError(f"{{{option}}} {spec!r}: give positive edge counts separated by commas (e.g. 5,10,20) "
+                          "or mib", **{option: option})
+    return sizes
