@@ -151,9 +151,7 @@ def test_closed_form_norm_backward_equals_autograd(norm):
     with torch.enable_grad():
         xe = x.clone().requires_grad_(True)[:, :, None, :].expand(-1, -1, 7, -1)
         (ref,) = torch.autograd.grad(ln(xe), xe, u)
-    assert torch.allclose(ModelAdapter.norm_vjp(ln, x, u), ref, atol=1e-12)
-    scaled = torch.nn.Sequential(torch.nn.Identity())  # an unknown module takes the autograd path
-    assert torch.allclose(ModelAdapter.norm_vjp(scaled, x, u), u)
+    assert torch.allclose(ModelAdapter.norm_vjp(adapter.backend.norm(0, "ln1"), x, u), ref, atol=1e-12)
 
 
 def test_cached_pretrained_names_load_offline_and_restore_the_flags(monkeypatch):
