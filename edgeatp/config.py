@@ -19,6 +19,7 @@ SELECTION_RULES = ("top_k", "threshold", "cumulative", "greedy")
 LEVEL_CHOICES = ("edge", "node", "neuron")
 METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl")
 DTYPE_CHOICES = ("float32", "float64", "bfloat16", "float16")
+BACKEND_CHOICES = ("auto", "hooked", "bridge")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class DiscoverConfig:
     seed: int = 0
     allow_download: bool = False
     threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
+    backend: str = "auto"  # TransformerLens class: hooked (HookedTransformer), bridge (TransformerBridge), auto
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "the saved configuration") -> "DiscoverConfig":
@@ -77,6 +79,8 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error(f"{{metric}} {cfg.metric!r} is unknown; choose from {', '.join(METRIC_CHOICES)}")
     if cfg.direction not in ("noising", "denoising"):
         raise option_error(f"{{direction}} {cfg.direction!r} is unknown; use noising or denoising")
+    if cfg.backend not in BACKEND_CHOICES:
+        raise option_error(f"{{backend}} {cfg.backend!r} is unknown; choose from {', '.join(BACKEND_CHOICES)}")
     if cfg.dtype is not None and cfg.dtype not in DTYPE_CHOICES:
         raise option_error(f"{{dtype}} {cfg.dtype!r} is unknown; choose from {', '.join(DTYPE_CHOICES)}")
     level = "group" if cfg.group and cfg.level != "edge" else cfg.level

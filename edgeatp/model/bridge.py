@@ -135,7 +135,12 @@ class BridgeBackend(Backend):
 
     @contextmanager
     def hooks(self, fwd: Sequence[tuple[Site, FwdHook]]) -> Iterator[None]:
-        with self.model.hooks(fwd_hooks=[(self.hook_name(s), self._wrap(s, f)) for s, f in fwd]):
+        hooks = list(fwd)
+        if self._ungrouped and self.shape.grouped:  # every key and value arrives per query head, hooked or not
+            hooked = {s for s, _ in hooks}
+            hooks += [(site, _keep) for layer in range(self.shape.n_layers)
+                      for site in (Site("k", layer), Site("v", layer)) if site not in hooked]
+        with self.model.hooks(fwd_hooks=[(self.hook_name(s), self._wrap(s, f)) for s, f in hooks]):
             yield
 
     def run(self, tokens: torch.Tensor, logits: bool) -> torch.Tensor | None:
@@ -217,10 +222,13 @@ class BridgeBackend(Backend):
 
     def convert(self, dtype: torch.dtype | None, device: torch.device | None) -> None:
         if dtype is not None and self.dtype != dtype:
-            self.model.to(dtype)
-            self.model.cfg.dtype = dtype
+            self.model.to(dtype, print_details=False)
         if device is not None:
-            self.model.to(device)
+            self.model.to(device, print_details=False)
+
+
+def _keep(tensor: torch.Tensor) -> None:
+    """A hook that changes nothing."""
 
 
 def _restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
@@ -334,6 +342,7 @@ def _native_forward(self: Any, hidden_states: torch.Tensor, attention_mask: torc
         q, k = attn.hook_rot_q(q), attn.hook_rot_k(k)
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if v.shape[1] != q.shape[1]:
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) / self.scale
     if self.attn_scores_soft_cap > 0:

@@ -56,7 +56,8 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
         raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory, a "
                          "HookedTransformer or a TransformerBridge")
     if backend != "auto" and adapter.backend.kind != kind:
-        raise ModelError(f"backend {backend!r} was asked for, but the model given is a {adapter.backend.kind} model")
+        raise ModelError(f"{{backend}} {backend} was asked for, but the model given runs on the "
+                         f"{adapter.backend.kind} backend", backend="backend")
     adapter.backend.convert(torch_dtype, torch_device)
     return adapter
 
@@ -74,16 +75,17 @@ def resolve_backend(backend: str) -> str:
     """The backend ``backend`` names here (``auto`` resolved), or a one-line error when this
     TransformerLens lacks it."""
     if backend not in BACKENDS:
-        raise ModelError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        raise ModelError(f"unknown {{backend}} {backend!r}; use one of {', '.join(BACKENDS)}", backend="backend")
     kind = default_backend() if backend == "auto" else backend
     if kind == "hooked" and default_backend() != "hooked":
-        raise ModelError("backend 'hooked' needs TransformerLens 3.x (HookedTransformer), which this environment "
-                         "lacks; use backend 'bridge' or install 'transformer-lens>=3.9,<4'")
+        raise ModelError("{backend} hooked needs TransformerLens 3.x (HookedTransformer), which this environment "
+                         "lacks; use {backend} bridge or install 'transformer-lens>=3.9,<4'", backend="backend")
     if kind == "bridge":
         try:
             import transformer_lens.model_bridge  # noqa: F401
         except ImportError:
-            raise ModelError("backend 'bridge' needs TransformerLens 3.9 or newer (TransformerBridge)") from None
+            raise ModelError("{backend} bridge needs TransformerLens 3.9 or newer (TransformerBridge)",
+                             backend="backend") from None
     return kind
 
 
