@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -46,15 +46,16 @@ class Norm:
     bias: torch.Tensor | None = None
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """``x − mean(x)`` for a LayerNorm, ``x`` for an RMSNorm."""
         return x - x.mean(-1, keepdim=True) if self.centred else x
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., 1]``: the normalising scale of residuals ``x [..., d]``."""
-        return (self.centre(x).pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+    def scale_of(self, xc: torch.Tensor) -> torch.Tensor:
+        """``[..., 1]``: the normalising scale of centred residuals ``xc [..., d]``."""
+        return (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = self.centre(x)
-        out = xc / (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        out = xc / self.scale_of(xc)
         if self.weight is not None:
             out = out * self.weight
         return out + self.bias if self.bias is not None else out
@@ -62,7 +63,7 @@ class Norm:
     def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``J(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader."""
         xc = self.centre(x)
-        scale = (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()[:, :, None, :]  # [b, p, 1, 1]
+        scale = self.scale_of(xc)[:, :, None, :]  # [b, p, 1, 1]
         xhat = (xc / scale.squeeze(2))[:, :, None, :]
         g = u * self.weight if self.weight is not None else u
         out = g - xhat * (g * xhat).mean(-1, keepdim=True)

@@ -245,28 +245,15 @@ def _architecture(model: Any) -> str:
     if arch not in ARCHITECTURES:
         raise ModelError(f"edgeatp's TransformerBridge backend does not support {arch} yet (checked: GPT-2, GPT-NeoX, "
                          f"Llama and TransformerLens-native models); {TL3_HINT}")
-    problems: list[str] = []
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
-        if type(attn).__name__ != ARCHITECTURES[arch]:
+    for block in model.blocks:
+        if type(block.attn).__name__ != ARCHITECTURES[arch]:
             raise ModelError(f"edgeatp's TransformerBridge backend cannot see inside {arch}'s attention "
-                             f"({type(attn).__name__}: no pre-softmax scores or rotary hooks); {TL3_HINT}")
-        own = attn.original_component
-        submodules = getattr(attn, "submodules", {}) or {}
-        if "q_norm" in submodules or "k_norm" in submodules:
-            problems.append("QK normalisation")
-        if getattr(own, "sliding_window", None):
-            problems.append("local (sliding-window) attention")
-        if getattr(own, "sinks", None) is not None:
-            problems.append("attention sinks")
-        if not hasattr(block, "mlp") and not model.cfg.attn_only:
-            problems.append("blocks without a plain MLP")
+                             f"({type(block.attn).__name__}: no pre-softmax scores or rotary hooks); {TL3_HINT}")
+        _norm_of(arch, block.ln1)
     hf_config = getattr(model.original_model, "config", None)
     if arch == "GPT2LMHeadModel" and not getattr(hf_config, "scale_attn_weights", True):
-        problems.append("unscaled attention scores (scale_attn_weights=false)")
-    if problems:
-        raise ModelError(f"edgeatp's TransformerBridge backend does not support {arch} with "
-                         + "; ".join(dict.fromkeys(problems)) + f" yet; {TL3_HINT}")
+        raise ModelError("edgeatp's TransformerBridge backend does not support GPT-2 with unscaled attention scores "
+                         f"(scale_attn_weights=false; the bridge scales them anyway); {TL3_HINT}")
     return arch
 
 
