@@ -2,8 +2,10 @@
 
 The cases are the zoo models and tiny GPT-2, GPT-NeoX (parallel, partial rotary) and Llama
 (grouped-query) checkpoints written here. :func:`results` computes, on one backend, node and edge
-scores of every method, the per-query-head (ungrouped) view of grouped models, and the circuit
-``edgeatp discover`` finds with its faithfulness and verification patches.
+scores of every method (the edge QK fix with rotary at the prompts' first differing position,
+GradDrop per block and, where blocks have MLPs, per sublayer), the per-query-head (ungrouped) view
+of grouped models, and the circuit ``edgeatp discover`` finds with its faithfulness and
+verification patches.
 
 The reference is always the HookedTransformer backend. Where TransformerLens 4 has none,
 ``python -m tests.backend_cases FOLDER`` is run with a TransformerLens 3.x Python: it writes the
@@ -74,13 +76,21 @@ def results(case: str, root: Path, backend: str) -> dict[str, Any]:
     pairs, _ = load_inputs(cfg, model)
     setup = ea.Setup(model, pairs)
     out: dict[str, Any] = {}
+
+    def record(name: str, scores: Any) -> None:
+        """A method's per-pair signed estimates and the magnitudes they rank by (GradDrop's own)."""
+        out[name], out[f"{name} magnitude"] = scores.per_pair, scores.per_pair_abs
+
     for method in METHODS:
-        out[f"nodes {method}"] = ea.attribute_nodes(setup, method).per_pair
-        out[f"edges {method}"] = ea.attribute_edges(setup, method).per_pair
+        record(f"nodes {method}", ea.attribute_nodes(setup, method))
+        record(f"edges {method}", ea.attribute_edges(setup, method))
+    if not model.shape.attn_only:  # GradDrop per sublayer: truncated backwards from resid_mid (or per write, in parallel)
+        record("nodes atp-gd sublayer", ea.attribute_nodes(setup, "atp-gd", graddrop="sublayer"))
+        record("edges atp* sublayer", ea.attribute_edges(setup, "atp*", graddrop="sublayer"))
     if model.shape.grouped:
         view = ea.EdgeGraph.from_shape(model.shape, ungrouped=True)
         for method in ("atp", "atp-qk", "exact"):
-            out[f"ungrouped edges {method}"] = ea.attribute_edges(setup, method, view).per_pair
+            record(f"ungrouped edges {method}", ea.attribute_edges(setup, method, view))
     circuit = run_discover(cfg).circuit
     out["circuit"] = [e.name for e in circuit.edges()]
     out["faithfulness, necessity"] = torch.tensor([circuit.faithfulness, circuit.necessity], dtype=torch.float64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from ..errors import DataError, ModelError
 from ..graph import ModelShape
 from ..tokenizer import Tokenizer
-from .backend import Backend, Norm, backend_for
+from .backend import Backend, Norm, NormParts, backend_for
 from .sites import FwdHook, Site
 
 
@@ -162,30 +163,46 @@ class ModelAdapter:
         """Whether sublayer outputs are normalised before they join the residual (Gemma-2's norms)."""
         return self.backend.post_norm
 
-    def _post(self, layer: int, which: str, writes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """Writes ``[b, p, n, d]`` of one sublayer after its output norm (``which``: attn or mlp),
-        given the norm's scale ``[b, p, 1]`` in the same run: the norm is linear once its scale is
-        known, so the per-writer parts add up to the normalised output."""
+    def head_factors(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head residual writes as coefficients ``[b, p, H, d_head]`` times a basis ``[H, d_head,
+        d_model]`` (``W_O``, with a post-norm's centring and weight folded in and its per-position
+        scale folded into the coefficients): each head's write has rank ``d_head``."""
+        W_O = self.backend.W_O(layer)
+        return self._post_factors(layer, "attn", z.to(W_O.dtype), W_O, scale)
+
+    def neuron_factors(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-neuron writes as coefficients ``[b, p, N, 1]`` times a basis ``[N, 1, d_model]`` (rank one)."""
+        W_out = self.backend.W_out(layer)
+        return self._post_factors(layer, "mlp", post.to(W_out.dtype)[..., None], W_out[:, None, :], scale)
+
+    def _post_factors(self, layer: int, which: str, coef: torch.Tensor, basis: torch.Tensor,
+                      scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold a sublayer's output norm (post-normalised models) into write factors: it is linear
+        once its scale, taken from the same run, is known."""
         if not self.post_norm:
-            return writes
+            return coef, basis
         norm = self.backend.norm(layer, "ln1_post" if which == "attn" else "ln2_post")
-        if norm is None:
-            return writes
+        if not isinstance(norm, NormParts):
+            raise ModelError(f"edgeatp does not support the output normalisation {type(norm.module).__name__} yet")
+        if not norm.scaled:
+            return coef, basis
         if scale is None:
             raise ValueError("post-normalised writes need the norm's scale")
-        out = norm.centre(writes) / scale[:, :, None, :].to(writes.dtype)
-        return out * norm.weight if norm.weight is not None else out
+        basis = norm.centre(basis)
+        return coef / scale[:, :, None, :].to(coef.dtype), basis * norm.weight if norm.weight is not None else basis
 
     def head_writes(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``
         (``scale``: the output norm's scale of the same run, for post-normalised models)."""
-        W_O = self.backend.W_O(layer)
-        return self._post(layer, "attn", torch.einsum("bphe,hed->bphd", z.to(W_O.dtype), W_O), scale)
+        coef, basis = self.head_factors(layer, z, scale)
+        return torch.einsum("bphe,hed->bphd", coef, basis)
 
     def neuron_writes(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-neuron residual writes ``[b, p, d_mlp, d_model]`` from hidden activations."""
-        W_out = self.backend.W_out(layer)
-        return self._post(layer, "mlp", post.to(W_out.dtype)[..., None] * W_out, scale)
+        coef, basis = self.neuron_factors(layer, post, scale)
+        return coef * basis[:, 0]
 
     def qkv_weights(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``W [n, d_model, d_head]`` and ``b [n, d_head]`` of the query, key or value projection: per
@@ -212,12 +229,30 @@ class ModelAdapter:
 
     def _ln1(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """The attention input norm of a block applied to residuals ``[..., d_model]``."""
-        norm = self.backend.norm(layer, "ln1")
-        return resid if norm is None else norm(resid)
+        return self.backend.norm(layer, "ln1")(resid)
 
-    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Apply the model's rotary embedding to q or k values ``[b, T, n, d_head]`` (identity otherwise)."""
-        return self.backend.rotate(layer, x)
+    def normed_projection(self, layer: int, kind: str, heads: torch.Tensor) -> "NormedProjection | None":
+        """The block's input norm and the q/k/v projection of ``heads`` as one closed form (``None``
+        for a norm without one), so projections of ``x + Δ`` split into ``x``'s and ``Δ``'s parts."""
+        parts = self.backend.norm(layer, "ln1")
+        if not isinstance(parts, NormParts):
+            return None
+        W, b = self.qkv_weights(layer, kind)
+        W, b = W[heads], b[heads]
+        n, d, e = W.shape
+        Wf, bf = W.permute(1, 0, 2).reshape(d, n * e), b.reshape(n * e)
+        if parts.bias is not None:
+            bf = bf + parts.bias @ Wf
+        if parts.weight is not None:
+            Wf = parts.weight[:, None] * Wf
+        return NormedProjection(Wf, bf, parts.centred, parts.scaled, parts.eps)
+
+    def rotate(self, layer: int, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Apply the model's rotary embedding to q or k values ``[b, T, n, d_head]`` at positions
+        ``offset, offset + 1, …`` (identity without rotary embeddings)."""
+        if self.cfg.positional_embedding_type != "rotary":
+            return x
+        return self.backend.rotate(layer, x, offset)
 
     def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: dict[str, torch.Tensor]
                            ) -> dict[str, torch.Tensor]:
@@ -238,10 +273,10 @@ class ModelAdapter:
         return dict(zip(kinds, g_in.split([x.shape[2] for x in ups], dim=2)))
 
     @staticmethod
-    def norm_vjp(norm: Norm | None, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def norm_vjp(norm: Norm, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``J_norm(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader
-        (closed form; ``None`` is no norm)."""
-        return u if norm is None else norm.vjp(x, u)
+        (closed form for :class:`~.backend.NormParts`, autograd for a norm without one)."""
+        return norm.vjp(x, u)
 
     @property
     def grouped_now(self) -> bool:
@@ -276,3 +311,13 @@ class ModelAdapter:
         with self.session(), self.backend.ungrouped():
             yield
 
+
+@dataclass(frozen=True)
+class NormedProjection:
+    """``proj(y) = (C y) W / s(y) + b`` for a norm folded into a projection ``W [d_model, n·d_head]``."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+    centred: bool
+    scaled: bool
+    eps: float

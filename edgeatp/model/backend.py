@@ -4,7 +4,7 @@ A :class:`Backend` wraps one TransformerLens model class — ``HookedTransformer
 3.x, :mod:`.hooked`) or ``TransformerBridge`` (TransformerLens 4.x, and 3.9's preview,
 :mod:`.bridge`) — behind the same small surface: sites to hooks, a forward, the model-wide
 state a run changes (restored on exit), and the weights as plain tensors (per-head projections,
-output matrices) plus :class:`Norm` descriptions of the normalisations. Everything the adapter
+output matrices) plus :class:`NormParts` descriptions of the normalisations. Everything the adapter
 computes from weights is written once, here and in :mod:`.adapter`, on those tensors, so both
 backends give the same numbers by construction.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence, Union
 
 import torch
 
@@ -24,7 +24,7 @@ from .sites import FwdHook, Site
 
 #: Site kind -> TransformerLens hook name inside ``blocks.{layer}`` (both model classes use these names).
 HOOK_NAMES = {
-    "resid_pre": "hook_resid_pre", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
+    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
     "rot_q": "attn.hook_rot_q", "rot_k": "attn.hook_rot_k", "scores": "attn.hook_attn_scores",
     "pattern": "attn.hook_pattern", "z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_in": "hook_mlp_in",
     "mlp_post": "mlp.hook_post", "mlp_out": "hook_mlp_out", "attn_post_scale": "ln1_post.hook_scale",
@@ -35,41 +35,73 @@ NORMS = ("ln1", "ln1_post", "ln2_post")
 
 
 @dataclass(frozen=True, eq=False)
-class Norm:
-    """A LayerNorm (``centred``) or RMSNorm: ``y = x̂ ⊙ weight + bias`` with ``x̂ = x_c / scale``,
-    ``x_c = x − mean(x)`` (or ``x``) and ``scale = sqrt(mean(x_c²) + eps)``; no weight or bias
-    for the parameter-free variants. Computed the way TransformerLens' own norms compute it."""
+class NormParts:
+    """A norm in closed form, ``y ↦ (C y) / s(y) ⊙ weight + bias``: ``centred`` (C subtracts the
+    mean), ``scaled`` (``s = sqrt(mean((C y)²) + eps)``; otherwise ``s = 1``); ``None`` weight/bias
+    = 1/0. LayerNorm, RMSNorm, their parameter-free variants and no norm at all, computed the way
+    TransformerLens' own norms compute them."""
 
     centred: bool
+    scaled: bool
     eps: float
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:
-        """``x − mean(x)`` for a LayerNorm, ``x`` for an RMSNorm."""
+        """``C x``: ``x − mean(x)`` for a LayerNorm, ``x`` otherwise."""
         return x - x.mean(-1, keepdim=True) if self.centred else x
 
     def scale_of(self, xc: torch.Tensor) -> torch.Tensor:
         """``[..., 1]``: the normalising scale of centred residuals ``xc [..., d]``."""
+        if not self.scaled:
+            return torch.ones_like(xc[..., :1])
         return (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = self.centre(x)
-        out = xc / self.scale_of(xc)
+        out = xc / self.scale_of(xc) if self.scaled else xc
         if self.weight is not None:
             out = out * self.weight
         return out + self.bias if self.bias is not None else out
 
     def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``J(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader."""
+        g = u * self.weight if self.weight is not None else u
+        if not self.scaled:
+            return self.centre(g)
         xc = self.centre(x)
         scale = self.scale_of(xc)[:, :, None, :]  # [b, p, 1, 1]
         xhat = (xc / scale.squeeze(2))[:, :, None, :]
-        g = u * self.weight if self.weight is not None else u
         out = g - xhat * (g * xhat).mean(-1, keepdim=True)
         if self.centred:
             out = out - g.mean(-1, keepdim=True)
         return out / scale
+
+
+#: A block without a norm in front of a sublayer.
+NO_NORM = NormParts(centred=False, scaled=False, eps=0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class OpaqueNorm:
+    """A norm module without a closed form here: applied as it is, its Jacobian taken by autograd."""
+
+    module: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``J(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]`` (autograd)."""
+        n = u.shape[2]
+        with torch.enable_grad():
+            xe = x.detach().requires_grad_(True)[:, :, None, :].expand(-1, -1, n, -1)
+            (g_in,) = torch.autograd.grad(self.module(xe), xe, u)
+        return g_in
+
+
+#: What a backend says about a norm: its closed form, or the module itself.
+Norm = Union[NormParts, OpaqueNorm]
 
 
 class Backend(ABC):
@@ -113,8 +145,10 @@ class Backend(ABC):
             return f"blocks.{n_layers - 1}.hook_resid_post"
         if not 0 <= site.layer < n_layers:
             raise ValueError(f"site {k} needs a layer in 0..{n_layers - 1}, got {site.layer}")
-        if k in ("mlp_in", "mlp_post", "mlp_out", "mlp_post_scale") and self.shape.attn_only:
+        if k in ("mlp_in", "mlp_post", "mlp_out", "mlp_post_scale", "resid_mid") and self.shape.attn_only:
             raise ValueError(f"site {k}: the model is attention-only")
+        if k == "resid_mid" and self.shape.parallel_attn_mlp:
+            raise ValueError("site resid_mid: attention and MLP of this model read the same residual")
         if k in ("attn_post_scale", "mlp_post_scale") and not self.post_norm:
             raise ValueError(f"site {k}: the model does not normalise its sublayer outputs")
         name = HOOK_NAMES[k]
@@ -163,12 +197,13 @@ class Backend(ABC):
         """``[d_mlp, d_model]``: each hidden unit's write."""
 
     @abstractmethod
-    def norm(self, layer: int, which: str) -> Norm | None:
-        """The norm ``which`` (one of :data:`NORMS`) of a block, ``None`` where there is none."""
+    def norm(self, layer: int, which: str) -> Norm:
+        """The norm ``which`` (one of :data:`NORMS`) of a block (:data:`NO_NORM` where there is none)."""
 
     @abstractmethod
-    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The model's rotary embedding applied to q or k values ``[b, T, n, d_head]`` at positions 0..T-1."""
+    def rotate(self, layer: int, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """The model's rotary embedding applied to q or k values ``[b, T, n, d_head]`` at positions
+        ``offset, …, offset + T − 1`` (only called for rotary models)."""
 
     @abstractmethod
     def attn_scale(self, layer: int) -> float:

@@ -7,7 +7,8 @@ closes the gaps while a run is prepared and undoes every change afterwards:
 * hooks always return their tensor: q/k/v/z and rotary hooks see reshaped views that leave the
   autograd graph unless the view is handed back;
 * ``hook_mlp_in`` is the residual itself, so its hook works on a private copy (the MLP's input,
-  as in HookedTransformer);
+  as in HookedTransformer), and ``resid_mid`` is read there, before the copy (the bridge's
+  ``hook_resid_mid`` sees only what the MLP's norm reads);
 * masked pre-softmax scores are ``finfo.min`` outside compatibility mode, shown as ``-inf``;
 * GPT-NeoX attention never fires ``hook_rot_q``/``hook_rot_k``, and TransformerLens' native
   attention fires ``hook_attn_scores`` after the softmax: their instances get a rotary wrapper
@@ -30,7 +31,7 @@ import torch
 
 from ..errors import ModelError
 from ..graph import ModelShape
-from .backend import Backend, Norm
+from .backend import HOOK_NAMES, NO_NORM, Backend, NormParts
 from .sites import FwdHook, Site
 
 _FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in")
@@ -72,10 +73,6 @@ class BridgeBackend(Backend):
     def dtype(self) -> torch.dtype:
         return self.model.blocks[0].attn.o.original_component.weight.dtype
 
-    @property
-    def rotary(self) -> bool:
-        return self.cfg.positional_embedding_type == "rotary"
-
     # ------------------------------------------------------------------ state and hooks
     def foreign_hooks(self) -> list[str]:
         seen: set[int] = set()
@@ -115,6 +112,12 @@ class BridgeBackend(Backend):
             if values[flag] and not getattr(m.cfg, flag):
                 getattr(m, f"set_{flag}")(True)
 
+    def hook_name(self, site: Site) -> str:
+        """As HookedTransformer's, except ``resid_mid``: the bridge's ``hook_resid_mid`` is the MLP
+        norm's input, which only the MLP reads; the residual itself passes ``hook_mlp_in`` first."""
+        name = super().hook_name(site)
+        return name.replace(HOOK_NAMES["resid_mid"], HOOK_NAMES["mlp_in"]) if site.kind == "resid_mid" else name
+
     def _wrap(self, site: Site, fn: FwdHook) -> Callable:
         """The bridge hook for a site: HookedTransformer's value in, the (possibly replaced) tensor out."""
         kind = site.kind
@@ -122,6 +125,12 @@ class BridgeBackend(Backend):
         group = self.shape.group_size
 
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+            if kind == "resid_mid":  # the residual the block adds the MLP's write to: read, never replaced
+                out = fn(tensor)
+                if out is not None and out is not tensor:
+                    raise ModelError("edgeatp's TransformerBridge backend can read resid_mid but not replace it (the "
+                                     "block adds it to the MLP's write inside Hugging Face code)")
+                return tensor
             if kind == "mlp_in":
                 tensor = tensor.clone()  # the MLP's own copy, not the residual stream itself
             elif kind == "scores":
@@ -140,6 +149,7 @@ class BridgeBackend(Backend):
             hooked = {s for s, _ in hooks}
             hooks += [(site, _keep) for layer in range(self.shape.n_layers)
                       for site in (Site("k", layer), Site("v", layer)) if site not in hooked]
+        hooks.sort(key=lambda h: h[0].kind != "resid_mid")  # on hook_mlp_in, before the MLP's private copy
         with self.model.hooks(fwd_hooks=[(self.hook_name(s), self._wrap(s, f)) for s, f in hooks]):
             yield
 
@@ -182,18 +192,16 @@ class BridgeBackend(Backend):
     def W_out(self, layer: int) -> torch.Tensor:
         return self.model.blocks[layer].mlp.W_out
 
-    def norm(self, layer: int, which: str) -> Norm | None:
-        return _norm_of(self.architecture, self.model.blocks[layer].ln1) if which == "ln1" else None
+    def norm(self, layer: int, which: str) -> NormParts:
+        return _norm_of(self.architecture, self.model.blocks[layer].ln1) if which == "ln1" else NO_NORM
 
-    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if not self.rotary:
-            return x
+    def rotate(self, layer: int, x: torch.Tensor, offset: int) -> torch.Tensor:
         heads_first = x.transpose(1, 2)  # [b, n, T, d_head], the layout attention rotates in
         own = self.model.blocks[layer].attn.original_component
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)[None]
         if self.architecture == "TransformerLensNative":
-            rotated, _ = own.rotary.apply_rope(heads_first, heads_first)
+            rotated, _ = own.rotary.apply_rope(heads_first, heads_first, position_ids=positions)
             return rotated.transpose(1, 2)
-        positions = torch.arange(x.shape[1], device=x.device)[None]
         cos, sin = self.model.rotary_emb.original_component(heads_first, positions)  # [1, T, rotary_dim]
         cos, sin = cos[:, None], sin[:, None]
         r = cos.shape[-1]
@@ -257,22 +265,23 @@ def _architecture(model: Any) -> str:
     return arch
 
 
-#: Norm modules whose maths :class:`Norm` reproduces: LayerNorm (centred) or RMSNorm, with or without parameters.
+#: Norm modules whose maths :class:`NormParts` reproduces: LayerNorm (centred) or RMSNorm, with or without parameters.
 _NORM_CLASSES = {"LayerNorm": True, "NativeLayerNormPre": True, "LlamaRMSNorm": False, "NativeRMSNorm": False,
                  "NativeRMSNormPre": False}
 
 
-def _norm_of(arch: str, bridge_norm: Any) -> Norm | None:
-    """The :class:`Norm` a block's attention input norm computes (``None``: no norm)."""
+def _norm_of(arch: str, bridge_norm: Any) -> NormParts:
+    """The :class:`NormParts` a block's attention input norm computes."""
     module = getattr(bridge_norm, "original_component", None)
     if module is None or isinstance(module, torch.nn.Identity):
-        return None
+        return NO_NORM
     name = type(module).__name__
     if name not in _NORM_CLASSES:
         raise ModelError(f"edgeatp's TransformerBridge backend does not support {arch}'s normalisation {name} yet")
     eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
     centred = _NORM_CLASSES[name]
-    return Norm(centred, float(eps), getattr(module, "weight", None), getattr(module, "bias", None) if centred else None)
+    return NormParts(centred, True, float(eps), getattr(module, "weight", None),
+                     getattr(module, "bias", None) if centred else None)
 
 
 # ---------------------------------------------------------------------------------------- hook order

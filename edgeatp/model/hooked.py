@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelError
 from ..graph import ModelShape
-from .backend import Backend, Norm
+from .backend import NO_NORM, Backend, Norm, NormParts, OpaqueNorm
 from .sites import FwdHook, Site
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_attn_in", "use_hook_mlp_in", "ungroup_grouped_query_attention")
@@ -111,21 +111,20 @@ class HookedBackend(Backend):
     def W_out(self, layer: int) -> torch.Tensor:
         return self.model.blocks[layer].mlp.W_out
 
-    def norm(self, layer: int, which: str) -> Norm | None:
+    def norm(self, layer: int, which: str) -> Norm:
         from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
         module = getattr(self.model.blocks[layer], which, None)
         if module is None or isinstance(module, torch.nn.Identity):
-            return None
+            return NO_NORM
         if isinstance(module, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
-            centred = isinstance(module, (LayerNorm, LayerNormPre))
-            return Norm(centred, float(module.eps), getattr(module, "w", None), getattr(module, "b", None))
-        raise ModelError(f"edgeatp does not support the normalisation {type(module).__name__} yet")
+            return NormParts(isinstance(module, (LayerNorm, LayerNormPre)), True, float(module.eps),
+                             module.w if isinstance(module, (LayerNorm, RMSNorm)) else None,
+                             module.b if isinstance(module, LayerNorm) else None)
+        return OpaqueNorm(module)
 
-    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.positional_embedding_type != "rotary":
-            return x
-        return self.model.blocks[layer].attn.apply_rotary(x)
+    def rotate(self, layer: int, x: torch.Tensor, offset: int) -> torch.Tensor:
+        return self.model.blocks[layer].attn.apply_rotary(x, past_kv_pos_offset=offset)
 
     def attn_scale(self, layer: int) -> float:
         return float(self.model.blocks[layer].attn.attn_scale)
