@@ -206,13 +206,14 @@ def test_discover_runs_on_a_checkpoint_folder_under_the_bridge(agreement, tmp_pa
     root, reference = agreement
     args = ["discover", "--model", str(root / "llama-gqa"), "--data", str(root / "llama-gqa.jsonl"), "--n-pairs",
             str(cases.N_PAIRS), "--verify", "6", "--sample-below", "6", "--threads", "1", "--format", "json", "--json",
-            "--out", str(tmp_path), "--backend", "bridge"]
-    res = CliRunner().invoke(main, args)
+            "--out", str(tmp_path)]
+    # TransformerLens 4: the plain command (auto picks the bridge); 3.x: the bridge asked for
+    res = CliRunner().invoke(main, args if default_backend() == "bridge" else [*args, "--backend", "bridge"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["n_edges"] == len(reference["llama-gqa"]["circuit"])
     saved = ea.read_circuit(tmp_path / "circuit.json")
     assert [e.name for e in saved.edges()] == reference["llama-gqa"]["circuit"]
     if default_backend() == "bridge":  # TransformerLens 4: no HookedTransformer to fall back on
-        res = CliRunner().invoke(main, [*args[:-1], "hooked"])
+        res = CliRunner().invoke(main, [*args, "--backend", "hooked"])
         assert res.exit_code == 2 and "--backend hooked needs TransformerLens 3.x" in res.output
