@@ -365,6 +365,11 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
                       allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
     existing = set_files(target.parent, target.stem) if not out else []
     formats = _formats_of(existing, target.stem) or ["json"]
+    _report(result, target, formats, quiet, as_json)
+
+
+def _report(result: Any, target: Path, formats: list[str], quiet: bool, as_json: bool) -> None:
+    """Write a re-run's circuit as ``target`` in ``formats`` and print its summary (text or JSON)."""
     written = _write(result.circuit, target.parent, formats, target.stem)
     if as_json:
         click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
@@ -422,12 +427,7 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
         exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}
         raise
     formats = (_formats_of(set_files(source.parent, source.stem), source.stem) or ["json"]) if not out else ["json"]
-    written = _write(result.circuit, target.parent, formats, target.stem)
-    if as_json:
-        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
-    else:
-        _say(quiet, result.describe())
-        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+    _report(result, target, formats, quiet, as_json)
 
 
 def _formats_of(files: list[str], stem: str) -> list[str]:
