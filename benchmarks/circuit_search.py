@@ -166,7 +166,7 @@ def print_targets(oracle: dict[int, float], refined: dict[int, float], best: dic
               f"refined {refined[k]:.3f}): {verdict}")
     for k in (s for s in sorted(refined) if s <= 10):
         reach = refined[k] >= 0.9
-        known = f"; best known {best[k]:.3f}" if k in best else ""
+        known = f"; reference {best[k]:.3f}" if k in best else ""
         if reach:
             verdict = "yes"
         elif k not in best:
