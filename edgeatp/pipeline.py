@@ -32,6 +32,7 @@ from .setup import Setup
 from .mib import grid_sizes, ranking_metrics, refined_metrics
 from .search import refine
 from .tasks import PromptPairs, load_pairs, make_task
+from .timings import mark
 from .verification import (circuits_faithfulness, component_curve, measure, verify, verify_components,
                            with_exact_units)
 
@@ -58,7 +59,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
     """The model a config names, run under the config's thread policy (restored afterwards):
     as asked, else one thread for small models (more only add overhead there), else torch's default."""
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download,
+                       backend=cfg.backend)
     threads = cfg.threads
     if threads is None and sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1
@@ -178,11 +180,13 @@ def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = la
     rule = check_config(cfg)
     with loaded_model(cfg) as model:
         setup, label = make_setup(cfg, model, progress)
+        mark("load")
         log(f"{model.name}: {model.shape.n_layers} layers x {model.shape.n_heads} heads; {label}")
         if cfg.level == "edge":
             circuit, scores = _edge_circuit(setup, cfg, rule, log)
             if per_head_view and model.shape.grouped:
                 circuit = circuit.with_(kv_view=per_head_kv(setup, scores, memory_budget_mb=cfg.memory_budget))
+                mark("attribute")
         elif cfg.group:
             circuit, scores = _group_circuit(setup, cfg, log), None
         else:
@@ -214,6 +218,7 @@ def _pick(curve: FaithfulnessCurve, target: float) -> int:
 
 def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log) -> tuple[Circuit, EdgeScores]:
     scores = attribute_edges(setup, cfg.method, positions=cfg.positions, memory_budget_mb=cfg.memory_budget)
+    mark("attribute")
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
     candidates = top_k_circuits(scores, _curve_sizes(scores.graph.n_edges))
     curve = circuits_faithfulness(setup, [c for _, c in candidates], label=f"top-k of {cfg.method}")
@@ -225,6 +230,7 @@ def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log)
         circuit = circuit_from_edges(scores, chosen.in_graph, "target", cfg.target)
         circuit = circuit.with_(selection=replace(circuit.selection, requested=k))  # type: ignore[arg-type]
     circuit = _target_note(measure(setup, circuit), cfg.target)
+    mark("select")
     log(f"kept {circuit.n_edges} edges; faithfulness {circuit.faithfulness:.3f}")
     circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
     if cfg.refine:
@@ -237,6 +243,7 @@ def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log)
         coarse = coarse_edges(scores)
         exact = patch_coarse_edges(setup, coarse, scores.graph)
         circuit = circuit.with_(units=coarse_edge_units(coarse, set(), dict(zip(exact.labels, exact.mean.tolist()))))
+    mark("verify")
     return circuit.with_(curve=curve), scores
 
 
@@ -304,13 +311,16 @@ def _node_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
     graph = EdgeGraph.from_shape(model.shape, neurons=cfg.level == "neuron")
     nodes = node_set(model.shape, fams, setup.pairs.n_positions if cfg.positions else None)
     scores = attribute_nodes(setup, cfg.method, nodes, positions=cfg.positions)
+    mark("attribute")
     n_comp = len({n.component.head_node for n in nodes})
     circuit = _smallest_faithful(setup, cfg, n_comp, lambda k: node_circuit(scores, graph, top_k=k),
                                  f"top-k components of {cfg.method}")
+    mark("select")
     kept = sum(u.in_circuit for u in circuit.units)
     log(f"kept {kept} of {len(circuit.units)} components; faithfulness {circuit.faithfulness:.3f}")
     if cfg.n_verify or cfg.sample_below:
         circuit = verify_components(setup, circuit, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed)
+    mark("verify")
     return circuit
 
 
@@ -320,12 +330,15 @@ def _group_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
     groups = parse_groups(cfg.group, model.shape, setup.pairs.n_positions)  # type: ignore[arg-type]
     graph = EdgeGraph.from_shape(model.shape)
     est = attribute_groups(setup, groups, cfg.method)
+    mark("attribute")
     circuit = _smallest_faithful(setup, cfg, len(groups), lambda k: group_circuit(est, graph, top_k=k),
                                  f"top-k groups of {cfg.method}")
+    mark("select")
     exact = est.signed.tolist() if cfg.method == "exact" else None
     eff = None if exact is not None else patch_groups(setup, groups)
     values = dict(zip([g.name for g in groups], exact if exact is not None else eff.mean.tolist()))  # type: ignore[union-attr]
     circuit = with_exact_units(circuit, values, 0 if eff is None else eff.n_forwards)
+    mark("verify")
     kept = sum(u.in_circuit for u in circuit.units)
     log(f"kept {kept} of {len(groups)} groups; faithfulness {circuit.faithfulness:.3f}")
     return circuit

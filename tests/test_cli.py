@@ -34,9 +34,13 @@ def test_discover_with_no_arguments_writes_a_verified_circuit(discovered):
 
 def test_discover_json_summary_and_text_summary(tmp_path):
     res = run("discover", "--model", "zoo:induction", "--n-pairs", "16", "--out", str(tmp_path), "--json",
-              "--format", "json", "--verify", "5", "--sample-below", "3")
+              "--format", "json", "--verify", "5", "--sample-below", "3", "--timings")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
+    phases = summary["timings"]
+    assert list(phases) == ["import", "load", "attribute", "select", "verify", "write"]
+    assert all(p["wall"] >= 0 and p["cpu"] >= 0 for p in phases.values()) and "timings: import" in res.stderr
+    assert sum(p["wall"] for p in phases.values()) <= summary["seconds"] + 0.1
     assert summary["model"] == "zoo:induction" and summary["n_edges"] > 0
     assert summary["verification"]["n_checked"] == 8
     assert summary["direction"] == "noising" and "clean run with corrupt values" in summary["sign_convention"]
@@ -66,9 +70,10 @@ def test_groups_and_user_data(tmp_path):
     coarse = {g["name"]: g for g in summary["top_coarse_edges"]}
     assert "m1->logits" in coarse and coarse["m1->logits"]["exact"] is not None
     res = run("discover", "--level", "node", "--group", "head", "--n-pairs", "16", "--out", str(tmp_path),
-              "--format", "json", "--json")
+              "--format", "json", "--json", "--timings")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
+    assert list(summary["timings"]) == ["import", "load", "attribute", "select", "verify", "write"]
     kept = [g["name"] for g in summary["top_groups"] if g["in_circuit"]]
     assert kept and all(name.startswith("a") for name in kept) and summary["faithfulness"] is not None
     circuit = read_circuit(tmp_path / "circuit.json")

@@ -86,11 +86,9 @@ from ..errors import EdgeatpError
 from ..graph import EdgeGraph, ModelShape, Node, NodeKind
 from ..tasks.pairs import Direction
 from .files import atomic_write
-from .schema import load_schema, violations
+from .schema import FORMAT, VERSION, check_circuit_data, load_json_data, malformed
 
-FORMAT = "edgeatp.circuit"
 MIB_EXTENSION = "edgeatp.circuit.mib"
-VERSION = 2
 MODES = ("edgeatp", "mib")
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 PositionReduce = Literal["sum", "max"]
@@ -334,18 +332,8 @@ def _graph_from(d: dict[str, Any]) -> EdgeGraph:
 
 
 def _from_native(d: dict[str, Any]) -> Circuit:
-    """Rebuild a circuit from edgeatp-format data (versions 1 and 2), validated against the schema."""
-    if d["format"] != FORMAT:
-        raise EdgeatpError(f"not an edgeatp circuit: format is {d['format']!r}, expected {FORMAT!r}")
+    """Rebuild a circuit from edgeatp-format data (versions 1 and 2) that passed :func:`check_circuit_data`."""
     version = d["version"]
-    if not isinstance(version, int) or version > VERSION or version < 1:
-        raise EdgeatpError(f"circuit file version {version!r} is not supported (this edgeatp reads "
-                           f"version 1 to {VERSION}); upgrade edgeatp")
-    if version == VERSION:
-        problems = violations(d, load_schema())
-        if problems:
-            raise EdgeatpError(f"the circuit file does not follow the schema: {problems[0]}"
-                               + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     if d["level"] not in LEVELS:
         raise EdgeatpError(f"unknown circuit level {d['level']!r}; expected one of {', '.join(LEVELS)}")
     graph = _graph_from(d)
@@ -504,46 +492,16 @@ def circuit_to_json(circuit: Circuit, mode: str = "edgeatp", *, all_edges: bool 
     raise EdgeatpError(f"unknown JSON mode {mode!r}; choose from {', '.join(MODES)}")
 
 
-def load_json_data(data: dict[str, Any] | str | Path) -> dict[str, Any]:
-    """A parsed JSON object from a dict, a JSON string (starting with ``{``) or a file path."""
-    if isinstance(data, dict):
-        return data
-    if isinstance(data, str) and data.lstrip().startswith("{"):
-        text, where = data, "the JSON text"
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise EdgeatpError(f"circuit file {str(path)!r} does not exist")
-        try:
-            text, where = path.read_text(encoding="utf-8"), str(path)
-        except UnicodeDecodeError:
-            raise EdgeatpError(f"{path} is not a text (UTF-8) file; pass a circuit JSON file") from None
-        except OSError as exc:
-            raise EdgeatpError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise EdgeatpError(f"{where} is not valid JSON: {err}") from None
-    if not isinstance(parsed, dict):
-        raise EdgeatpError(f"{where} holds a JSON {type(parsed).__name__}, not an object")
-    return parsed
-
-
 def circuit_from_json(data: dict[str, Any] | str | Path) -> Circuit:
     """Rebuild a circuit from either format, given as a dict, a JSON string or a file path."""
     d = load_json_data(data)
+    kind = check_circuit_data(d)
     try:
-        if "format" in d:
-            return _from_native(d)
-        if {"cfg", "nodes", "edges"} <= d.keys():
-            return _from_mib(d)
+        return _from_native(d) if kind == "edgeatp" else _from_mib(d)
     except EdgeatpError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
-        raise EdgeatpError(f"malformed circuit JSON: {detail}") from None
-    raise EdgeatpError("not a circuit: expected an edgeatp file (with 'format') or an MIB file "
-                       "(with 'cfg', 'nodes' and 'edges')")
+        raise malformed(err) from None
 
 
 def write_json(circuit: Circuit, path: str | Path, mode: str = "edgeatp", *, indent: int | None = None,
