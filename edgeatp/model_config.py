@@ -34,12 +34,15 @@ def shape_of(cfg: Any) -> ModelShape:
     )
 
 
-def spec_of(cfg: Any, name: str) -> ModelSpec:
-    """The planner's description of a model with this HookedTransformer config."""
+def spec_of(cfg: Any, name: str, shape: ModelShape | None = None) -> ModelSpec:
+    """The planner's description of a model with this TransformerLens config (``shape``: the graph shape
+    when the caller knows it, e.g. a backend's; else the HookedTransformer config's own)."""
     dtype = str(cfg.dtype).removeprefix("torch.")
-    return ModelSpec(name, shape_of(cfg), int(cfg.d_vocab), int(cfg.d_vocab_out), int(cfg.n_ctx), dtype,
-                     cfg.normalization_type, bool(cfg.gated_mlp), cfg.positional_embedding_type == "standard",
-                     cfg.positional_embedding_type == "rotary",
+    pos = getattr(cfg, "positional_embedding_type", "standard")
+    d_vocab = int(cfg.d_vocab)
+    return ModelSpec(name, shape or shape_of(cfg), d_vocab, int(getattr(cfg, "d_vocab_out", -1) or d_vocab),
+                     int(cfg.n_ctx), dtype, getattr(cfg, "normalization_type", "LN"),
+                     bool(getattr(cfg, "gated_mlp", False)), pos == "standard", pos == "rotary",
                      bool(getattr(cfg, "use_normalization_before_and_after", False)))
 
 

@@ -308,9 +308,10 @@ def _fb(spec: ModelSpec, T: int) -> float:
 
 def _reader_side_work(spec: ModelSpec, Tm: int, projected: int, readers: int) -> float:
     """Reader-input gradients of one layer's q/k/v inputs: the transposed projections of ``projected``
-    heads' gradients, the norm's closed-form backward and the copies of ``readers`` into the contraction."""
+    heads' gradients, the norm's closed-form backward (two in-place passes and a reduction) and the copy
+    of ``readers`` into the contraction's layout."""
     d = spec.shape.d_model
-    return 2 * Tm * projected * spec.shape.d_head * d + ELEMENTWISE_FLOPS * Tm * d * (8 * projected + 2 * readers)
+    return 4 * Tm * projected * spec.shape.d_head * d + ELEMENTWISE_FLOPS * Tm * d * (3 * projected + readers)
 
 
 def _edge_work(spec: ModelSpec, work: Workload, method: Method, b: int) -> float:
@@ -512,7 +513,7 @@ def _batch_terms(spec: ModelSpec, work: Workload, method: Method, b: int) -> dic
         t["delta"] = b * T * counts.writers * d * wk
         t["deltas"] = t["delta"] + (0 if work.positions else b * Tm * counts.writers * d * wk)  # and flattened
         t["sides"] = b * Tm * L * (n_lin * d * wk + (d * wk if wk != dt and not s.attn_only else 0))
-        t["reader_grads"] = t["sides"] + 5 * b * Tm * n_lin * d * max(dt, wk)  # and one layer's norm backward
+        t["reader_grads"] = t["sides"] + b * Tm * n_lin * d * max(dt, wk)  # and one contraction's layout copy
         if qk:  # a group's base scores, pattern and pattern gradients; per writer of a chunk its softmaxes
             chunk = min(edge_budget(spec, work, method).writer_chunk, max(H, 1))  # chunks stay within a site
             t["qk_fix"] = b * wk * (H * T * T * (4 + len(units)) + 4 * T * H * dh + 2 * Tm * d
@@ -561,10 +562,11 @@ def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], 
     scores = (6 if units else 3) * t["score"]
     out: dict[str, int] = {}
     if method.kind is Kind.INTEGRATED:
-        mean = t["sides"] if edge else t["plain"]
+        mean = t["sides"] if edge else t["plain"]  # the gradient sides' running mean
         point = t["cache"] + t["kept"] + t["grads"]  # one path point's run and gradients
         base = stats + last + 3 * t["cache"] + t.get("deltas", 0) + mean
-        out["backward"] = base + point + t["saved"] + copies + t["kept"] + t["transient"]
+        # the previous point's run and gradient side live on through the next point's backward
+        out["backward"] = base + point + t.get("sides", 0) + t["saved"] + copies + t["kept"] + t["transient"]
         out["gradient_side"] = base + 2 * point + t.get("reader_grads", 0)
     else:
         out["backward"] = stats + last + prev_run + prev_delta + 2 * t["cache"] + t["saved"] + copies + t["kept"] \

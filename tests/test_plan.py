@@ -181,7 +181,7 @@ def test_plan_command_text_and_json():
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--model", "/no/such/folder"], "unknown model"),
+    (["--model", "/no/such/folder"], "no such folder"),
     (["--seq-len", "8", "--shared-prefix", "8"], "--shared-prefix 8"),
     (["--model", "zoo:nope"], "the zoo has"),
 ])
