@@ -77,8 +77,8 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
         raise EdgeatpError("nothing to patch: the list of patch sets is empty")
     pair_bs = max(1, min(n, setup.batch_size))
     chunk = max(1, setup.batch_size // pair_bs)
-    per_pair = torch.zeros(n, s, dtype=torch.float64)
-    base_metric = torch.zeros(n, dtype=torch.float64)
+    per_pair = torch.zeros(n, s, dtype=torch.float64, device=model.device)  # in host memory once done
+    base_metric = torch.zeros(n, dtype=torch.float64, device=model.device)
     forwards = 0
     for batch in setup.batches(description, batch_size=pair_bs):
         B = len(batch)
@@ -86,7 +86,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
         base_logits, _ = capture(model, batch.base, [])
         base = metric(base_logits, batch, ref)
         setup.check_finite(base, "metric values of the unpatched run")
-        base_metric[batch.index] = base.double().cpu()
+        base_metric[batch.index] = base.double().to(model.device)
         _, source = capture(model, batch.source, intervention.source_sites(), logits=False)
         forwards += 2
         for start in range(0, s, chunk):
@@ -97,13 +97,17 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
             rows = batch.repeat_rows(pair_rows)
             with torch.no_grad():
                 logits = model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
-            value = metric(logits, rows, ref[pair_rows] if ref is not None else None)
+            value = metric(logits, rows, ref[pair_rows.to(ref.device)] if ref is not None else None)
             setup.check_finite(value, "patched metric values")
-            eff = (value - base[pair_rows]).double().cpu().view(C, B)
-            per_pair[batch.index[:, None].cpu(), sets.cpu()[None, :]] = eff.T
+            eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
+            per_pair[batch.index[:, None], sets[None, :]] = eff.T
             forwards += 1
+    setup.ranks.check(description)  # a data-parallel run: every process patched its own pairs
+    per_pair, base_metric = setup.ranks.sum_rows(per_pair, base_metric)
+    forwards = int(setup.ranks.sum_values([forwards])[0])
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
-    return PatchEffects(names, per_pair, base_metric, setup.direction, metric.name, forwards)
+    return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]
+                        forwards)
 
 
 # ------------------------------------------------------------------------------------ nodes

@@ -4,7 +4,8 @@ Every attribution, patching, verification and faithfulness function takes one :c
 instead of six loose arguments, and every loop over prompt pairs is :meth:`Setup.batches`: it
 runs inside the model's session (eval mode, flags and hooks restored), moves each batch to the
 model's device, keeps pairs of equal length together where padding would be visible, and
-shows progress.
+shows progress. In a data-parallel run it yields only this process's share of the pairs, and
+:meth:`Setup.accumulator` joins the processes' results (see :mod:`edgeatp.distributed`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any, Iterator
 
 import torch
 
+from . import distributed
+from .distributed import Ranks
 from .errors import EdgeatpError, option_error
 from .metrics import Metric, get_metric
 from .model import ModelAdapter, capture, load_model
 from .progress import Progress, silent
-from .scores import Accumulator
+from .scores import Accumulator, PairStats
 from .tasks.pairs import Direction, PairBatch, PromptPairs
 
 KEEP_PER_PAIR_MB = 256.0  # per-pair estimates are kept (for per-pair analyses) up to this size
@@ -31,7 +34,9 @@ class Setup:
     ``model`` may be anything :func:`~edgeatp.model.load_model` accepts; ``metric`` a name or a
     :class:`~edgeatp.metrics.Metric`; ``direction`` ``"noising"`` (patch corrupt values into the
     clean run) or ``"denoising"``. ``keep_per_pair`` keeps every pair's estimates in results
-    (default: when they take at most 256 MB).
+    (default: when they take at most 256 MB). ``ranks``: this process's share of a data-parallel
+    run (default: the initialised torch.distributed process group, if any, else all pairs;
+    :data:`~edgeatp.distributed.SINGLE` opts out).
     """
 
     model: ModelAdapter
@@ -41,8 +46,11 @@ class Setup:
     batch_size: int = 32
     progress: Progress = field(default=silent, repr=False)
     keep_per_pair: bool | None = None
+    ranks: Ranks | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.ranks is None:
+            object.__setattr__(self, "ranks", distributed.current())
         if not isinstance(self.model, ModelAdapter):
             object.__setattr__(self, "model", load_model(self.model))
         if not isinstance(self.pairs, PromptPairs):
@@ -74,8 +82,10 @@ class Setup:
         """
         model = self.model
         chunks = list(self.pairs.batches(batch_size or self.batch_size, self.direction,
-                                         same_length=same_length or not model.causal))
-        with model.session(), self.progress(description, len(chunks)) as bar:
+                                         same_length=same_length or not model.causal,
+                                         rows=self.ranks.shard(self.n_pairs)))
+        progress = self.progress if self.ranks.is_main else silent
+        with model.session(), progress(description, len(chunks)) as bar:
             for batch in chunks:
                 yield batch.to(model.device)
                 bar.update(1)
@@ -86,7 +96,8 @@ class Setup:
             return None
         logits, _ = capture(self.model, batch.clean, [])
         rows = torch.arange(len(batch), device=logits.device)
-        return torch.log_softmax(logits[rows, batch.answer_pos.to(logits.device)], -1)
+        at = logits[rows, batch.answer_pos.to(logits.device)]
+        return torch.log_softmax(at.to(torch.promote_types(at.dtype, torch.float32)), -1)
 
     def check_gradient_metric(self) -> None:
         """KL to the clean run has zero gradient on the clean run: gradient methods cannot noise with it."""
@@ -107,4 +118,10 @@ class Setup:
         """A collector of per-pair estimates of ``shape`` (per pairs kept when small or when asked)."""
         size_mb = 16 * self.n_pairs * float(torch.tensor(shape).prod()) / 2 ** 20 if shape else 0.0
         keep = self.keep_per_pair if self.keep_per_pair is not None else size_mb <= KEEP_PER_PAIR_MB
-        return Accumulator(self.n_pairs, shape, keep)
+        return Accumulator(self.n_pairs, shape, keep, self._combine if self.ranks.active else None)
+
+    def _combine(self, stats: PairStats | None, shape: tuple[int, ...], rows: list[torch.Tensor | None]
+                 ) -> tuple[PairStats | None, list[torch.Tensor | None]]:
+        """Attribution results of every process of a data-parallel run, joined."""
+        self.ranks.check("attribution")
+        return self.ranks.merge_stats(stats, shape), self.ranks.sum_rows(*rows)

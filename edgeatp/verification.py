@@ -34,13 +34,15 @@ from .tasks.pairs import Direction
 # ------------------------------------------------------------------------------------ faithfulness
 def clean_corrupt_means(setup: Setup) -> tuple[float, float]:
     """Mean metric on the clean and on the corrupt prompts."""
-    totals = [0.0, 0.0]
+    totals = torch.zeros(2, dtype=torch.float64, device=setup.model.device)
     for batch in setup.batches("clean and corrupt runs"):
         ref = setup.reference(batch)
         for i, tokens in enumerate((batch.clean, batch.corrupt)):
             logits, _ = capture(setup.model, tokens, [])
-            totals[i] += float(setup.metric(logits, batch, ref).double().sum())
-    return totals[0] / setup.n_pairs, totals[1] / setup.n_pairs
+            totals[i] += setup.metric(logits, batch, ref).double().sum().to(totals.device)
+    setup.ranks.check("clean and corrupt runs")  # a data-parallel run: every process ran its own pairs
+    clean, corrupt = setup.ranks.sum_values(totals.tolist())
+    return clean / setup.n_pairs, corrupt / setup.n_pairs
 
 
 def _gap(m_clean: float, m_corrupt: float) -> float:

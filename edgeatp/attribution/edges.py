@@ -166,7 +166,7 @@ class EdgeEstimator:
                 side[i] = grads[Site("resid_final")][:, :, None, :].to(self.work)
             else:
                 if group.layer not in per_layer:
-                    g_qkv = {k: grads[Site(k, group.layer)] for k in "qkv"}
+                    g_qkv = {k: grads[Site(k, group.layer)].to(self.work) for k in "qkv"}
                     per_layer[group.layer] = self.model.reader_input_grads(
                         group.layer, point[Site("resid_pre", group.layer)], g_qkv)
                 side[i] = per_layer[group.layer][group.kind][:, :, group.heads].to(self.work)
@@ -174,7 +174,7 @@ class EdgeEstimator:
 
     def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        delta = self.plan.layout.deltas(run.source, run.base).to(self.work)  # [b, T, W, d]
+        delta = self.plan.layout.deltas(run.source, run.base, self.work)  # [b, T, W, d]
         b, T = delta.shape[:2]
         flat = delta.permute(0, 2, 1, 3).reshape(b, delta.shape[2], -1) if not self.plan.graph.positional else None
         plain = torch.zeros((b, *self.shape), dtype=torch.float64, device=delta.device)
@@ -222,23 +222,28 @@ class EdgeEstimator:
         when each writer's Δ enters only these readers' query (or key) input, recomputed exactly
         (LayerNorm, projection, rotary; a shared key changes every query head of its group)."""
         model, l = self.model, group.layer
-        Q = run.base[Site("rot_q", l)][:, :, qheads]
-        K = model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads]
-        resid = run.base[Site("resid_pre", l)]
-        F0 = model.attention_score_fn(l, Q, K)  # [b, n, T, T]
+        # in the working dtype, and the base scores by the same arithmetic as the patched ones:
+        # low-precision rounding must not pass for a score change
+        Q = run.base[Site("rot_q", l)][:, :, qheads].to(self.work)
+        K = model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(self.work)
+        resid = run.base[Site("resid_pre", l)].to(self.work)
         b, T = resid.shape[:2]
         n, repeat = len(qheads), len(qheads) // len(group.heads)
-        for start in range(0, len(group.writers), self.budget.writer_chunk):
-            ws = group.writers[start: start + self.budget.writer_chunk]
-            c = len(ws)
-            x = resid[:, :, None, :] + delta[:, :, ws].to(resid.dtype)  # [b, T, c, d]
+
+        def scores(x: torch.Tensor) -> torch.Tensor:
+            """Scores ``[b, c, n, T, T]`` with the readers' query (or key) input replaced by ``x [b, T, c, d]``."""
+            c = x.shape[2]
             new = model.qkv_all_heads(l, group.kind, x, group.heads)  # [b, T, c, readers, dh]
             new = model.rotate(l, new.permute(0, 2, 1, 3, 4).reshape(b * c, T, len(group.heads), -1))
             new = new.repeat_interleave(repeat, dim=2)  # one per query head it feeds
             other = (K if group.kind == "q" else Q)[:, None].expand(b, c, T, n, Q.shape[-1]).reshape(b * c, T, n, -1)
             qq, kk = (new, other) if group.kind == "q" else (other, new)
-            F = model.attention_score_fn(l, qq, kk).view(b, c, n, T, T)
-            yield ws, (F - F0[:, None]).to(self.work)
+            return model.attention_score_fn(l, qq, kk).view(b, c, n, T, T)
+
+        F0 = scores(resid[:, :, None, :])
+        for start in range(0, len(group.writers), self.budget.writer_chunk):
+            ws = group.writers[start: start + self.budget.writer_chunk]
+            yield ws, scores(resid[:, :, None, :] + delta[:, :, ws]) - F0
 
     def _qk_edges(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup, Gs: list[torch.Tensor],
                   plain: torch.Tensor, dropped: torch.Tensor | None) -> None:
@@ -250,7 +255,7 @@ class EdgeEstimator:
         qheads = self._query_heads(group)
         repeat = len(qheads) // len(group.heads)
         S = run.base[Site("scores", l)][:, qheads].to(dt)[:, None]  # [b, 1, n, T, T]
-        A = run.base[Site("pattern", l)][:, qheads].to(dt)[:, None]
+        A = torch.softmax(S, -1)  # probabilities of these scores, not the model's rounded ones
         Gs = [G[:, qheads].to(dt)[:, None] for G in Gs]
         for ws, shift in self._shift_chunks(run, delta, group, qheads):
             # the softmax recomputation does not depend on the gradient: once per chunk, not per pass

@@ -97,7 +97,7 @@ class NodeTerms:
         """``[b, T, n]`` per-position linear estimates of a family, float64."""
         kind, layer = fam
         s = Site(NODE_SITE[kind], layer)
-        prod = ((run.source[s] - run.base[s]) * side[s]).double()
+        prod = (run.source[s].double() - run.base[s].double()) * side[s].double()
         if kind is NodeKind.NEURON:
             return prod
         return prod.sum(-1) if kind in (NodeKind.HEAD, *QK, NodeKind.V) else prod.sum(-1, keepdim=True)
@@ -109,13 +109,14 @@ class NodeTerms:
         kind, layer = fam
         model = self.model
         score = model.attention_score_fn
-        Q, K = run.base[Site("rot_q", layer)], model.expand_kv(run.base[Site("rot_k", layer)])
+        Q, K = run.base[Site("rot_q", layer)].double(), model.expand_kv(run.base[Site("rot_k", layer)]).double()
         F0 = score(layer, Q, K)
         if kind is NodeKind.Q:
-            shift = score(layer, run.source[Site("rot_q", layer)], K) - F0
+            shift = score(layer, run.source[Site("rot_q", layer)].double(), K) - F0
         else:
-            shift = score(layer, Q, model.expand_kv(run.source[Site("rot_k", layer)])) - F0
-        return run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(), shift.double()
+            shift = score(layer, Q, model.expand_kv(run.source[Site("rot_k", layer)]).double()) - F0
+        S = run.base[Site("scores", layer)].double()
+        return S, torch.softmax(S, -1), shift  # probabilities of these scores, not the model's rounded ones
 
     @staticmethod
     def pattern_grad(side: dict[Any, torch.Tensor], fam: Family) -> torch.Tensor:

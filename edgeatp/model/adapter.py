@@ -230,12 +230,14 @@ class ModelAdapter:
         """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``
         (``scale``: the output norm's scale of the same run, for post-normalised models)."""
         W_O = self._block(layer).attn.W_O
-        return self._post(layer, "attn", torch.einsum("bphe,hed->bphd", z.to(W_O.dtype), W_O), scale)
+        dt = torch.promote_types(z.dtype, W_O.dtype)
+        return self._post(layer, "attn", torch.einsum("bphe,hed->bphd", z.to(dt), W_O.to(dt)), scale)
 
     def neuron_writes(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-neuron residual writes ``[b, p, d_mlp, d_model]`` from hidden activations."""
         W_out = self._block(layer).mlp.W_out
-        return self._post(layer, "mlp", post.to(W_out.dtype)[..., None] * W_out, scale)
+        dt = torch.promote_types(post.dtype, W_out.dtype)
+        return self._post(layer, "mlp", post.to(dt)[..., None] * W_out.to(dt), scale)
 
     def qkv_weights(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``W [n, d_model, d_head]`` and ``b [n, d_head]`` of the query, key or value projection: per
@@ -256,16 +258,16 @@ class ModelAdapter:
         ``[..., n, d_head]``. Exact: same LayerNorm and weights.
         """
         W, b = self.qkv_weights(layer, kind)
-        normed = self._block(layer).ln1(resid)
-        return torch.einsum("...nd,nde->...ne", normed, W[heads]) + b[heads]
+        normed = self.normalise(self._block(layer).ln1, resid)
+        return torch.einsum("...nd,nde->...ne", normed, W[heads].to(normed.dtype)) + b[heads].to(normed.dtype)
 
     def qkv_all_heads(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """``hook_q|k|v`` values ``[..., n, d_head]`` of the given heads (default all) reading residuals ``[..., d_model]``."""
         W, b = self.qkv_weights(layer, kind)
         if heads is not None:
             W, b = W[heads], b[heads]
-        normed = self._block(layer).ln1(resid)
-        return torch.einsum("...d,hde->...he", normed, W) + b
+        normed = self.normalise(self._block(layer).ln1, resid)
+        return torch.einsum("...d,hde->...he", normed, W.to(normed.dtype)) + b.to(normed.dtype)
 
     def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Apply the model's rotary embedding to q or k values ``[b, T, n, d_head]`` (identity otherwise)."""
@@ -286,10 +288,27 @@ class ModelAdapter:
         ups = []
         for kind in kinds:
             W, _ = self.qkv_weights(layer, kind)
-            ups.append(torch.einsum("bphe,hde->bphd", grads[kind].to(W.dtype), W))
+            dt = torch.promote_types(grads[kind].dtype, W.dtype)
+            ups.append(torch.einsum("bphe,hde->bphd", grads[kind].to(dt), W.to(dt)))
         u = torch.cat(ups, dim=2).detach()  # [b, p, n_q + n_k + n_v, d]
         g_in = self.norm_vjp(self._block(layer).ln1, resid.detach(), u)
         return dict(zip(kinds, g_in.split([x.shape[2] for x in ups], dim=2)))
+
+    @staticmethod
+    def normalise(norm: Any, x: torch.Tensor) -> torch.Tensor:
+        """``norm(x)`` in ``x``'s own dtype: TransformerLens rounds its norms' output to the model's
+        dtype, which would undo a wider (float32) recomputation on a bfloat16 or float16 model."""
+        from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+        if isinstance(norm, torch.nn.Identity):
+            return x
+        if x.dtype == norm.cfg.dtype or not isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
+            return norm(x)
+        xc = x - x.mean(-1, keepdim=True) if isinstance(norm, (LayerNorm, LayerNormPre)) else x
+        y = xc / (xc.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        if isinstance(norm, (LayerNorm, RMSNorm)):
+            y = y * norm.w.to(x.dtype)
+        return y + norm.b.to(x.dtype) if isinstance(norm, LayerNorm) else y
 
     @staticmethod
     def norm_vjp(norm: Any, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -304,6 +323,7 @@ class ModelAdapter:
             return u
         if isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
             centred = isinstance(norm, (LayerNorm, LayerNormPre))
+            x = x.to(torch.promote_types(x.dtype, u.dtype))
             xc = x - x.mean(-1, keepdim=True) if centred else x
             scale = (xc.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()[:, :, None, :]  # [b, p, 1, 1]
             xhat = (xc / scale.squeeze(2))[:, :, None, :]

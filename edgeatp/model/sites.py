@@ -88,10 +88,11 @@ class WriterLayout:
         out = list(self.groups)
         return out + [s for s in (self.scale_site(site) for site in self.groups) if s is not None]
 
-    def writes(self, site: Site, acts: dict[Site, torch.Tensor]) -> torch.Tensor:
-        """``[b, T, n, d_model]`` residual writes of this site's writers from one run's activations."""
+    def writes(self, site: Site, acts: dict[Site, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[b, T, n, d_model]`` residual writes of this site's writers from one run's activations
+        (computed in ``dtype`` when given, e.g. float32 for a bfloat16 model)."""
         _, sel = self.groups[site]
-        act = acts[site]
+        act = acts[site] if dtype is None else acts[site].to(dtype)
         scale_site = self.scale_site(site)
         scale = acts[scale_site] if scale_site is not None else None
         if site.kind == "z":
@@ -100,11 +101,13 @@ class WriterLayout:
             return self.adapter.neuron_writes(site.layer, act[:, :, sel], scale)
         return act[:, :, None, :]
 
-    def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> torch.Tensor:
-        """``[b, T, W, d]`` writer differences source − base, in graph writer order."""
+    def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[b, T, W, d]`` writer differences source − base, in graph writer order (subtracted in
+        ``dtype`` when given, so low-precision activations do not cancel)."""
         parts: dict[int, torch.Tensor] = {}
         for site, (idx, _) in self.groups.items():
-            d = self.writes(site, source) - self.writes(site, base)
+            d = self.writes(site, source, dtype) - self.writes(site, base, dtype)
             for k, w in enumerate(idx):
                 parts[w] = d[:, :, k]
         return torch.stack([parts[w] for w in range(self.graph.n_writers)], dim=2)
