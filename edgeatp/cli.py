@@ -16,8 +16,10 @@ import os
 import re
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 
@@ -71,15 +73,34 @@ def _guard(fn: Callable) -> Callable:
         except (EdgeatpError, ValueError, KeyError, FileNotFoundError) as exc:
             if debug:
                 raise
-            raise UserError(_one_line(exc)) from None
+            raise UserError(_rank_label() + _one_line(exc)) from None
         except click.ClickException:
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: one line plus where to look
             if debug:
                 raise
-            raise click.ClickException(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug "
-                                       "for the traceback and please report it") from None
+            raise click.ClickException(f"{_rank_label()}internal error ({type(exc).__name__}: {exc}); rerun with "
+                                       "--debug for the traceback and please report it") from None
     return wrapper
+
+
+def _rank_label() -> str:
+    """``rank N: `` before the errors of the other processes of a torchrun run (rank 0 speaks plainly)."""
+    rank = os.environ.get("RANK", "0")
+    return f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != "0" else ""
+
+
+@contextmanager
+def _data_parallel(device: str | None, timeout: float) -> Iterator[Any]:
+    """This process's place in a torchrun run (a run of its own otherwise): joins the process group,
+    silences every rank but 0 and makes a failure on any rank stop them all with one message."""
+    from .distributed import guard, local_device, process_group
+
+    with process_group(local_device(device), timeout) as ranks, guard(ranks):
+        if not ranks.is_main:
+            _quiet_libraries()
+            warnings.simplefilter("ignore")
+        yield ranks
 
 
 def _say(quiet: bool, text: str = "") -> None:
@@ -193,7 +214,10 @@ def main() -> None:
 @click.option("--direction", type=click.Choice(["noising", "denoising"]), default="noising", show_default=True,
               help="noising: patch corrupt values into the clean run (what is necessary); denoising: patch clean "
                    "values into the corrupt run (what is sufficient).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--device", default=None,
+              help="cpu (the default), cuda, cuda:N or mps; under torchrun, cuda is each process's own GPU.")
+@click.option("--n-devices", type=click.IntRange(1), default=1, show_default=True,
+              help="Split the model's layers over this many devices of --device's kind (cuda:0, cuda:1, ...).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Weights and activations in this dtype (default: the checkpoint's own; scores accumulate in "
                    "float32 or wider).")
@@ -202,6 +226,8 @@ def main() -> None:
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
               help="Megabytes for the large attribution buffers; batches and chunks shrink to fit.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of task generation and sampling.")
+@click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
+              help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
 @click.option("--out", type=click.Path(file_okay=False), default="edgeatp-out", show_default=True,
@@ -215,41 +241,49 @@ def main() -> None:
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
-             bound_p: float, direction: str, device: str, dtype: str | None, batch_size: int, memory_budget: float,
-             seed: int, threads: int | None, out: str, fmt: str, allow_download: bool, quiet: bool, as_json: bool,
-             debug: bool) -> None:
+             bound_p: float, direction: str, device: str | None, n_devices: int, dtype: str | None, batch_size: int,
+             memory_budget: float, seed: int, collective_timeout: float, threads: int | None, out: str, fmt: str,
+             allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
-    quiet_text = quiet or as_json
     cfg = DiscoverConfig(model=model_spec, task=task, data=data, n_pairs=n_pairs, metric=metric, method=method,
                          level=level, positions=positions, group=group, top_k=top_k, threshold=threshold,
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
-                         direction=direction, device=device, dtype=dtype, batch_size=batch_size,
+                         direction=direction, device=device, n_devices=n_devices, dtype=dtype, batch_size=batch_size,
                          memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads)
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)
     _group_file(group)
-    from .export.files import check_writable
+    with _data_parallel(device, collective_timeout) as ranks:
+        from dataclasses import replace
 
-    check_writable(Path(out))
-    if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
-        _quiet_libraries()
-    t0 = time.time()
-    from .pipeline import run_discover
-    from .progress import for_stream, silent
+        from .distributed import local_device
+        from .export.files import check_writable
 
-    result = run_discover(cfg, progress=silent if quiet_text else for_stream(sys.stderr),
-                          log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
-    written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
-    summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
-               "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
-    if as_json:
-        click.echo(_json(summary))
-    else:
-        _say(quiet, result.describe())
-        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+        quiet_text = quiet or as_json or not ranks.is_main
+        if ranks.is_main:
+            check_writable(Path(out))
+        if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
+            _quiet_libraries()
+        t0 = time.time()
+        from .pipeline import run_discover
+        from .progress import for_stream, silent
+
+        result = run_discover(replace(cfg, device=local_device(device)),
+                              progress=silent if quiet_text else for_stream(sys.stderr),
+                              log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
+        if not ranks.is_main:
+            return
+        written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
+        summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
+                   "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
+        if as_json:
+            click.echo(_json(summary))
+        else:
+            _say(quiet, result.describe())
+            _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
 
 
 def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: Any = None, **kwargs: Any) -> Any:
@@ -281,6 +315,11 @@ def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: An
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Prompt pairs per forward.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: the recorded one).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the recorded one).")
+@click.option("--n-devices", type=click.IntRange(1), default=None,
+              help="Split the model's layers over this many devices (default: the recorded number).")
+@click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
+              help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Where to write the verified circuit (default: replace the input and its report set).")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
@@ -289,34 +328,41 @@ def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: An
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def verify(circuit_file: str, model_spec: str | None, task: str | None, data: str | None, n_pairs: int | None,
-           n_verify: int, sample_below: int, bound: bool, batch_size: int, seed: int | None, out: str | None,
-           allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+           n_verify: int, sample_below: int, bound: bool, batch_size: int, seed: int | None, device: str | None,
+           n_devices: int | None, collective_timeout: float, out: str | None, allow_download: bool, quiet: bool,
+           as_json: bool, debug: bool) -> None:
     """Re-verify a saved circuit with exact patches and whole-circuit runs, and rewrite its files."""
     if task and data:
         raise EdgeatpError("give either --task or --data, not both")
     _check_data(data)
     target = Path(out) if out else Path(circuit_file)
-    from .export.files import check_writable
+    with _data_parallel(device, collective_timeout) as ranks:
+        from .distributed import local_device
+        from .export.files import check_writable
 
-    check_writable(target.parent)
-    quiet_text = quiet or as_json
-    if quiet_text or not sys.stderr.isatty():
-        _quiet_libraries()
-    from .export import set_files
-    from .pipeline import reverify
-    from .progress import for_stream, silent
+        if ranks.is_main:
+            check_writable(target.parent)
+        quiet_text = quiet or as_json or not ranks.is_main
+        if quiet_text or not sys.stderr.isatty():
+            _quiet_libraries()
+        from .export import set_files
+        from .pipeline import reverify
+        from .progress import for_stream, silent
 
-    result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs, n_verify=n_verify,
-                      sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
-                      allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
-    existing = set_files(target.parent, target.stem) if not out else []
-    formats = _formats_of(existing, target.stem) or ["json"]
-    written = _write(result.circuit, target.parent, formats, target.stem)
-    if as_json:
-        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
-    else:
-        _say(quiet, result.describe())
-        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+        result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs,
+                          n_verify=n_verify, sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
+                          device=local_device(device), n_devices=n_devices, allow_download=allow_download,
+                          progress=silent if quiet_text else for_stream(sys.stderr))
+        if not ranks.is_main:
+            return
+        existing = set_files(target.parent, target.stem) if not out else []
+        formats = _formats_of(existing, target.stem) or ["json"]
+        written = _write(result.circuit, target.parent, formats, target.stem)
+        if as_json:
+            click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
+        else:
+            _say(quiet, result.describe())
+            _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
 
 
 def _formats_of(files: list[str], stem: str) -> list[str]:

@@ -45,7 +45,8 @@ class DiscoverConfig:
     bound_samples: int = 256
     bound_p: float = 0.05
     direction: str = "noising"
-    device: str = "cpu"
+    device: str | None = None  # None: torch's default device (the host unless changed)
+    n_devices: int = 1
     dtype: str | None = None
     batch_size: int = 32
     memory_budget: float = 1024.0
@@ -87,6 +88,8 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error("give either {task} or {data}, not both")
     if cfg.n_pairs < 1:
         raise option_error("{n_pairs} must be at least 1")
+    if cfg.n_devices < 1:
+        raise option_error("{n_devices} must be at least 1")
     if cfg.batch_size < 1:
         raise option_error("{batch_size} must be at least 1")
     if not math.isfinite(cfg.memory_budget) or cfg.memory_budget <= 0:

@@ -56,7 +56,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
     """The model a config names, run under the config's thread policy (restored afterwards):
     as asked, else one thread for small models (more only add overhead there), else torch's default."""
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download,
+                       n_devices=cfg.n_devices)
     threads = cfg.threads
     if threads is None and sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1
@@ -290,8 +291,8 @@ def resolve_data_path(circuit_file: Path, circuit: Circuit, recorded: str) -> st
 
 def reverify(path: Path, *, model: str | None = None, task: str | None = None, data: str | None = None,
              n_pairs: int | None = None, n_verify: int = 20, sample_below: int = 20, bound: bool = False,
-             batch_size: int = 32, seed: int | None = None, allow_download: bool = False,
-             progress: Progress = silent) -> DiscoverResult:
+             batch_size: int = 32, seed: int | None = None, device: str | None = None, n_devices: int | None = None,
+             allow_download: bool = False, progress: Progress = silent) -> DiscoverResult:
     """Verify a saved circuit again (on its own data unless told otherwise): its own faithfulness
     and necessity, and fresh exact patches of its top edges (or components, or groups)."""
     from .export import read_circuit
@@ -304,7 +305,8 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
     base = DiscoverConfig.from_dict(recorded, f"{path}'s saved configuration") if recorded else DiscoverConfig()
     overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "n_verify": n_verify,
                                  "sample_below": sample_below, "bound": bound}
-    overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed}.items() if v is not None})
+    overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed, "device": device,
+                                        "n_devices": n_devices}.items() if v is not None})
     own_data = not (task or data)
     if task or data:
         overrides.update(task=task, data=data)

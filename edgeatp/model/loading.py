@@ -14,10 +14,11 @@ from ..errors import ModelError
 from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
 from .checkpoint import load_checkpoint
+from .devices import place
 
 
 def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               allow_download: bool = False) -> ModelAdapter:
+               allow_download: bool = False, n_devices: int = 1) -> ModelAdapter:
     """Load a model from any supported spec and wrap it in a :class:`ModelAdapter`.
 
     ``spec`` may be ``"zoo:NAME"`` (shipped models), a local Hugging Face checkpoint directory
@@ -25,7 +26,8 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     its own dtype unless ``dtype`` is given), a TransformerLens pretrained name (``"gpt2"``,
     ``"pythia-70m"``; must be in the local Hugging Face cache unless ``allow_download``), a
     ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` and ``device`` convert the weights —
-    in place when you pass your own model.
+    in place when you pass your own model. ``n_devices`` splits the layers over that many devices
+    from ``device`` on (``cuda:0``, ``cuda:1``, ...; see :mod:`edgeatp.model.devices`).
     """
     from transformer_lens import HookedTransformer
 
@@ -45,14 +47,14 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
             with _hf_offline(True):
                 adapter = load_checkpoint(text, dtype=torch_dtype)
         else:
-            adapter = _load_pretrained(text, allow_download)
+            adapter = _load_pretrained(text, allow_download, torch_dtype)
     else:
         raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory or a HookedTransformer")
     if torch_dtype is not None and adapter.dtype != torch_dtype:
         adapter.model.to(torch_dtype, print_details=False)
         adapter.model.cfg.dtype = torch_dtype
-    if torch_device is not None:
-        adapter.model.to(torch_device, print_details=False)
+    if torch_device is not None or n_devices != 1:
+        place(adapter.model, torch_device or adapter.device, n_devices)
     return adapter
 
 
@@ -83,7 +85,7 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
-def _load_pretrained(name: str, allow_download: bool) -> ModelAdapter:
+def _load_pretrained(name: str, allow_download: bool, dtype: torch.dtype | None) -> ModelAdapter:
     """A TransformerLens pretrained model, from the local Hugging Face cache unless told otherwise."""
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
@@ -103,7 +105,8 @@ def _load_pretrained(name: str, allow_download: bool) -> ModelAdapter:
             allow_download="allow_download")
     with _hf_offline(offline):
         try:
-            model = HookedTransformer.from_pretrained(name, device="cpu")
+            model = HookedTransformer.from_pretrained(name, device=torch.get_default_device(),
+                                                      dtype=dtype or torch.float32)
         except OSError as exc:
             raise ModelError(f"could not load {name!r} from the local cache: {str(exc).splitlines()[0]}") from None
     tok = HFTokenizer(model.tokenizer, name) if model.tokenizer is not None else None
