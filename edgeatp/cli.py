@@ -224,7 +224,11 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Prompt pairs per forward (patches are stacked along the batch too).")
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
-              help="Megabytes for the large attribution buffers; batches and chunks shrink to fit.")
+              help="Megabytes of device memory for a batch of attribution: cached activations of both runs, "
+                   "gradients, the autograd graph and the large buffers; batches and chunks shrink to fit.")
+@click.option("--offload", is_flag=True,
+              help="Keep cached activations and gradients in host memory (when they do not fit beside the model; "
+                   "slower).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of task generation and sampling.")
 @click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
               help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
@@ -242,8 +246,8 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
              bound_p: float, direction: str, device: str | None, n_devices: int, dtype: str | None, batch_size: int,
-             memory_budget: float, seed: int, collective_timeout: float, threads: int | None, out: str, fmt: str,
-             allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+             memory_budget: float, offload: bool, seed: int, collective_timeout: float, threads: int | None, out: str,
+             fmt: str, allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
     cfg = DiscoverConfig(model=model_spec, task=task, data=data, n_pairs=n_pairs, metric=metric, method=method,
@@ -251,7 +255,8 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
                          direction=direction, device=device, n_devices=n_devices, dtype=dtype, batch_size=batch_size,
-                         memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads)
+                         memory_budget=memory_budget, offload=offload, seed=seed, allow_download=allow_download,
+                         threads=threads)
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)

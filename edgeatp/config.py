@@ -50,6 +50,7 @@ class DiscoverConfig:
     dtype: str | None = None
     batch_size: int = 32
     memory_budget: float = 1024.0
+    offload: bool = False
     seed: int = 0
     allow_download: bool = False
     threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)

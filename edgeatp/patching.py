@@ -87,7 +87,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
         base = metric(base_logits, batch, ref)
         setup.check_finite(base, "metric values of the unpatched run")
         base_metric[batch.index] = base.double().to(model.device)
-        _, source = capture(model, batch.source, intervention.source_sites(), logits=False)
+        _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
         forwards += 2
         for start in range(0, s, chunk):
             sets = torch.arange(start, min(s, start + chunk), device=model.device)
@@ -138,7 +138,7 @@ class NodePatch:
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         out = []
         for site, by_set in self._entries.items():
-            src = source[site][pair_rows]
+            src = source[site][pair_rows.to(source[site].device)]
             mask = self._mask(site, by_set, set_rows, src)
             if mask is not None:
                 out.append((site, _replace(mask, src)))
@@ -204,7 +204,7 @@ class EdgePatch:
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         return edge_mask_hooks(self.adapter, self.graph, self.writers, self.masks[set_rows.to(self.masks.device)],
-                               {s: v[pair_rows] for s, v in source.items()})
+                               {s: v[pair_rows.to(v.device)] for s, v in source.items()})
 
 
 def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
@@ -231,8 +231,9 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
             deltas[site] = src_writes[site].to(current[site].dtype) - writers.writes(site, current)
         return deltas[site]
 
-    def summed(readers: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[rows, T, n, d]`` summed deltas into these readers and the ``[rows, T, n]`` touched flags."""
+    def summed(readers: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``[rows, T, n, d]`` summed deltas into these readers and the ``[rows, T, n]`` touched flags,
+        on the readers' ``device`` (a split model's writers may live on earlier devices)."""
         m = mask[..., readers]
         used = m.any(dim=3).any(dim=1).any(dim=0)  # [W]
         if not bool(used.any()):
@@ -241,14 +242,16 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         for site, idx in site_writers.items():
             sel = used[idx].nonzero()[:, 0]
             if len(sel):
-                parts.append(site_delta(site)[:, :, sel])
+                delta = site_delta(site)
+                parts.append(delta[:, :, sel.to(delta.device)].to(device))
                 cols.append(idx[sel])
         D = torch.cat(parts, dim=2)  # [rows, T, w, d]
-        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, torch.cat(cols)].to(D.dtype)), m.any(2)
+        m = m.to(device)
+        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, torch.cat(cols).to(device)].to(D.dtype)), m.any(2)
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
-            got = summed(readers)
+            got = summed(readers, act.device)
             if got is None:
                 return None
             D, touched = got
@@ -261,7 +264,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
 
     def resid_reader(readers: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
-            got = summed(readers)
+            got = summed(readers, act.device)
             return None if got is None else act + got[0][:, :, 0].to(act.dtype)
         return fn
 

@@ -78,7 +78,8 @@ def load_inputs(cfg: DiscoverConfig, model: ModelAdapter) -> tuple[PromptPairs, 
 def make_setup(cfg: DiscoverConfig, model: ModelAdapter, progress: Progress = silent) -> tuple[Setup, str]:
     """The :class:`Setup` a config describes on a loaded model, and a label for its data."""
     pairs, label = load_inputs(cfg, model)
-    return Setup(model, pairs, cfg.metric, cfg.direction, cfg.batch_size, progress), label
+    return Setup(model, pairs, cfg.metric, cfg.direction, cfg.batch_size, progress,
+                 memory_budget_mb=cfg.memory_budget, offload=cfg.offload), label
 
 
 @dataclass
@@ -165,7 +166,7 @@ def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = la
         if cfg.level == "edge":
             circuit, scores = _edge_circuit(setup, cfg, rule, log)
             if per_head_view and model.shape.grouped:
-                circuit = circuit.with_(kv_view=per_head_kv(setup, scores, memory_budget_mb=cfg.memory_budget))
+                circuit = circuit.with_(kv_view=per_head_kv(setup, scores))
         elif cfg.group:
             circuit, scores = _group_circuit(setup, cfg, log), None
         else:
@@ -196,7 +197,7 @@ def _pick(curve: FaithfulnessCurve, target: float) -> int:
 
 
 def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log) -> tuple[Circuit, EdgeScores]:
-    scores = attribute_edges(setup, cfg.method, positions=cfg.positions, memory_budget_mb=cfg.memory_budget)
+    scores = attribute_edges(setup, cfg.method, positions=cfg.positions)
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
     candidates = top_k_circuits(scores, _curve_sizes(scores.graph.n_edges))
     curve = circuits_faithfulness(setup, [c for _, c in candidates], label=f"top-k of {cfg.method}")

@@ -10,6 +10,8 @@ shows progress. In a data-parallel run it yields only this process's share of th
 
 from __future__ import annotations
 
+import math
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -18,6 +20,7 @@ import torch
 from . import distributed
 from .distributed import Ranks
 from .errors import EdgeatpError, option_error
+from .memory import MB, HostCache, cache_mb_per_pair, forward_numel
 from .metrics import Metric, get_metric
 from .model import ModelAdapter, capture, load_model
 from .progress import Progress, silent
@@ -34,7 +37,9 @@ class Setup:
     ``model`` may be anything :func:`~edgeatp.model.load_model` accepts; ``metric`` a name or a
     :class:`~edgeatp.metrics.Metric`; ``direction`` ``"noising"`` (patch corrupt values into the
     clean run) or ``"denoising"``. ``keep_per_pair`` keeps every pair's estimates in results
-    (default: when they take at most 256 MB). ``ranks``: this process's share of a data-parallel
+    (default: when they take at most 256 MB). ``memory_budget_mb`` bounds the device memory of a
+    batch (cached activations, gradients, the autograd graph and attribution buffers): batches shrink
+    to fit; ``offload`` keeps cached activations and gradients in host memory. ``ranks``: this process's share of a data-parallel
     run (default: the initialised torch.distributed process group, if any, else all pairs;
     :data:`~edgeatp.distributed.SINGLE` opts out).
     """
@@ -46,6 +51,8 @@ class Setup:
     batch_size: int = 32
     progress: Progress = field(default=silent, repr=False)
     keep_per_pair: bool | None = None
+    memory_budget_mb: float = 1024.0
+    offload: bool = False
     ranks: Ranks | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +70,8 @@ class Setup:
             raise option_error(f"{{direction}} {self.direction!r} is unknown; use noising or denoising") from None
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise option_error(f"{{batch_size}} must be a positive integer, got {self.batch_size!r}")
+        if not math.isfinite(self.memory_budget_mb) or self.memory_budget_mb <= 0:
+            raise option_error(f"{{memory_budget_mb}} must be a positive number of megabytes, got {self.memory_budget_mb}")
         self.model.check_pairs(self.pairs)
 
     def with_(self, **changes: Any) -> "Setup":
@@ -113,6 +122,28 @@ class Setup:
             raise EdgeatpError(f"{int(bad.sum())} {what} are not finite (NaN or infinite): the model overflowed in "
                                f"{str(self.model.dtype).removeprefix('torch.')}; run it in float32 or float64 "
                                "({dtype})", dtype="dtype")
+
+    def new_cache(self) -> MutableMapping:
+        """Where a run keeps cached activations and gradients: on their devices, or in host memory
+        when ``offload`` is set."""
+        return HostCache() if self.offload else {}
+
+    def device_mb_per_pair(self, needs: Any, passes: int = 1) -> float:
+        """Device megabytes one prompt pair takes in a gradient run reading ``needs`` (sites ``act``,
+        ``base`` and ``grad``) with ``passes`` backward passes: the base forward's autograd graph, plus
+        the cached activations and gradients unless they are offloaded."""
+        shape, T = self.model.shape, self.pairs.n_positions
+        size = torch.empty((), dtype=self.model.dtype).element_size()
+        graph = size * forward_numel(shape, T, self.model.d_vocab) / MB
+        if self.offload:
+            return graph
+        return graph + cache_mb_per_pair(shape, size, T, needs.act, needs.base, needs.grad, passes)
+
+    def fit(self, per_pair_mb: float) -> "Setup":
+        """This setup with as many pairs per batch (at least one, at most ``batch_size``) as
+        ``memory_budget_mb`` holds at ``per_pair_mb`` each."""
+        fitted = max(1, min(self.batch_size, int(self.memory_budget_mb // max(per_pair_mb, 1e-9))))
+        return self if fitted == self.batch_size else self.with_(batch_size=fitted)
 
     def accumulator(self, shape: tuple[int, ...]) -> Accumulator:
         """A collector of per-pair estimates of ``shape`` (per pairs kept when small or when asked)."""

@@ -122,16 +122,18 @@ class MemoryBudget:
     peak_mb: float
 
     @classmethod
-    def plan(cls, model: ModelAdapter, plan: EdgePlan, n_positions: int, batch_size: int, budget_mb: float
-             ) -> "MemoryBudget":
+    def plan(cls, model: ModelAdapter, plan: EdgePlan, n_positions: int, batch_size: int, budget_mb: float,
+             cache_mb: float = 0.0) -> "MemoryBudget":
         """Per pair: writer differences ``[T, W, d]`` and one pass's reader gradients ``[T, R, d]``
-        (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64); per (pair, writer) of
-        a QK chunk: about a dozen ``[H, T, T]`` softmax buffers."""
+        (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64) and ``cache_mb`` of
+        activation caches and autograd graph; per (pair, writer) of a QK chunk: about a dozen
+        ``[H, T, T]`` softmax buffers."""
         if budget_mb <= 0:
             raise option_error("{memory_budget_mb} must be positive")
         g, T = plan.graph, n_positions
         d, H = model.shape.d_model, model.shape.n_heads
-        per_pair = 4 * T * (g.n_writers + g.n_readers) * d / 2 ** 20 + 2 * 8 * g.P * g.n_writers * g.n_readers / 2 ** 20
+        per_pair = (4 * T * (g.n_writers + g.n_readers) * d / 2 ** 20 + 2 * 8 * g.P * g.n_writers * g.n_readers / 2 ** 20
+                    + cache_mb)
         bs = max(1, min(batch_size, int(budget_mb // max(per_pair, 1e-9))))
         if not plan.has_qk:
             return cls(bs, g.n_writers, round(bs * per_pair, 1))
@@ -157,19 +159,20 @@ class EdgeEstimator:
         gradients of QK-fixed layers."""
         side: dict[Any, torch.Tensor] = {}
         per_layer: dict[int, torch.Tensor] = {}
+        home = self.model.device  # where the writer differences are (a split model's first device)
         for i, group in enumerate(self.plan.groups):
             if group.qk:
                 side[("pattern", group.layer)] = grads[Site("pattern", group.layer)]
             elif group.kind == "mlp":
-                side[i] = grads[Site("mlp_in", group.layer)][:, :, None, :].to(self.work)
+                side[i] = grads[Site("mlp_in", group.layer)][:, :, None, :].to(home, self.work)
             elif group.kind == "logits":
-                side[i] = grads[Site("resid_final")][:, :, None, :].to(self.work)
+                side[i] = grads[Site("resid_final")][:, :, None, :].to(home, self.work)
             else:
                 if group.layer not in per_layer:
                     g_qkv = {k: grads[Site(k, group.layer)].to(self.work) for k in "qkv"}
                     per_layer[group.layer] = self.model.reader_input_grads(
                         group.layer, point[Site("resid_pre", group.layer)], g_qkv)
-                side[i] = per_layer[group.layer][group.kind][:, :, group.heads].to(self.work)
+                side[i] = per_layer[group.layer][group.kind][:, :, group.heads].to(home, self.work)
         return side
 
     def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
@@ -243,7 +246,7 @@ class EdgeEstimator:
         F0 = scores(resid[:, :, None, :])
         for start in range(0, len(group.writers), self.budget.writer_chunk):
             ws = group.writers[start: start + self.budget.writer_chunk]
-            yield ws, scores(resid[:, :, None, :] + delta[:, :, ws]) - F0
+            yield ws, scores(resid[:, :, None, :] + delta[:, :, ws].to(resid.device)) - F0
 
     def _qk_edges(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup, Gs: list[torch.Tensor],
                   plain: torch.Tensor, dropped: torch.Tensor | None) -> None:
@@ -272,7 +275,7 @@ class EdgeEstimator:
                     est = key_fix(S, shift, G, ks)  # [b, c, n, T(key)]
                 est = est.sum(-1, keepdim=True) if not positional else est
                 est = est.unflatten(2, (len(group.heads), repeat)).sum(3)  # query heads -> their reader
-                vals = est.permute(0, 3, 1, 2).double()  # [b, T or 1, c, readers]
+                vals = est.permute(0, 3, 1, 2).double().to(plain.device)  # [b, T or 1, c, readers]
                 T = vals.shape[1]
                 idx = (slice(None), slice(0, T), ws[:, None], group.readers[None, :])
                 if p == 0:
@@ -284,7 +287,7 @@ class EdgeEstimator:
 def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph | None = None, *,
                     positions: bool = False, neurons: bool = False, graddrop: GradDropMode = "block",
                     ig_steps: int = 8, qk_readers: Sequence[Node] | None = None,
-                    memory_budget_mb: float = 1024.0) -> EdgeScores:
+                    memory_budget_mb: float | None = None) -> EdgeScores:
     """Scores for every edge of ``graph`` (default: the model's full writer→reader graph,
     position-aggregated unless ``positions``; ``neurons`` makes every MLP neuron a writer).
 
@@ -292,8 +295,9 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
     ``atp*`` (both), ``ig`` (integrated gradients over ``ig_steps`` points) or ``exact``
     (one patched forward per edge). ``qk_readers`` restricts the QK fix to some q/k readers
     (e.g. heads that passed a node-level filter); others keep plain AtP.
-    ``memory_budget_mb`` bounds the large intermediate buffers by choosing the pairs per batch
-    and the writers per QK-fix chunk; the estimated peak is reported in ``meta["peak_buffer_mb"]``.
+    ``memory_budget_mb`` (default: the setup's) bounds the device memory of a batch, activation
+    caches and large intermediate buffers, by choosing the pairs per batch and the writers per QK-fix
+    chunk; the estimated peak is reported in ``meta["peak_buffer_mb"]``.
     """
     m = get_method(method, "edge")
     model = setup.model
@@ -308,10 +312,13 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
         raise option_error("{ig_steps} must be at least 1")
     plan = EdgePlan.build(model, graph, m.qk_fix, qk_readers)
     units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
-    budget = MemoryBudget.plan(model, plan, setup.pairs.n_positions, setup.batch_size, memory_budget_mb)
+    memory_budget_mb = setup.memory_budget_mb if memory_budget_mb is None else memory_budget_mb
+    budget = MemoryBudget.plan(model, plan, setup.pairs.n_positions, setup.batch_size, memory_budget_mb,
+                               setup.device_mb_per_pair(plan.needs, 1 + len(units)))
     est = EdgeEstimator(model, plan, budget, units)
     with model.ungrouped(graph.ungrouped):
-        stats, per_pair, per_abs = estimate_pairs(setup.with_(batch_size=budget.batch_size), m, est,
+        fitted = setup.with_(batch_size=budget.batch_size, memory_budget_mb=memory_budget_mb)
+        stats, per_pair, per_abs = estimate_pairs(fitted, m, est,
                                                   f"edge {m.name}", units=units, ig_steps=ig_steps,
                                                   same_length=graph.positional)
     cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)

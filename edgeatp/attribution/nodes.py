@@ -180,11 +180,11 @@ class NodeEstimator:
         out = torch.zeros(b, len(self.index), dtype=torch.float64, device=run.base_metric.device)
         for (fam, aggregated), (cols, pos, js) in self.layout.items():
             if aggregated:
-                out[:, cols] = agg[fam][:, js.to(out.device)]
+                out[:, cols] = agg[fam][:, js.to(agg[fam].device)].to(out.device)
             else:
                 pp = per_pos[fam]
                 inside = pos < pp.shape[1]  # positions beyond this batch's prompts hold only padding
-                out[:, cols[inside]] = pp[:, pos[inside].to(out.device), js[inside].to(out.device)]
+                out[:, cols[inside]] = pp[:, pos[inside].to(pp.device), js[inside].to(pp.device)].to(out.device)
         return out
 
 

@@ -17,7 +17,7 @@ GradDrop combination ``Σ_l |Î_l| / n_terms``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Mapping, Protocol, Sequence
 
 import torch
 
@@ -116,16 +116,16 @@ class GradRun:
     ``grads[0]`` is the ordinary backward; ``grads[i + 1]`` the backward with ``units[i]`` dropped.
     """
 
-    source: dict[Site, torch.Tensor]
-    base: dict[Site, torch.Tensor]
-    point: dict[Site, torch.Tensor]
-    grads: list[dict[Site, torch.Tensor]]
+    source: Mapping[Site, torch.Tensor]
+    base: Mapping[Site, torch.Tensor]
+    point: Mapping[Site, torch.Tensor]
+    grads: list[Mapping[Site, torch.Tensor]]
     units: list[Unit]
     base_metric: torch.Tensor
 
 
 def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequence[Unit] = (),
-                 source: dict[Site, torch.Tensor] | None = None, alpha: float = 0.0) -> GradRun:
+                 source: Mapping[Site, torch.Tensor] | None = None, alpha: float = 0.0) -> GradRun:
     """One batch's activations and gradients of the summed per-pair metric on the base run.
 
     ``units`` adds one backward per GradDrop unit. ``source`` reuses source-run activations (it
@@ -135,7 +135,8 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
     model, metric = setup.model, setup.metric
     ref = setup.reference(batch)
     if source is None:
-        _, source = capture(model, batch.source, [*needs.act, EMBED] if alpha else needs.act, logits=False)
+        _, source = capture(model, batch.source, [*needs.act, EMBED] if alpha else needs.act, logits=False,
+                            cache=setup.new_cache())
     kept: dict[Site, torch.Tensor] = {}
     state = _Drop()
     src0 = source.get(EMBED)
@@ -174,12 +175,14 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
         for i, unit in enumerate(passes):
             state.unit = unit
             got = torch.autograd.grad(total, targets, retain_graph=i < len(passes) - 1, allow_unused=True)
-            grads.append({s: (g if g is not None else torch.zeros_like(t)).detach()
-                          for s, g, t in zip(needs.grad, got, targets)})
-    point = {s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])}
+            grads.append(setup.new_cache())
+            grads[-1].update({s: (g if g is not None else torch.zeros_like(t)).detach()
+                              for s, g, t in zip(needs.grad, got, targets)})
+    point = setup.new_cache()
+    point.update({s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])})
     base = point
     if alpha:
-        _, base = capture(model, batch.base, needs.act, logits=False)
+        _, base = capture(model, batch.base, needs.act, logits=False, cache=setup.new_cache())
     return GradRun(source, base, point, grads, list(units), value.detach())
 
 
@@ -202,7 +205,7 @@ class Estimator(Protocol):
 def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integrated gradients: gradient sides averaged over ``steps`` midpoints from base to source."""
-    _, source = capture(setup.model, batch.source, [*est.needs.act, EMBED], logits=False)
+    _, source = capture(setup.model, batch.source, [*est.needs.act, EMBED], logits=False, cache=setup.new_cache())
     mean: dict[Any, torch.Tensor] = {}
     run = None
     for k in range(steps):
@@ -217,7 +220,9 @@ def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
 def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: str, *, units: Sequence[Unit] = (),
                    ig_steps: int = 8, same_length: bool = False) -> tuple[PairStats, torch.Tensor | None,
                                                                             torch.Tensor | None]:
-    """The one loop over prompt pairs: every batch's estimates, collected with their GradDrop magnitudes."""
+    """The one loop over prompt pairs: every batch's estimates, collected with their GradDrop magnitudes
+    (batches small enough for the setup's memory budget)."""
+    setup = setup.fit(setup.device_mb_per_pair(est.needs, 1 + len(units)))
     acc = setup.accumulator(est.shape)
     for batch in setup.batches(description, same_length=same_length):
         if method.kind is Kind.INTEGRATED:

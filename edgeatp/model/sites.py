@@ -8,6 +8,7 @@ writes off their sites (:class:`WriterLayout`) and how to capture site values in
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -104,19 +105,20 @@ class WriterLayout:
     def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
                dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[b, T, W, d]`` writer differences source − base, in graph writer order (subtracted in
-        ``dtype`` when given, so low-precision activations do not cancel)."""
+        ``dtype`` when given, so low-precision activations do not cancel), on the model's first device."""
         parts: dict[int, torch.Tensor] = {}
         for site, (idx, _) in self.groups.items():
-            d = self.writes(site, source, dtype) - self.writes(site, base, dtype)
+            d = (self.writes(site, source, dtype) - self.writes(site, base, dtype)).to(self.adapter.device)
             for k, w in enumerate(idx):
                 parts[w] = d[:, :, k]
         return torch.stack([parts[w] for w in range(self.graph.n_writers)], dim=2)
 
 
-def capture(adapter: "ModelAdapter", tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True
-            ) -> tuple[torch.Tensor | None, dict[Site, torch.Tensor]]:
-    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient)."""
-    cache: dict[Site, torch.Tensor] = {}
+def capture(adapter: "ModelAdapter", tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True,
+            cache: MutableMapping | None = None) -> tuple[torch.Tensor | None, MutableMapping]:
+    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient),
+    kept in ``cache`` (default: a dict; see :class:`edgeatp.memory.HostCache`)."""
+    cache = {} if cache is None else cache
 
     def keep(site: Site) -> FwdHook:
         def fn(t: torch.Tensor) -> None:
