@@ -25,6 +25,7 @@ from .errors import EdgeatpError
 from .graph import Edge, EdgeGraph, Node, check_nodes
 from .metrics import sign_convention
 from .model import FwdHook, ModelAdapter, Site, WriterLayout, capture, node_site
+from .model.sites import expand
 from .setup import Setup
 from .tasks.pairs import Direction
 
@@ -214,7 +215,6 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
     mask = mask.to(adapter.device)
     T = next(iter(source.values())).shape[1]
     mask = mask[:, :T] if graph.positional else mask.expand(-1, T, -1, -1)  # [rows, T, W, R]
-    src_writes = {s: writers.writes(s, source) for s in writers.groups}
     site_writers = {s: torch.tensor(idx, device=adapter.device) for s, (idx, _) in writers.groups.items()}
     current: dict[Site, torch.Tensor] = {}  # this forward's writer activations, as they happen
     deltas: dict[Site, torch.Tensor] = {}  # source minus current writes of a site, once it has fired
@@ -228,7 +228,8 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
 
     def site_delta(site: Site) -> torch.Tensor:
         if site not in deltas:
-            deltas[site] = src_writes[site].to(current[site].dtype) - writers.writes(site, current)
+            src = {s: v.to(current[site].dtype) for s, v in source.items()}
+            deltas[site] = expand(*writers.factors(site, src, current))
         return deltas[site]
 
     def summed(readers: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -33,7 +33,8 @@ from ..model import ModelAdapter, Site, WriterLayout
 from ..patching import _check_graph, patch_edges
 from ..scores import EdgeScores
 from ..setup import Setup
-from .passes import GradDropMode, GradRun, SiteNeeds, estimate_pairs, graddrop_units, nonzero_terms
+from .passes import GradDropMode, GradRun, SiteNeeds, estimate_pairs, graddrop_units, nonzero_terms, relation
+from .qk_edges import ReaderInputs, first_difference, score_shifts, writer_chunks
 from .qk_fix import joint, key_fix, key_shift, per_query, softmax_change
 
 
@@ -99,8 +100,7 @@ class EdgePlan:
                 grad += [Site("q", g.layer), Site("k", g.layer), Site("v", g.layer)]
                 base.append(Site("resid_pre", g.layer))
                 if g.qk:
-                    base += [Site("rot_q", g.layer), Site("rot_k", g.layer), Site("scores", g.layer),
-                             Site("pattern", g.layer)]
+                    base += [Site("rot_q", g.layer), Site("rot_k", g.layer), Site("scores", g.layer)]
                     grad.append(Site("pattern", g.layer))
             elif g.kind == "mlp":
                 grad.append(Site("mlp_in", g.layer))
@@ -142,8 +142,45 @@ class MemoryBudget:
         return cls(bs, chunk, round(bs * per_pair + chunk * bs * unit, 1))
 
 
+@dataclass(frozen=True)
+class EdgeBatch:
+    """One batch's writer differences ``[b, T, W, d]``, the first position where any is non-zero
+    (earlier positions carry no edge effect and are skipped) and, for the QK fix, each writer
+    site's difference factors."""
+
+    delta: torch.Tensor
+    start: int
+    factors: dict[Site, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True, eq=False)
+class Contraction:
+    """Linear (non-QK-fixed) readers sharing one gradient source and one set of upstream writers:
+    the q/k/v inputs of one layer, one MLP input, or the logits."""
+
+    key: Any  # ("qkv", layer), ("mlp", layer) or "logits"
+    site: Site  # the site whose gradient relation to a dropped unit decides whether it is recomputed
+    groups: tuple[ReaderGroup, ...]
+    readers: torch.Tensor
+    writers: torch.Tensor
+
+    @property
+    def w_sel(self) -> slice | torch.Tensor:
+        return _selector(self.writers)
+
+    @property
+    def r_sel(self) -> slice | torch.Tensor:
+        return _selector(self.readers)
+
+
 class EdgeEstimator:
-    """Per-batch edge estimates ``[b, P, W, R]`` for a plan (plain pass and GradDrop's dropped passes)."""
+    """Per-batch edge estimates ``[b, P, W, R]`` for a plan (plain pass and GradDrop's dropped passes).
+
+    Dropped passes arrive partial (:attr:`partial_passes`): readers the truncated backward did not
+    reach keep their plain estimate in that term (``n_above`` counts those terms per reader).
+    """
+
+    partial_passes = True
 
     def __init__(self, model: ModelAdapter, plan: EdgePlan, budget: MemoryBudget, units: list) -> None:
         self.model, self.plan, self.budget = model, plan, budget
@@ -153,64 +190,87 @@ class EdgeEstimator:
         self.n_terms = torch.tensor([nonzero_terms(units, {model.shape.block_of(r)}) for r in g.readers],
                                     dtype=torch.float64) if units else None
         self.work = torch.float64 if model.dtype == torch.float64 else torch.float32
+        by_key: dict[Any, list[ReaderGroup]] = {}
+        for group in plan.groups:
+            if not group.qk:
+                key = ("qkv", group.layer) if group.kind in "qkv" else (group.kind, group.layer)
+                by_key.setdefault(key if group.kind != "logits" else "logits", []).append(group)
+        self.contractions = [Contraction(key, _reader_site(gs[0]), tuple(gs), torch.cat([x.readers for x in gs]),
+                                         gs[0].writers) for key, gs in by_key.items()]
+        parallel = model.shape.parallel_attn_mlp
+        above = torch.zeros(g.n_readers, dtype=torch.float64)
+        for group in plan.groups:
+            above[group.readers] = float(sum(relation(u, _reader_site(group), parallel) == "above" for u in units))
+        self.n_above = above
 
-    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
-        """Gradients w.r.t. each linear group's reader inputs ``[b, T, n, d]``, and the pattern
-        gradients of QK-fixed layers."""
+    def prepare(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> EdgeBatch:
+        factors = self.plan.layout.all_factors(source, base, self.work)
+        delta = self.plan.layout.deltas(factors)  # [b, T, W, d], on the model's first device
+        return EdgeBatch(delta, first_difference(delta), factors)
+
+    def gradient_side(self, prep: EdgeBatch, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]
+                      ) -> dict[Any, torch.Tensor]:
+        """Gradients ``[b, T', n, d]`` w.r.t. each contraction's reader inputs (positions from the
+        first difference) and the pattern gradients of QK-fixed layers, for the sites this pass has."""
+        t0, home = prep.start, prep.delta.device  # a split model's reader gradients join the differences there
         side: dict[Any, torch.Tensor] = {}
-        per_layer: dict[int, torch.Tensor] = {}
-        home = self.model.device  # where the writer differences are (a split model's first device)
-        for i, group in enumerate(self.plan.groups):
-            if group.qk:
-                side[("pattern", group.layer)] = grads[Site("pattern", group.layer)]
-            elif group.kind == "mlp":
-                side[i] = grads[Site("mlp_in", group.layer)][:, :, None, :].to(home, self.work)
-            elif group.kind == "logits":
-                side[i] = grads[Site("resid_final")][:, :, None, :].to(home, self.work)
-            else:
-                if group.layer not in per_layer:
-                    g_qkv = {k: grads[Site(k, group.layer)].to(self.work) for k in "qkv"}
-                    per_layer[group.layer] = self.model.reader_input_grads(
-                        group.layer, point[Site("resid_pre", group.layer)], g_qkv)
-                side[i] = per_layer[group.layer][group.kind][:, :, group.heads].to(home, self.work)
+        for c in self.contractions:
+            if c.key == "logits" or c.key[0] == "mlp":
+                site = Site("resid_final") if c.key == "logits" else Site("mlp_in", c.key[1])
+                if site in grads:
+                    side[c.key] = grads[site][:, t0:, None, :].to(home, self.work)
+            elif Site("q", c.key[1]) in grads:
+                layer = c.key[1]
+                g_qkv = {k: grads[Site(k, layer)][:, t0:].to(self.work) for k in "qkv"}
+                g_in = self.model.reader_input_grads(layer, point[Site("resid_pre", layer)][:, t0:], g_qkv)
+                side[c.key] = torch.cat([g_in[x.kind][:, :, x.heads] for x in c.groups], 2).to(home, self.work)
+        for group in self.plan.groups:
+            site = Site("pattern", group.layer)
+            if group.qk and site in grads:
+                side[("pattern", group.layer)] = grads[site]
         return side
 
-    def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
+    def estimate(self, prep: EdgeBatch, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        delta = self.plan.layout.deltas(run.source, run.base, self.work)  # [b, T, W, d]
-        b, T = delta.shape[:2]
+        delta, t0 = prep.delta[:, prep.start:], prep.start
+        b = delta.shape[0]
         flat = delta.permute(0, 2, 1, 3).reshape(b, delta.shape[2], -1) if not self.plan.graph.positional else None
         plain = torch.zeros((b, *self.shape), dtype=torch.float64, device=delta.device)
         dropped = None
         patterns: list[dict[Any, torch.Tensor]] = []
         for p, side in enumerate(sides):
             target = plain if p == 0 else torch.zeros_like(plain)
-            for i, group in enumerate(self.plan.groups):
-                if not group.qk:
-                    self._contract(target, delta, flat, side[i], group)
-            patterns.append({k: v for k, v in side.items() if isinstance(k, tuple)})
+            for c in self.contractions:
+                if c.key in side:
+                    self._contract(target, delta, flat, side[c.key], c, t0)
+            patterns.append({k: v for k, v in side.items() if isinstance(k, tuple) and k[0] == "pattern"})
             if p:
                 dropped = target.abs() if dropped is None else dropped.add_(target.abs())
+        if len(patterns) > 1 and dropped is None:
+            dropped = torch.zeros_like(plain)
         for group in self.plan.groups:
             if group.qk:
-                self._qk_edges(run, delta, group, [pt[("pattern", group.layer)] for pt in patterns], plain, dropped)
+                Gs = [(p, pt[("pattern", group.layer)]) for p, pt in enumerate(patterns) if ("pattern", group.layer) in pt]
+                self._qk_edges(run, prep, group, Gs, plain, dropped)
+        if dropped is not None:
+            dropped += plain.abs() * self.n_above.to(plain.device)
         return plain, dropped
 
     def _contract(self, out: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor | None, gin: torch.Tensor,
-                  group: ReaderGroup) -> None:
-        """Add ``Δw · g_r`` for the group's readers into ``out`` ``[b, P, W, R]``."""
+                  c: Contraction, t0: int) -> None:
+        """Add ``Δw · g_r`` for the contraction's readers into ``out`` ``[b, P, W, R]``."""
         T = delta.shape[1]
         if flat is not None:  # aggregated: one batched matrix product over positions and d_model
             b, _, r, d = gin.shape
-            vals = torch.bmm(flat[:, group.w_sel], gin.permute(0, 1, 3, 2).reshape(b, T * d, r))[:, None]
+            vals = torch.bmm(flat[:, c.w_sel], gin.permute(0, 1, 3, 2).reshape(b, T * d, r))[:, None]
             target = out
         else:
-            vals = torch.einsum("btwd,btrd->btwr", delta[:, :, group.w_sel], gin)
-            target = out[:, :T]
-        if isinstance(group.w_sel, slice) and isinstance(group.r_sel, slice):
-            target[..., group.w_sel, group.r_sel] += vals.double()
+            vals = torch.einsum("btwd,btrd->btwr", delta[:, :, c.w_sel], gin)
+            target = out[:, t0:t0 + T]
+        if isinstance(c.w_sel, slice) and isinstance(c.r_sel, slice):
+            target[..., c.w_sel, c.r_sel] += vals.double()
         else:
-            target[..., group.writers[:, None], group.readers[None, :]] += vals.double()
+            target[..., c.writers[:, None], c.readers[None, :]] += vals.double()
 
     def _query_heads(self, group: ReaderGroup) -> torch.Tensor:
         """The query heads whose softmax a QK-fixed group's readers change: their own heads for
@@ -220,68 +280,57 @@ class EdgeEstimator:
         size = self.model.shape.group_size
         return torch.cat([torch.arange(g * size, (g + 1) * size) for g in group.heads.tolist()])
 
-    def _shift_chunks(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup, qheads: torch.Tensor):
-        """Yield ``(writer chunk, shift [b, c, n, T, T])``: score changes of the query heads ``qheads``
-        when each writer's Δ enters only these readers' query (or key) input, recomputed exactly
-        (LayerNorm, projection, rotary; a shared key changes every query head of its group)."""
-        model, l = self.model, group.layer
-        # in the working dtype, and the base scores by the same arithmetic as the patched ones:
-        # low-precision rounding must not pass for a score change
-        Q = run.base[Site("rot_q", l)][:, :, qheads].to(self.work)
-        K = model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(self.work)
-        resid = run.base[Site("resid_pre", l)].to(self.work)
-        b, T = resid.shape[:2]
-        n, repeat = len(qheads), len(qheads) // len(group.heads)
-
-        def scores(x: torch.Tensor) -> torch.Tensor:
-            """Scores ``[b, c, n, T, T]`` with the readers' query (or key) input replaced by ``x [b, T, c, d]``."""
-            c = x.shape[2]
-            new = model.qkv_all_heads(l, group.kind, x, group.heads)  # [b, T, c, readers, dh]
-            new = model.rotate(l, new.permute(0, 2, 1, 3, 4).reshape(b * c, T, len(group.heads), -1))
-            new = new.repeat_interleave(repeat, dim=2)  # one per query head it feeds
-            other = (K if group.kind == "q" else Q)[:, None].expand(b, c, T, n, Q.shape[-1]).reshape(b * c, T, n, -1)
-            qq, kk = (new, other) if group.kind == "q" else (other, new)
-            return model.attention_score_fn(l, qq, kk).view(b, c, n, T, T)
-
-        F0 = scores(resid[:, :, None, :])
-        for start in range(0, len(group.writers), self.budget.writer_chunk):
-            ws = group.writers[start: start + self.budget.writer_chunk]
-            yield ws, scores(resid[:, :, None, :] + delta[:, :, ws].to(resid.device)) - F0
-
-    def _qk_edges(self, run: GradRun, delta: torch.Tensor, group: ReaderGroup, Gs: list[torch.Tensor],
+    def _qk_edges(self, run: GradRun, prep: EdgeBatch, group: ReaderGroup, Gs: list[tuple[int, torch.Tensor]],
                   plain: torch.Tensor, dropped: torch.Tensor | None) -> None:
-        """QK-fixed estimates of the group's edges for every gradient pass, written into ``plain``
-        (first pass) and added as ``|·|`` into ``dropped`` (the others). A shared key's edge sums
-        its query heads' recomputed softmaxes."""
-        l, dt = group.layer, self.work
+        """QK-fixed estimates of the group's edges for every gradient pass that has its pattern
+        gradient, written into ``plain`` (pass 0) and added as ``|·|`` into ``dropped`` (the others).
+        A shared key's edge sums its query heads' recomputed softmaxes."""
+        l, dt, t0 = group.layer, self.work, prep.start
+        if t0 >= prep.delta.shape[1]:
+            return
         positional = self.plan.graph.positional
+        model = self.model
         qheads = self._query_heads(group)
         repeat = len(qheads) // len(group.heads)
-        S = run.base[Site("scores", l)][:, qheads].to(dt)[:, None]  # [b, 1, n, T, T]
-        A = torch.softmax(S, -1)  # probabilities of these scores, not the model's rounded ones
-        Gs = [G[:, qheads].to(dt)[:, None] for G in Gs]
-        for ws, shift in self._shift_chunks(run, delta, group, qheads):
+        inputs = ReaderInputs(model, l, group.kind, group.heads, run.base[Site("resid_pre", l)], t0, dt)
+        Q, K = inputs.unpatched(qheads, run.base[Site("rot_q", l)][:, :, qheads].to(dt),
+                                model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(dt))
+        F0 = model.attention_score_fn(l, Q, K)
+        S = run.base[Site("scores", l)][:, qheads, t0:].to(dt)[:, None]  # [b, 1, n, T', T]
+        A = torch.softmax(S, -1)  # the probabilities of these scores in dt, not the model's rounded ones
+        Gs = [(p, G[:, qheads, t0:].to(dt)[:, None]) for p, G in Gs]
+        for chunk in writer_chunks(self.plan.layout, prep.factors, prep.delta, group.writers, t0,
+                                   self.budget.writer_chunk):
+            shift = score_shifts(inputs, qheads, Q, K, F0, chunk)
             # the softmax recomputation does not depend on the gradient: once per chunk, not per pass
             if group.kind == "q" or not positional:
                 dA = softmax_change(S, S + shift, A)
             else:
                 ks = key_shift(S, shift)
-            for p, G in enumerate(Gs):
+            ws = chunk.writers
+            for p, G in Gs:
                 if group.kind == "q":
-                    est = per_query(dA, G)  # [b, c, n, T(query)]: rows are independent
+                    est = per_query(dA, G)  # [b, c, n, T']: rows are independent
                 elif not positional:
                     est = joint(dA, G)[..., None]  # all key positions at once: not additive
                 else:
                     est = key_fix(S, shift, G, ks)  # [b, c, n, T(key)]
                 est = est.sum(-1, keepdim=True) if not positional else est
                 est = est.unflatten(2, (len(group.heads), repeat)).sum(3)  # query heads -> their reader
-                vals = est.permute(0, 3, 1, 2).double().to(plain.device)  # [b, T or 1, c, readers]
-                T = vals.shape[1]
-                idx = (slice(None), slice(0, T), ws[:, None], group.readers[None, :])
+                vals = est.permute(0, 3, 1, 2).double().to(plain.device)  # [b, positions, c, readers]
+                lo = t0 if positional and group.kind == "q" else 0
+                idx = (slice(None), slice(lo, lo + vals.shape[1]), ws[:, None], group.readers[None, :])
                 if p == 0:
                     plain[idx] = vals
                 elif dropped is not None:
                     dropped[idx] += vals.abs()
+
+
+def _reader_site(group: ReaderGroup) -> Site:
+    """The site whose gradient a reader group's estimates use (for GradDrop's relation to a unit)."""
+    if group.kind in ("q", "k", "v"):
+        return Site(group.kind, group.layer)
+    return Site("mlp_in", group.layer) if group.kind == "mlp" else Site("resid_final")
 
 
 def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph | None = None, *,

@@ -186,6 +186,8 @@ class GroupEstimator:
     """First-order group estimates: members' linear estimates added per pair; a group's queries
     (and, apart, its keys) recomputed together through the softmax."""
 
+    partial_passes = False
+
     def __init__(self, model: ModelAdapter, groups: Sequence[Group], qk_fix: bool, units: list, n_positions: int
                  ) -> None:
         self.terms = NodeTerms(model, {family(n) for g in groups for n in g.members}, qk_fix)
@@ -195,10 +197,14 @@ class GroupEstimator:
                                      for g in groups], dtype=torch.float64) if units else None
         self.masks = [_member_masks(g, n_positions, model.shape) for g in groups]
 
-    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    def prepare(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> None:
+        return None
+
+    def gradient_side(self, prep: None, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]
+                      ) -> dict[Any, torch.Tensor]:
         return self.terms.gradient_side(point, grads)
 
-    def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
+    def estimate(self, prep: None, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shifts = {f: self.terms.score_shift(run, f) for f in self.terms.qk}
         return fold_passes(self._one_pass(run, side, shifts) for side in sides)

@@ -126,6 +126,8 @@ class NodeTerms:
 class NodeEstimator:
     """Estimates for a node index: per position or aggregated over positions."""
 
+    partial_passes = False
+
     def __init__(self, model: ModelAdapter, index: NodeIndex, qk_fix: bool, units: list, n_positions: int) -> None:
         self.index, self.T = index, n_positions
         self.terms = NodeTerms(model, {family(n) for n in index}, qk_fix)
@@ -144,10 +146,14 @@ class NodeEstimator:
             js.append(j)  # type: ignore[arg-type]
         self.layout = {k: tuple(torch.tensor(x, dtype=torch.long) for x in v) for k, v in cols.items()}
 
-    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    def prepare(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> None:
+        return None
+
+    def gradient_side(self, prep: None, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]
+                      ) -> dict[Any, torch.Tensor]:
         return self.terms.gradient_side(point, grads)
 
-    def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
+    def estimate(self, prep: None, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shifts = {f: self._softmax_part(run, f) for f in self.terms.qk}  # shared by every pass
         return fold_passes(self._one_pass(run, side, shifts) for side in sides)

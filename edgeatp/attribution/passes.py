@@ -2,9 +2,12 @@
 
 For one batch, :func:`gradient_run` does a source forward (activations of the run patched from), a
 base forward that keeps the requested activations on the autograd graph, and one backward of the
-summed per-pair metric — plus, for GradDrop, one more backward per dropped unit with the gradient
-into that unit's residual write stopped (forward values unchanged). Integrated gradients repeat
-the base forward and backward at points between base and source embedding.
+summed per-pair metric — plus, for GradDrop, one truncated backward per dropped unit: above the
+unit the gradient is the ordinary one, so each dropped pass starts at the unit's input with the
+ordinary gradient of the residual it writes to (the unit's own write cut) and runs only through
+the layers below it, about ``L²/2`` block-backwards in all instead of ``L²`` (spec §4.3).
+Integrated gradients repeat the base forward and backward at points between base and source
+embedding.
 
 An :class:`Estimator` (nodes, edges, groups) turns a run into estimates in two steps: the
 *gradient side* of one backward pass (linear in the gradients, e.g. reader-input gradients),
@@ -29,26 +32,9 @@ from ..tasks.pairs import PairBatch
 
 GradDropMode = Literal["block", "sublayer"]
 Unit = tuple[str, int]
-
-
-class _Drop:
-    """Which GradDrop unit is dropped in the current backward (``None`` = plain backward)."""
-
-    unit: Unit | None = None
-
-
-class _Gate(torch.autograd.Function):
-    """Identity forward; backward passes the gradient unless this gate's unit is dropped."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, state: _Drop, unit: Unit) -> torch.Tensor:  # type: ignore[override]
-        ctx.state, ctx.unit = state, unit
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        dropped = ctx.state.unit == ctx.unit
-        return (torch.zeros_like(g) if dropped else g), None, None
+Relation = Literal["below", "inside", "above"]
+_ATTN_SITES = frozenset({"q", "k", "v", "rot_q", "rot_k", "scores", "pattern", "z", "attn_out", "attn_post_scale"})
+_MLP_SITES = frozenset({"mlp_in", "mlp_post", "mlp_out", "mlp_post_scale"})
 
 
 def graddrop_units(n_layers: int, attn_only: bool, mode: GradDropMode = "block") -> list[Unit]:
@@ -73,6 +59,36 @@ def nonzero_terms(units: list[Unit], blocks: set[Unit | None]) -> int:
         return len(units)
     inside = {("block", b[1]) for b in blocks} if units[0][0] == "block" else set(blocks)  # type: ignore[index]
     return len(units) - (1 if len(inside) == 1 and next(iter(inside)) in units else 0)
+
+
+def relation(unit: Unit, site: Site, parallel: bool) -> Relation:
+    """How dropping ``unit``'s residual write changes the gradient at ``site``: recomputed by the
+    truncated backward (``below``), identically zero (``inside`` the unit), or the ordinary
+    gradient (``above``: no path from the site to the metric passes through the unit)."""
+    kind, m = unit
+    if site.kind == "resid_final" or site.layer > m:
+        return "above"
+    if site.layer < m or site.kind == "resid_pre":
+        return "below"
+    part = "attn" if site.kind in _ATTN_SITES else "mlp" if site.kind in _MLP_SITES else None
+    if part is None:
+        raise ValueError(f"GradDrop does not define the gradient at site {site.kind}")
+    if kind in ("block", part):
+        return "inside"
+    return "below" if kind == "mlp" and not parallel else "above"  # a sequential MLP reads the attention's output
+
+
+def _cut(unit: Unit, n_layers: int, parallel: bool) -> list[tuple[Site, Site]]:
+    """Where the truncated backward of a dropped unit starts: ``(tensor, site whose ordinary
+    gradient it receives)`` pairs that cover every path to the metric except the unit's write."""
+    kind, m = unit
+    pre = Site("resid_pre", m)
+    post = Site("resid_pre", m + 1) if m + 1 < n_layers else Site("resid_final")
+    if kind == "block":
+        return [(pre, post)]
+    if parallel:
+        return [(pre, post), (Site("mlp_out" if kind == "attn" else "attn_out", m), post)]
+    return [(pre, Site("resid_mid", m))] if kind == "attn" else [(Site("resid_mid", m), post)]
 
 
 def graddrop_magnitude(plain: torch.Tensor, dropped_abs: torch.Tensor, n_terms: torch.Tensor) -> torch.Tensor:
@@ -113,7 +129,8 @@ class GradRun:
 
     ``base`` holds the base run's activations (for differences); ``point`` the activations of
     the run the gradients belong to (the base run itself, or a point on the integration path).
-    ``grads[0]`` is the ordinary backward; ``grads[i + 1]`` the backward with ``units[i]`` dropped.
+    ``grads[0]`` is the ordinary backward; ``grads[i + 1]`` holds the backward with ``units[i]``
+    dropped at the sites :func:`relation` calls ``below`` only (:meth:`full` completes it).
     """
 
     source: Mapping[Site, torch.Tensor]
@@ -122,15 +139,29 @@ class GradRun:
     grads: list[Mapping[Site, torch.Tensor]]
     units: list[Unit]
     base_metric: torch.Tensor
+    parallel: bool = False
+
+    def full(self, i: int) -> Mapping[Site, torch.Tensor]:
+        """Pass ``i``'s gradient at every site: recomputed below the dropped unit, zero inside it,
+        the ordinary gradient above it."""
+        if i == 0:
+            return self.grads[0]
+        unit, out = self.units[i - 1], {}
+        for s, g in self.grads[0].items():
+            rel = relation(unit, s, self.parallel)
+            out[s] = self.grads[i][s] if rel == "below" else g if rel == "above" else torch.zeros_like(g)
+        return out
 
 
 def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequence[Unit] = (),
-                 source: Mapping[Site, torch.Tensor] | None = None, alpha: float = 0.0) -> GradRun:
+                 source: Mapping[Site, torch.Tensor] | None = None, alpha: float = 0.0,
+                 base: Mapping[Site, torch.Tensor] | None = None) -> GradRun:
     """One batch's activations and gradients of the summed per-pair metric on the base run.
 
-    ``units`` adds one backward per GradDrop unit. ``source`` reuses source-run activations (it
-    must include the embedding when ``alpha`` is set); ``alpha`` moves the base run's embedding
-    that far toward the source's (integrated gradients), so ``point`` is the interpolated run.
+    ``units`` adds one truncated backward per GradDrop unit. ``source`` reuses source-run
+    activations (it must include the embedding when ``alpha`` is set); ``alpha`` moves the base
+    run's embedding that far toward the source's (integrated gradients), so ``point`` is the
+    interpolated run and ``base`` (the base run's activations) must be given.
     """
     model, metric = setup.model, setup.metric
     ref = setup.reference(batch)
@@ -138,8 +169,10 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
         _, source = capture(model, batch.source, [*needs.act, EMBED] if alpha else needs.act, logits=False,
                             cache=setup.new_cache())
     kept: dict[Site, torch.Tensor] = {}
-    state = _Drop()
     src0 = source.get(EMBED)
+    shape = model.shape
+    cuts = [_cut(u, shape.n_layers, shape.parallel_attn_mlp) for u in units]
+    cut_sites = [s for cut in cuts for pair in cut for s in pair]
 
     def keep(site: Site) -> FwdHook:
         def fn(t: torch.Tensor) -> torch.Tensor | None:
@@ -155,35 +188,35 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
             return None
         return fn
 
-    def gate(unit: Unit) -> FwdHook:
-        return lambda t: _Gate.apply(t, state, unit)
-
     hooks: list[tuple[Site, FwdHook]] = [(EMBED, keep(EMBED))]
-    hooks += [(s, keep(s)) for s in dict.fromkeys([*needs.act, *needs.grad, *needs.base]) if s != EMBED]
-    block_units = bool(units) and units[0][0] == "block"
-    for layer in range(model.shape.n_layers) if units else ():
-        hooks.append((Site("attn_out", layer), gate(("block", layer) if block_units else ("attn", layer))))
-        if model.shape.has_mlp:
-            hooks.append((Site("mlp_out", layer), gate(("block", layer) if block_units else ("mlp", layer))))
+    hooks += [(s, keep(s)) for s in dict.fromkeys([*needs.act, *needs.grad, *needs.base, *cut_sites]) if s != EMBED]
     with torch.enable_grad():
         logits = model.forward(batch.base, hooks)
         value = metric(logits, batch, ref)
-        total = value.sum()
-        targets = [kept[s] for s in needs.grad]
-        grads = []
-        passes: list[Unit | None] = [None, *units]
-        for i, unit in enumerate(passes):
-            state.unit = unit
-            got = torch.autograd.grad(total, targets, retain_graph=i < len(passes) - 1, allow_unused=True)
-            grads.append(setup.new_cache())
-            grads[-1].update({s: (g if g is not None else torch.zeros_like(t)).detach()
-                              for s, g, t in zip(needs.grad, got, targets)})
-    point = setup.new_cache()
-    point.update({s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])})
-    base = point
-    if alpha:
-        _, base = capture(model, batch.base, needs.act, logits=False, cache=setup.new_cache())
-    return GradRun(source, base, point, grads, list(units), value.detach())
+        sites = list(dict.fromkeys([*needs.grad, *(fed for cut in cuts for _, fed in cut)]))
+        got = torch.autograd.grad(value.sum(), [kept[s] for s in sites], retain_graph=bool(units), allow_unused=True)
+        plain = {s: (g if g is not None else torch.zeros_like(kept[s])).detach() for s, g in zip(sites, got)}
+        grads = [_kept(setup, {s: plain[s] for s in needs.grad})]
+        for i, (unit, cut) in enumerate(zip(units, cuts)):
+            below = [s for s in needs.grad if relation(unit, s, shape.parallel_attn_mlp) == "below"]
+            got = torch.autograd.grad([kept[start] for start, _ in cut], [kept[s] for s in below],
+                                      grad_outputs=[plain[fed] for _, fed in cut], retain_graph=i < len(units) - 1,
+                                      allow_unused=True) if below else ()
+            grads.append(_kept(setup, {s: (g if g is not None else torch.zeros_like(kept[s])).detach()
+                                       for s, g in zip(below, got)}))
+    point = _kept(setup, {s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])})
+    if not alpha:
+        base = point
+    elif base is None:
+        raise ValueError("a run at an integration point needs the base run's activations")
+    return GradRun(source, base, point, grads, list(units), value.detach(), shape.parallel_attn_mlp)
+
+
+def _kept(setup: Setup, values: dict[Site, torch.Tensor]) -> Mapping[Site, torch.Tensor]:
+    """``values`` where the setup keeps a run's activations and gradients (see :meth:`Setup.new_cache`)."""
+    cache = setup.new_cache()
+    cache.update(values)
+    return cache
 
 
 class Estimator(Protocol):
@@ -192,11 +225,16 @@ class Estimator(Protocol):
     shape: tuple[int, ...]  # per pair
     needs: SiteNeeds
     n_terms: torch.Tensor | None  # GradDrop's non-trivial terms per entry (None: no GradDrop)
+    partial_passes: bool  # True: dropped passes come as computed (below the unit only), see GradRun.full
 
-    def gradient_side(self, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    def prepare(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> Any:
+        """Per-batch work that depends only on the two runs' activations (shared by every pass)."""
+
+    def gradient_side(self, prep: Any, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]
+                      ) -> dict[Any, torch.Tensor]:
         """What one backward pass contributes, linear in ``grads`` (so it can be averaged)."""
 
-    def estimate(self, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
+    def estimate(self, prep: Any, run: GradRun, sides: Iterable[dict[Any, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[b, *shape]`` estimates of the plain pass and the sum of the dropped passes' ``|estimates|``
         (``None`` without GradDrop), from the activation differences and every pass's gradient side."""
@@ -206,15 +244,17 @@ def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integrated gradients: gradient sides averaged over ``steps`` midpoints from base to source."""
     _, source = capture(setup.model, batch.source, [*est.needs.act, EMBED], logits=False, cache=setup.new_cache())
+    _, base = capture(setup.model, batch.base, est.needs.act, logits=False, cache=setup.new_cache())
+    prep = est.prepare(source, base)
     mean: dict[Any, torch.Tensor] = {}
     run = None
     for k in range(steps):
-        run = gradient_run(setup, batch, est.needs, source=source, alpha=(k + 0.5) / steps)
-        side = est.gradient_side(run.point, run.grads[0])
+        run = gradient_run(setup, batch, est.needs, source=source, alpha=(k + 0.5) / steps, base=base)
+        side = est.gradient_side(prep, run.point, run.grads[0])
         for key, value in side.items():
             mean[key] = mean[key] + value / steps if key in mean else value / steps
     assert run is not None
-    return est.estimate(run, [mean])
+    return est.estimate(prep, run, [mean])
 
 
 def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: str, *, units: Sequence[Unit] = (),
@@ -230,8 +270,10 @@ def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: st
                 plain, dropped = _integrated(setup, batch, est, ig_steps)
         else:
             run = gradient_run(setup, batch, est.needs, units)
+            passes = run.grads if est.partial_passes else [run.full(i) for i in range(len(run.grads))]
             with torch.no_grad():
-                plain, dropped = est.estimate(run, (est.gradient_side(run.point, g) for g in run.grads))
+                prep = est.prepare(run.source, run.base)
+                plain, dropped = est.estimate(prep, run, (est.gradient_side(prep, run.point, g) for g in passes))
         magnitude = None
         if est.n_terms is not None and dropped is not None:
             magnitude = graddrop_magnitude(plain, dropped, est.n_terms)

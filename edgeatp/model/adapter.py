@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -171,15 +172,17 @@ class ModelAdapter:
             raise ValueError(f"site {k} needs a layer in 0..{self.shape.n_layers - 1}, got {l}")
         rotary = self.cfg.positional_embedding_type == "rotary"
         names = {
-            "resid_pre": "hook_resid_pre", "q": "attn.hook_q", "k": "attn.hook_k",
+            "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "q": "attn.hook_q", "k": "attn.hook_k",
             "v": "attn.hook_v", "rot_q": "attn.hook_rot_q" if rotary else "attn.hook_q",
             "rot_k": "attn.hook_rot_k" if rotary else "attn.hook_k",
             "scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern", "z": "attn.hook_z",
             "attn_out": "hook_attn_out", "mlp_in": "hook_mlp_in", "mlp_post": "mlp.hook_post",
             "mlp_out": "hook_mlp_out", "attn_post_scale": "ln1_post.hook_scale", "mlp_post_scale": "ln2_post.hook_scale",
         }
-        if k in ("mlp_in", "mlp_post", "mlp_out", "mlp_post_scale") and self.shape.attn_only:
+        if k in ("mlp_in", "mlp_post", "mlp_out", "mlp_post_scale", "resid_mid") and self.shape.attn_only:
             raise ValueError(f"site {k}: the model is attention-only")
+        if k == "resid_mid" and self.shape.parallel_attn_mlp:
+            raise ValueError("site resid_mid: attention and MLP of this model read the same residual")
         if k in ("attn_post_scale", "mlp_post_scale") and not self.post_norm:
             raise ValueError(f"site {k}: the model does not normalise its sublayer outputs")
         return f"blocks.{l}.{names[k]}"
@@ -210,34 +213,48 @@ class ModelAdapter:
         """Whether sublayer outputs are normalised before they join the residual (Gemma-2's norms)."""
         return bool(getattr(self.cfg, "use_normalization_before_and_after", False))
 
-    def _post(self, layer: int, which: str, writes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """Writes ``[b, p, n, d]`` of one sublayer after its output norm (``which``: attn or mlp),
-        given the norm's scale ``[b, p, 1]`` in the same run: the norm is linear once its scale is
-        known, so the per-writer parts add up to the normalised output."""
+    def head_factors(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head residual writes as coefficients ``[b, p, H, d_head]`` times a basis ``[H, d_head,
+        d_model]`` (``W_O``, with a post-norm's centring and weight folded in and its per-position
+        scale folded into the coefficients): each head's write has rank ``d_head``."""
+        W_O = self._block(layer).attn.W_O
+        dt = torch.promote_types(z.dtype, W_O.dtype)  # float32 activations of a bfloat16 model stay float32
+        return self._post_factors(layer, "attn", z.to(dt), W_O.to(dt), scale)
+
+    def neuron_factors(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-neuron writes as coefficients ``[b, p, N, 1]`` times a basis ``[N, 1, d_model]`` (rank one)."""
+        W_out = self._block(layer).mlp.W_out
+        dt = torch.promote_types(post.dtype, W_out.dtype)
+        return self._post_factors(layer, "mlp", post.to(dt)[..., None], W_out.to(dt)[:, None, :], scale)
+
+    def _post_factors(self, layer: int, which: str, coef: torch.Tensor, basis: torch.Tensor,
+                      scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold a sublayer's output norm (post-normalised models) into write factors: it is linear
+        once its scale, taken from the same run, is known."""
         if not self.post_norm:
-            return writes
+            return coef, basis
         norm = self._block(layer).ln1_post if which == "attn" else self._block(layer).ln2_post
         if isinstance(norm, torch.nn.Identity):
-            return writes
+            return coef, basis
         if scale is None:
             raise ValueError("post-normalised writes need the norm's scale")
         from transformer_lens.components import LayerNorm
 
-        centred = writes - writes.mean(-1, keepdim=True) if isinstance(norm, LayerNorm) else writes
-        return centred * norm.w / scale[:, :, None, :].to(writes.dtype)
+        centred = basis - basis.mean(-1, keepdim=True) if isinstance(norm, LayerNorm) else basis
+        return coef / scale[:, :, None, :].to(coef.dtype), centred * norm.w.to(basis.dtype)
 
     def head_writes(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``
         (``scale``: the output norm's scale of the same run, for post-normalised models)."""
-        W_O = self._block(layer).attn.W_O
-        dt = torch.promote_types(z.dtype, W_O.dtype)
-        return self._post(layer, "attn", torch.einsum("bphe,hed->bphd", z.to(dt), W_O.to(dt)), scale)
+        coef, basis = self.head_factors(layer, z, scale)
+        return torch.einsum("bphe,hed->bphd", coef, basis)
 
     def neuron_writes(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-neuron residual writes ``[b, p, d_mlp, d_model]`` from hidden activations."""
-        W_out = self._block(layer).mlp.W_out
-        dt = torch.promote_types(post.dtype, W_out.dtype)
-        return self._post(layer, "mlp", post.to(dt)[..., None] * W_out.to(dt), scale)
+        coef, basis = self.neuron_factors(layer, post, scale)
+        return coef * basis[:, 0]
 
     def qkv_weights(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``W [n, d_model, d_head]`` and ``b [n, d_head]`` of the query, key or value projection: per
@@ -269,11 +286,31 @@ class ModelAdapter:
         normed = self.normalise(self._block(layer).ln1, resid)
         return torch.einsum("...d,hde->...he", normed, W.to(normed.dtype)) + b.to(normed.dtype)
 
-    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Apply the model's rotary embedding to q or k values ``[b, T, n, d_head]`` (identity otherwise)."""
+    def normed_projection(self, layer: int, kind: str, heads: torch.Tensor, dtype: torch.dtype | None = None
+                          ) -> "NormedProjection | None":
+        """The block's input norm and the q/k/v projection of ``heads`` as one closed form (``None``
+        for a norm without one), so projections of ``x + Δ`` split into ``x``'s and ``Δ``'s parts;
+        folded in ``dtype`` (default: the weights')."""
+        parts = _norm_parts(self._block(layer).ln1)
+        if parts is None:
+            return None
+        W, b = self.qkv_weights(layer, kind)
+        dt = dtype or W.dtype
+        W, b = W[heads].to(dt), b[heads].to(dt)
+        n, d, e = W.shape
+        Wf, bf = W.permute(1, 0, 2).reshape(d, n * e), b.reshape(n * e)
+        if parts.bias is not None:
+            bf = bf + parts.bias.to(dt) @ Wf
+        if parts.weight is not None:
+            Wf = parts.weight.to(dt)[:, None] * Wf
+        return NormedProjection(Wf, bf, parts.centred, parts.scaled, parts.eps)
+
+    def rotate(self, layer: int, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Apply the model's rotary embedding to q or k values ``[b, T, n, d_head]`` at positions
+        ``offset, offset + 1, …`` (identity without rotary embeddings)."""
         if self.cfg.positional_embedding_type != "rotary":
             return x
-        return self._block(layer).attn.apply_rotary(x)
+        return self._block(layer).attn.apply_rotary(x, past_kv_pos_offset=offset)
 
     def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: dict[str, torch.Tensor]
                            ) -> dict[str, torch.Tensor]:
@@ -298,38 +335,34 @@ class ModelAdapter:
     def normalise(norm: Any, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)`` in ``x``'s own dtype: TransformerLens rounds its norms' output to the model's
         dtype, which would undo a wider (float32) recomputation on a bfloat16 or float16 model."""
-        from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
-
-        if isinstance(norm, torch.nn.Identity):
-            return x
-        if x.dtype == norm.cfg.dtype or not isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
+        parts = _norm_parts(norm)
+        if parts is None or (parts.scaled and x.dtype == norm.cfg.dtype):
             return norm(x)
-        xc = x - x.mean(-1, keepdim=True) if isinstance(norm, (LayerNorm, LayerNormPre)) else x
-        y = xc / (xc.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-        if isinstance(norm, (LayerNorm, RMSNorm)):
-            y = y * norm.w.to(x.dtype)
-        return y + norm.b.to(x.dtype) if isinstance(norm, LayerNorm) else y
+        y = x - x.mean(-1, keepdim=True) if parts.centred else x
+        if parts.scaled:
+            y = y / (y.pow(2).mean(-1, keepdim=True) + parts.eps).sqrt()
+        if parts.weight is not None:
+            y = y * parts.weight.to(x.dtype)
+        return y + parts.bias.to(x.dtype) if parts.bias is not None else y
 
     @staticmethod
     def norm_vjp(norm: Any, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``J_norm(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader.
 
-        Closed forms for TransformerLens' LayerNorm, LayerNormPre, RMSNorm, RMSNormPre and no
-        norm (``y = w ⊙ x̂ + b`` with ``x̂ = (x − μ)/σ`` or ``x/σ``); autograd for anything else.
+        Closed form for norms :func:`_norm_parts` knows (``y = w ⊙ x̂ + b`` with ``x̂ = (x − μ)/σ``
+        or ``x/σ``, or no norm); autograd for anything else.
         """
-        from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
-
-        if isinstance(norm, torch.nn.Identity):
+        parts = _norm_parts(norm)
+        if parts is not None and not parts.scaled:
             return u
-        if isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
-            centred = isinstance(norm, (LayerNorm, LayerNormPre))
+        if parts is not None:
             x = x.to(torch.promote_types(x.dtype, u.dtype))
-            xc = x - x.mean(-1, keepdim=True) if centred else x
-            scale = (xc.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()[:, :, None, :]  # [b, p, 1, 1]
+            xc = x - x.mean(-1, keepdim=True) if parts.centred else x
+            scale = (xc.pow(2).mean(-1, keepdim=True) + parts.eps).sqrt()[:, :, None, :]  # [b, p, 1, 1]
             xhat = (xc / scale.squeeze(2))[:, :, None, :]
-            g = u * norm.w if isinstance(norm, (LayerNorm, RMSNorm)) else u
+            g = u * parts.weight if parts.weight is not None else u
             out = g - xhat * (g * xhat).mean(-1, keepdim=True)
-            if centred:
+            if parts.centred:
                 out = out - g.mean(-1, keepdim=True)
             return out / scale
         n = u.shape[2]
@@ -375,6 +408,42 @@ class ModelAdapter:
                 yield
             finally:
                 self.cfg.ungroup_grouped_query_attention = saved
+
+
+@dataclass(frozen=True)
+class NormParts:
+    """A norm as ``y ↦ (C y) / s(y) ⊙ weight + bias``: ``centred`` (C subtracts the mean),
+    ``scaled`` (``s = sqrt(mean((C y)²) + eps)``; otherwise ``s = 1``); ``None`` weight/bias = 1/0."""
+
+    centred: bool
+    scaled: bool
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class NormedProjection:
+    """``proj(y) = (C y) W / s(y) + b`` for a norm folded into a projection ``W [d_model, n·d_head]``."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+    centred: bool
+    scaled: bool
+    eps: float
+
+
+def _norm_parts(norm: Any) -> NormParts | None:
+    """TransformerLens' LayerNorm, LayerNormPre, RMSNorm, RMSNormPre or no norm in closed form."""
+    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+    if isinstance(norm, torch.nn.Identity):
+        return NormParts(False, False, 0.0, None, None)
+    if not isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
+        return None
+    return NormParts(isinstance(norm, (LayerNorm, LayerNormPre)), True, float(norm.eps),
+                     norm.w if isinstance(norm, (LayerNorm, RMSNorm)) else None,
+                     norm.b if isinstance(norm, LayerNorm) else None)
 
 
 def _validate_config(cfg: Any) -> None:

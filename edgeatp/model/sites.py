@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 FwdHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 SITE_KINDS = frozenset({
-    "resid_pre", "q", "k", "v", "rot_q", "rot_k", "scores", "pattern", "z", "attn_out",
+    "resid_pre", "resid_mid", "q", "k", "v", "rot_q", "rot_k", "scores", "pattern", "z", "attn_out",
     "mlp_in", "mlp_post", "mlp_out", "resid_final", "attn_post_scale", "mlp_post_scale",
 })
 
@@ -31,7 +31,8 @@ SITE_KINDS = frozenset({
 class Site:
     """A named activation of the model.
 
-    ``kind`` is one of: ``resid_pre`` (block input; block 0's is the embedding write),
+    ``kind`` is one of: ``resid_pre`` (block input; block 0's is the embedding write), ``resid_mid``
+    (between attention and MLP of a sequential block),
     ``q``/``k``/``v`` (per head, before rotary), ``rot_q``/``rot_k`` (what the softmax sees),
     ``scores`` (masked pre-softmax scores), ``pattern``, ``z``, ``attn_out``, ``mlp_in``
     (the MLP's private copy of the residual), ``mlp_post`` (hidden units), ``mlp_out``,
@@ -89,29 +90,46 @@ class WriterLayout:
         out = list(self.groups)
         return out + [s for s in (self.scale_site(site) for site in self.groups) if s is not None]
 
-    def writes(self, site: Site, acts: dict[Site, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[b, T, n, d_model]`` residual writes of this site's writers from one run's activations
-        (computed in ``dtype`` when given, e.g. float32 for a bfloat16 model)."""
+    def factors(self, site: Site, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This site's writer differences source − base as coefficients ``[b, T, n, r]`` times a
+        per-writer basis ``[n, r, d_model]`` (rank ``d_head`` for heads, one for neurons); ``None``
+        basis for dense writers (embedding, whole MLPs), whose coefficients are the differences.
+        Computed in ``dtype`` when given (float32 for a bfloat16 model: low-precision activations
+        must not cancel) and kept on the model's first device (a split model's layers live on several)."""
         _, sel = self.groups[site]
-        act = acts[site] if dtype is None else acts[site].to(dtype)
+        home = self.adapter.device
+        src, bas = (source[site], base[site]) if dtype is None else (source[site].to(dtype), base[site].to(dtype))
+        if site.kind not in ("z", "mlp_post"):
+            return (src - bas)[:, :, None, :].to(home), None
+        factor = self.adapter.head_factors if site.kind == "z" else self.adapter.neuron_factors
         scale_site = self.scale_site(site)
-        scale = acts[scale_site] if scale_site is not None else None
-        if site.kind == "z":
-            return self.adapter.head_writes(site.layer, act[:, :, sel], scale)
-        if site.kind == "mlp_post":
-            return self.adapter.neuron_writes(site.layer, act[:, :, sel], scale)
-        return act[:, :, None, :]
+        coef_s, basis = factor(site.layer, src[:, :, sel], source[scale_site] if scale_site else None)
+        coef_b, _ = factor(site.layer, bas[:, :, sel], base[scale_site] if scale_site else None)
+        return (coef_s - coef_b).to(home), basis[sel].to(home)
 
-    def deltas(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[b, T, W, d]`` writer differences source − base, in graph writer order (subtracted in
-        ``dtype`` when given, so low-precision activations do not cancel), on the model's first device."""
+    def all_factors(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
+                    dtype: torch.dtype | None = None) -> dict[Site, tuple[torch.Tensor, torch.Tensor | None]]:
+        """:meth:`factors` of every writer site."""
+        return {site: self.factors(site, source, base, dtype) for site in self.groups}
+
+    def deltas(self, factors: dict[Site, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """``[b, T, W, d]`` dense writer differences in graph writer order, from :meth:`all_factors`."""
         parts: dict[int, torch.Tensor] = {}
         for site, (idx, _) in self.groups.items():
-            d = (self.writes(site, source, dtype) - self.writes(site, base, dtype)).to(self.adapter.device)
+            d = expand(*factors[site])
             for k, w in enumerate(idx):
                 parts[w] = d[:, :, k]
         return torch.stack([parts[w] for w in range(self.graph.n_writers)], dim=2)
+
+
+def expand(coef: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """Dense writes ``[b, T, n, d]`` from write factors (see :meth:`WriterLayout.factors`)."""
+    if basis is None:
+        return coef
+    if basis.shape[1] == 1:
+        return coef * basis[:, 0]
+    return torch.einsum("btnr,nrd->btnd", coef.to(basis.dtype), basis)
 
 
 def capture(adapter: "ModelAdapter", tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True,
