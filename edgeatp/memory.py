@@ -34,14 +34,15 @@ def site_numel(shape: ModelShape, site: Site, n_positions: int) -> int:
 
 
 def forward_numel(shape: ModelShape, n_positions: int, d_vocab: int) -> int:
-    """Elements the autograd graph of one forward keeps per prompt pair (what the backward pass reads):
-    per layer the normalised inputs, q/k/v, scores and probabilities, head outputs and MLP
-    activations; the logits and their log-softmax."""
+    """Elements one forward keeps per prompt pair for the backward pass (what autograd saves: per
+    layer the norms' inputs and outputs, q/k/v, scores and probabilities, head outputs and MLP
+    activations), with the logits it holds meanwhile. Fitted to the tensors autograd saves in
+    TransformerLens models: an upper bound within 2× (GELU and unnormalised models keep less)."""
     T, d, H, dh = n_positions, shape.d_model, shape.n_heads, shape.d_head
     kv = shape.n_kv_heads or H
-    attention = T * (3 * d + (2 * H + 2 * kv) * dh) + 2 * H * T * T
-    mlp = 0 if shape.attn_only else T * (3 * d + 3 * (shape.d_mlp or 0))
-    return shape.n_layers * (attention + mlp) + 2 * T * d_vocab
+    attention = T * (8 * d + 2 * (H + kv) * dh) + 3 * H * T * T
+    mlp = 0 if shape.attn_only else T * (6 * d + 7 * (shape.d_mlp or 0))  # 7: gated MLPs; plain ones keep 5
+    return shape.n_layers * (attention + mlp) + T * (4 * d + d_vocab) + 2 * d_vocab
 
 
 def cache_mb_per_pair(shape: ModelShape, element_size: int, n_positions: int, act: Iterable[Site],

@@ -220,8 +220,9 @@ def attribute_nodes(setup: Setup, method: str | Method = "atp*",
         raise option_error("{ig_steps} must be at least 1")
     units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
     est = NodeEstimator(model, index, m.qk_fix, units, setup.pairs.n_positions)
-    stats, per_pair, per_abs = estimate_pairs(setup, m, est, f"node {m.name}", units=units, ig_steps=ig_steps)
+    fitted = setup.fit(setup.device_mb_per_pair(est.needs, 1 + len(units)))  # pairs per batch within the budget
+    stats, per_pair, per_abs = estimate_pairs(fitted, m, est, f"node {m.name}", units=units, ig_steps=ig_steps)
     cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)
-    meta = {"graddrop": graddrop if m.graddrop else None, "n_terms": len(units), "batch_size": setup.batch_size,
+    meta = {"graddrop": graddrop if m.graddrop else None, "n_terms": len(units), "batch_size": fitted.batch_size,
             "ig_steps": ig_steps if m.kind is Kind.INTEGRATED else None, "model": model.name}
     return NodeScores(stats, m.name, setup.direction, setup.metric.name, cost, meta, per_pair, per_abs, index)
