@@ -68,7 +68,8 @@ class Ranks:
         import torch.distributed as dist
 
         got: list[Any] = [None] * self.world
-        dist.all_gather_object(got, (phase, failure))
+        with self._talking(phase):
+            dist.all_gather_object(got, (phase, failure))
         failed = [(r, f) for r, (_, f) in enumerate(got) if f is not None and r != self.rank]
         if failure is not None:
             return
@@ -81,6 +82,19 @@ class Ranks:
             raise DistributedError(f"the {self.world} processes are at different steps ({', '.join(sorted(phases))}); "
                                    "every rank must run the same command on the same data")
 
+    @contextmanager
+    def _talking(self, phase: str) -> Iterator[None]:
+        """Collectives at one point of the run: a peer that vanished or never came (the collective
+        timed out) becomes one line instead of the backend's error."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo and NCCL report timeouts and lost peers as RuntimeError subclasses
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise DistributedError(
+                f"lost the other processes of the data-parallel run at {phase} ({first}): one of them "
+                "stopped or did not get there within the collective timeout ({collective_timeout}); see the other "
+                "ranks' output", collective_timeout="collective_timeout") from None
+
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` where the backend can send it: the current CUDA device for NCCL, host memory otherwise."""
         if self.backend == "nccl":
@@ -92,7 +106,8 @@ class Ranks:
 
         t = self._wire(t.contiguous())
         out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t)
+        with self._talking("combining results"):
+            dist.all_gather(out, t)
         return out
 
     def merge_stats(self, stats: PairStats | None, shape: Sequence[int]) -> PairStats | None:
@@ -128,7 +143,8 @@ class Ranks:
                 out.append(None)
                 continue
             wire = self._wire(t.contiguous())
-            dist.all_reduce(wire)
+            with self._talking("combining results"):
+                dist.all_reduce(wire)
             out.append(wire.to(t.device))
         return out
 

@@ -1,7 +1,8 @@
 """The work of the data-parallel tests: run in one process by tests/test_distributed.py, and under
 ``torchrun --nproc-per-node 2`` (gloo) as ``python tests/dist_work.py OUT CHECKPOINT``, which writes
 rank 0's results and what every rank caught in the failure scenarios (library calls and the
-``discover`` command) into OUT."""
+``discover`` command) into OUT; ``python tests/dist_work.py --hang OUT SECONDS`` lets rank 1 stop
+answering past the collective timeout."""
 
 from __future__ import annotations
 
@@ -117,9 +118,34 @@ def failing_command(rank: int, out: Path) -> dict[str, object]:
     return {"exit_code": res.exit_code, "output": res.output}
 
 
+def hang(out: Path, timeout_s: float) -> None:
+    """Rank 1 stops answering (it sleeps past the collective timeout) while rank 0 attributes: what
+    each caught and how long it took, in OUT/hang{rank}.json."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    model = ea.load_model("zoo:induction")
+    pairs = make_task("induction", model.tokenizer, 8, seed=0)
+    dist.barrier()
+    start = time.time()
+    try:
+        with guard():
+            if rank == 1:
+                time.sleep(3 * timeout_s)
+            attribute_edges(Setup(model, pairs, batch_size=4), "atp")
+        caught = ["nothing", ""]
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        caught = [type(exc).__name__, str(exc)]
+    (out / f"hang{rank}.json").write_text(json.dumps([*caught, time.time() - start]))
+
+
 def main() -> None:
     import torch.distributed as dist
 
+    if sys.argv[1] == "--hang":
+        hang(Path(sys.argv[2]), float(sys.argv[3]))
+        return
     out, checkpoint = Path(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()

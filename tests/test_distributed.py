@@ -123,3 +123,16 @@ def test_torchrun_discover_matches_one_process_and_only_rank_0_speaks(tmp_path):
     _close([a["faithfulness"], a["necessity"], *a["curve"]["faithfulness"], *a["curve"]["necessity"]],
            [b["faithfulness"], b["necessity"], *b["curve"]["faithfulness"], *b["curve"]["necessity"]], "faithfulness")
     _close(a["verification"]["rank_correlation"], b["verification"]["rank_correlation"], "verification")
+
+
+def test_a_rank_that_stops_answering_times_out_with_one_line(tmp_path):
+    """Rank 1 sleeps past a 4-second collective timeout: rank 0 gives up at the first combination
+    point instead of waiting for ever, and both name the lost processes and the timeout option."""
+    res = torchrun(str(ROOT / "tests" / "dist_work.py"), "--hang", str(tmp_path), "4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"hang{r}.json").read_text()) for r in (0, 1))
+    for name, message, _ in (rank0, rank1):
+        assert name == "DistributedError"
+        assert message.startswith("lost the other processes of the data-parallel run at ")
+        assert message.endswith("within the collective timeout (collective_timeout); see the other ranks' output")
+    assert rank0[2] < 12 <= rank1[2]  # the timeout ends rank 0's wait, before rank 1 wakes up at 12 s
