@@ -126,10 +126,14 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; run with --device cpu --small for a smoke run")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the smoke run on a shared host
     shape = SMALL if args.small else GPT2_SMALL
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
+    dims = ("n_layers", "n_heads", "d_model", "d_head", "d_mlp")
+    graph = ea.EdgeGraph.from_shape(ModelShape(*(shape[k] for k in dims)))
     print(f"{'2-layer' if args.small else 'GPT-2-small'}-shaped random model ({shape['n_layers']} layers, "
-          f"d_model {shape['d_model']}, {ea.EdgeGraph.from_shape(ModelShape(**{k: shape[k] for k in ModelShape.__dataclass_fields__ if k in shape})).n_edges} edges), "
+          f"d_model {shape['d_model']}, {graph.n_edges} edges), "
           f"{args.pairs} pairs × {args.tokens} tokens on {name}, torch {torch.__version__}\n")
     print("| dtype | method | ms | × plain fwd+bwd | peak MB | pairs/batch | writer chunk |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -27,6 +27,9 @@ from .progress import Progress, silent
 from .scores import Accumulator, PairStats
 from .tasks.pairs import Direction, PairBatch, PromptPairs
 
+if TYPE_CHECKING:
+    from .attribution.passes import SiteNeeds
+
 KEEP_PER_PAIR_MB = 256.0  # per-pair estimates are kept (for per-pair analyses) up to this size
 
 
@@ -39,9 +42,9 @@ class Setup:
     clean run) or ``"denoising"``. ``keep_per_pair`` keeps every pair's estimates in results
     (default: when they take at most 256 MB). ``memory_budget_mb`` bounds the device memory of a
     batch (cached activations, gradients, the autograd graph and attribution buffers): batches shrink
-    to fit; ``offload`` keeps cached activations and gradients in host memory. ``ranks``: this process's share of a data-parallel
-    run (default: the initialised torch.distributed process group, if any, else all pairs;
-    :data:`~edgeatp.distributed.SINGLE` opts out).
+    to fit; ``offload`` keeps cached activations and gradients in host memory. ``ranks``: this
+    process's share of a data-parallel run (default: the initialised torch.distributed process
+    group, if any, else all pairs; :data:`~edgeatp.distributed.SINGLE` opts out).
     """
 
     model: ModelAdapter
@@ -128,7 +131,7 @@ class Setup:
         when ``offload`` is set."""
         return HostCache() if self.offload else {}
 
-    def device_mb_per_pair(self, needs: Any, passes: int = 1) -> float:
+    def device_mb_per_pair(self, needs: "SiteNeeds", passes: int = 1) -> float:
         """Device megabytes one prompt pair takes in a gradient run reading ``needs`` (sites ``act``,
         ``base`` and ``grad``) with ``passes`` backward passes: the base forward's autograd graph, plus
         the cached activations and gradients unless they are offloaded."""

@@ -132,8 +132,8 @@ class MemoryBudget:
             raise option_error("{memory_budget_mb} must be positive")
         g, T = plan.graph, n_positions
         d, H = model.shape.d_model, model.shape.n_heads
-        per_pair = (4 * T * (g.n_writers + g.n_readers) * d / 2 ** 20 + 2 * 8 * g.P * g.n_writers * g.n_readers / 2 ** 20
-                    + cache_mb)
+        per_pair = (4 * T * (g.n_writers + g.n_readers) * d / 2 ** 20
+                    + 2 * 8 * g.P * g.n_writers * g.n_readers / 2 ** 20 + cache_mb)
         bs = max(1, min(batch_size, int(budget_mb // max(per_pair, 1e-9))))
         if not plan.has_qk:
             return cls(bs, g.n_writers, round(bs * per_pair, 1))
