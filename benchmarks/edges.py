@@ -37,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import edgeatp as ea  # noqa: E402
+from edgeatp.metrics import get_metric  # noqa: E402
 from autocircuit_compare import AC_RECIPE, Case, ac_available, code_version, random_case, run_side, zoo_case  # noqa: E402
 from autocircuit_side import rss_mb, timed_runs  # noqa: E402
 
@@ -73,7 +74,7 @@ def plain_pass(adapter: ea.ModelAdapter, pairs: ea.PromptPairs) -> Callable[[], 
     """Forward of all pairs, summed logit difference, gradient w.r.t. the input embedding; no hooks."""
     model = adapter.model
     batch = pairs.batch(torch.arange(len(pairs)))
-    metric = ea.get_metric("logit_diff")
+    metric = get_metric("logit_diff")
     tokens = batch.base
 
     def run() -> None:

@@ -80,6 +80,82 @@ class FaithfulnessCurve:
     label: str = ""  # which ranking or search made the circuits
 
 
+@dataclass(frozen=True)
+class CircuitMetrics:
+    """MIB's circuit metrics of one ranking (or one set of searched circuits): faithfulness of the
+    circuits at the grid's fractions of all ``n_edges`` edges, CPR (area under faithfulness over the
+    nominal fraction, linear; higher is better) and CMD (area under ``|1 − faithfulness|``; lower is
+    better). CPR's circuits are the top edges by the ranking score signed by the estimate's direction
+    (edges that carry the behaviour first), CMD's by the ranking score; searched circuits serve both.
+    Sizes are kept edges after the cleanup."""
+
+    label: str
+    n_edges: int
+    grid: tuple[float, ...]
+    cpr_sizes: tuple[int, ...]
+    cpr_faithfulness: tuple[float, ...]
+    cmd_sizes: tuple[int, ...]
+    cmd_faithfulness: tuple[float, ...]
+    cpr: float
+    cmd: float
+    n_forwards: int
+
+
+@dataclass(frozen=True)
+class RefinedSize:
+    """One size of a circuit search: the ranking's top-``size`` circuit and the searched one (at most
+    ``size`` edges), both measured exactly; ``found_by`` names the step that found it (ranking, mask,
+    greedy, exhaustive) and ``n_forwards`` what searching at this size spent."""
+
+    size: int
+    edges: tuple[str, ...]
+    faithfulness: float
+    necessity: float
+    before_edges: int
+    before_faithfulness: float
+    before_necessity: float
+    found_by: str
+    n_forwards: int
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """A circuit search from a ranking (``ranking``: its method) within a budget of forwards: its
+    settings, what it spent in all (the final exact check included), the clean and corrupt mean
+    metrics, and per size the circuit before and after."""
+
+    ranking: str
+    objective: str
+    budget: int
+    seed: int
+    n_candidates: int
+    n_forwards: int
+    clean_metric: float
+    corrupt_metric: float
+    sizes: tuple[RefinedSize, ...]
+
+    def before_curve(self) -> FaithfulnessCurve:
+        """The ranking's top-k circuits as a curve (sizes in kept edges)."""
+        s = self.sizes
+        return FaithfulnessCurve(tuple(r.before_edges for r in s), tuple(r.before_faithfulness for r in s),
+                                 tuple(r.before_necessity for r in s), self.clean_metric, self.corrupt_metric,
+                                 f"top-k of {self.ranking}")
+
+    def after_curve(self) -> FaithfulnessCurve:
+        """The searched circuits as a curve (sizes in kept edges)."""
+        s = self.sizes
+        return FaithfulnessCurve(tuple(len(r.edges) for r in s), tuple(r.faithfulness for r in s),
+                                 tuple(r.necessity for r in s), self.clean_metric, self.corrupt_metric,
+                                 f"refined from {self.ranking}")
+
+    def at(self, size: int) -> RefinedSize:
+        """The record of one searched size."""
+        for r in self.sizes:
+            if r.size == size:
+                return r
+        raise KeyError(f"size {size} was not searched; searched sizes: {', '.join(str(r.size) for r in self.sizes)}")
+
+
 UnitKind = Literal["component", "group", "coarse_edge"]
 
 
@@ -133,7 +209,8 @@ class Circuit:
     """A set of edges with the estimates it was chosen from and what verification found.
 
     ``in_graph``, ``score`` and ``signed`` are ``[P, W, R]`` like the graph's scores (``P = 1``
-    for a position-aggregated graph).
+    for a position-aggregated graph). ``refinement`` records the circuit search that produced it
+    (if any) and ``circuit_metrics`` MIB's CPR/CMD of its ranking (and of searched circuits).
     """
 
     graph: EdgeGraph
@@ -152,6 +229,8 @@ class Circuit:
     verification: Verification | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     kv_view: KVView | None = None
+    refinement: Refinement | None = None
+    circuit_metrics: tuple[CircuitMetrics, ...] = ()
 
     def __post_init__(self) -> None:
         want = (self.graph.P, self.graph.n_writers, self.graph.n_readers)

@@ -9,7 +9,9 @@ shows the traceback. Options and files are checked before torch is imported, so 
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import json
 import math
 import os
@@ -24,15 +26,17 @@ from typing import Any, Callable, Iterator, Sequence
 import click
 
 from . import __version__
-from .config import DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
+from .config import (BACKEND_CHOICES, DEVICE_PATTERN, DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig,
+                     check_config)
 from .errors import EdgeatpError
 from .methods import METHODS
+from .timings import mark, recording
 
 FORMATS = ("json", "mib", "dot", "svg", "png", "pdf", "md", "html", "networkx")
 DEFAULT_FORMATS = "json,dot,svg,md"
 FLAG_NAMES = {"n_verify": "--verify", "memory_budget_mb": "--memory-budget", "top": "--verify",
               "m": "--bound-samples", "samples": "--bound-samples", "p": "--bound-p", "out_dir": "--out",
-              "overwrite": "--force"}
+              "overwrite": "--force", "budget": "--refine-budget"}
 
 
 def flag(option: str) -> str:
@@ -151,7 +155,13 @@ def _check_model_spec(spec: str) -> None:
 
         if spec[4:] not in ZOO:
             raise EdgeatpError(f"--model {spec}: the zoo has {', '.join('zoo:' + n for n in ZOO)}")
-    elif not Path(spec).expanduser().exists() and re.search(r"[\s]", spec):
+        return
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise EdgeatpError(f"--model {spec}: this is a file; pass the checkpoint folder that holds config.json")
+    if not path.exists() and spec.startswith(("/", "./", "../", "~")):
+        raise EdgeatpError(f"--model {spec}: no such folder; pass a checkpoint folder, zoo:NAME or a model name")
+    if not path.exists() and re.search(r"[\s]", spec):
         raise EdgeatpError(f"--model {spec!r} is neither a folder nor a model name (names have no spaces)")
 
 
@@ -163,17 +173,33 @@ def _check_data(path: str | None) -> None:
         check_records(Path(path), read_rows(Path(path)))
 
 
-def _group_file(spec: str | None) -> None:
-    """A ``--group`` file must exist and be JSON (named group specs are checked later)."""
-    if spec and spec not in ("layer", "head") and not spec.startswith("span:") and not Path(spec).is_file():
-        raise EdgeatpError(f"--group {spec!r}: no such file; use layer, head, span:a-b,... or a JSON file of "
-                           "named node lists")
+def _check_group(spec: str | None) -> None:
+    """A ``--group`` spec must name groups: valid spans, or a JSON file of named node lists."""
+    if spec:
+        from .groupspec import check_group_spec
+
+        check_group_spec(spec)
+
+
+def _check_circuit_file(path: str) -> None:
+    """A circuit file must hold a circuit (JSON of a known format and version, following the schema)."""
+    from .export.schema import check_circuit_data, load_json_data
+
+    check_circuit_data(load_json_data(Path(path)))
+
+
+def _skip_final_collection() -> None:
+    """Freeze the heap at exit, so the interpreter's last garbage collection does not walk the
+    millions of objects torch and TransformerLens made (seconds of a run's wall time)."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeatp")
 def main() -> None:
     """edgeatp: find the circuits inside transformer language models (AtP*, edge attribution, exact verification)."""
+    _skip_final_collection()
 
 
 # ------------------------------------------------------------------------------------ discover
@@ -234,20 +260,35 @@ def main() -> None:
               help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
+@click.option("--refine", is_flag=True,
+              help="Search for better edge circuits with exact whole-circuit runs, from the method's top edges "
+                   "(greedy add/remove/swap passes and a learned edge mask), and keep the best one.")
+@click.option("--refine-budget", type=click.IntRange(1), default=2000, show_default=True,
+              help="Forwards the --refine search may spend, its final exact check included.")
+@click.option("--refine-sizes", default=None,
+              help="Circuit sizes (edges) --refine searches: a comma list, or mib for MIB's grid (then CPR/CMD of "
+                   "the searched circuits too). Default: the curve's sizes up to the chosen circuit's.")
 @click.option("--out", type=click.Path(file_okay=False), default="edgeatp-out", show_default=True,
               help="Output folder (written as a whole at the end; files of an earlier run are replaced).")
 @click.option("--format", "fmt", default=DEFAULT_FORMATS, show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="TransformerLens model class: hooked (HookedTransformer, TL 3.x), bridge (TransformerBridge, "
+                   "TL 4.x or 3.9), auto (hooked where TransformerLens has it).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--timings", is_flag=True,
+              help="Print where the time went (import, load, attribute, select, verify, write; wall and CPU "
+                   "seconds) to stderr, and add it to the --json summary.")
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
              bound_p: float, direction: str, device: str | None, n_devices: int, dtype: str | None, batch_size: int,
-             memory_budget: float, offload: bool, seed: int, collective_timeout: float, threads: int | None, out: str,
-             fmt: str, allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+             memory_budget: float, offload: bool, seed: int, collective_timeout: float, threads: int | None,
+             refine: bool, refine_budget: int, refine_sizes: str | None, out: str, fmt: str, allow_download: bool,
+             quiet: bool, as_json: bool, backend: str, debug: bool, timings: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
     cfg = DiscoverConfig(model=model_spec, task=task, data=data, n_pairs=n_pairs, metric=metric, method=method,
@@ -256,39 +297,46 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
                          direction=direction, device=device, n_devices=n_devices, dtype=dtype, batch_size=batch_size,
                          memory_budget=memory_budget, offload=offload, seed=seed, allow_download=allow_download,
-                         threads=threads)
+                         threads=threads, refine=refine, refine_budget=refine_budget, refine_sizes=refine_sizes,
+                         backend=backend)
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)
-    _group_file(group)
-    with _data_parallel(device, collective_timeout) as ranks:
+    _check_group(group)
+    from .export.files import check_writable
+
+    check_writable(Path(out))
+    t0 = time.time()
+    with recording() as clock, _data_parallel(device, collective_timeout) as ranks:
         from dataclasses import replace
 
         from .distributed import local_device
-        from .export.files import check_writable
-
-        quiet_text = quiet or as_json or not ranks.is_main
-        if ranks.is_main:
-            check_writable(Path(out))
-        if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
-            _quiet_libraries()
-        t0 = time.time()
         from .pipeline import run_discover
         from .progress import for_stream, silent
 
+        quiet_text = quiet or as_json or not ranks.is_main
+        if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
+            _quiet_libraries()
+        mark("import")
         result = run_discover(replace(cfg, device=local_device(device)),
                               progress=silent if quiet_text else for_stream(sys.stderr),
                               log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
-        if not ranks.is_main:
-            return
-        written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
-        summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
-                   "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
-        if as_json:
-            click.echo(_json(summary))
-        else:
-            _say(quiet, result.describe())
-            _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+        if ranks.is_main:  # only rank 0 writes and speaks
+            written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
+            mark("write")
+    if not ranks.is_main:
+        return
+    summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
+               "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
+    if timings:
+        click.echo(f"timings: {clock.describe()}", err=True)
+        summary["timings"] = {name: {"wall": round(clock.wall[name], 3), "cpu": round(clock.cpu[name], 3)}
+                              for name in clock.wall}
+    if as_json:
+        click.echo(_json(summary))
+    else:
+        _say(quiet, result.describe())
+        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
 
 
 def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: Any = None, **kwargs: Any) -> Any:
@@ -339,14 +387,23 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
     """Re-verify a saved circuit with exact patches and whole-circuit runs, and rewrite its files."""
     if task and data:
         raise EdgeatpError("give either --task or --data, not both")
+    if model_spec is not None:
+        _check_model_spec(model_spec)
+    if task:
+        from .tasks.builtin import task_spec
+
+        task_spec(task)
     _check_data(data)
+    _check_circuit_file(circuit_file)
+    if device is not None and not DEVICE_PATTERN.fullmatch(device):
+        raise EdgeatpError(f"--device {device!r} is unknown; use cpu, cuda, cuda:N or mps")
     target = Path(out) if out else Path(circuit_file)
+    from .export.files import check_writable
+
+    check_writable(target.parent)
     with _data_parallel(device, collective_timeout) as ranks:
         from .distributed import local_device
-        from .export.files import check_writable
 
-        if ranks.is_main:
-            check_writable(target.parent)
         quiet_text = quiet or as_json or not ranks.is_main
         if quiet_text or not sys.stderr.isatty():
             _quiet_libraries()
@@ -358,16 +415,72 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
                           n_verify=n_verify, sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
                           device=local_device(device), n_devices=n_devices, allow_download=allow_download,
                           progress=silent if quiet_text else for_stream(sys.stderr))
-        if not ranks.is_main:
-            return
-        existing = set_files(target.parent, target.stem) if not out else []
-        formats = _formats_of(existing, target.stem) or ["json"]
-        written = _write(result.circuit, target.parent, formats, target.stem)
-        if as_json:
-            click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
-        else:
-            _say(quiet, result.describe())
-            _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+        if ranks.is_main:  # only rank 0 writes and speaks
+            existing = set_files(target.parent, target.stem) if not out else []
+            formats = _formats_of(existing, target.stem) or ["json"]
+            _report(result, target, formats, quiet, as_json)
+
+
+def _report(result: Any, target: Path, formats: list[str], quiet: bool, as_json: bool) -> None:
+    """Write a re-run's circuit as ``target`` in ``formats`` and print its summary (text or JSON)."""
+    written = _write(result.circuit, target.parent, formats, target.stem)
+    if as_json:
+        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
+    else:
+        _say(quiet, result.describe())
+        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+
+
+# ------------------------------------------------------------------------------------ refine
+@main.command("refine")
+@click.argument("circuit_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sizes", default=None,
+              help="Circuit sizes (edges) to search: a comma list such as 5,10,20, or mib for MIB's grid (then "
+                   "CPR/CMD of the searched circuits too). Default: the curve's sizes up to the circuit's own; its "
+                   "own size is always searched.")
+@click.option("--refine-budget", "budget", type=click.IntRange(1), default=2000, show_default=True,
+              help="Forwards the search may spend, its final exact check included.")
+@click.option("--seed", type=int, default=None, help="Search seed (default: the recorded one).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="The prompt pairs the circuit was found on, when they moved.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Prompt pairs per forward (circuits are stacked along the batch too).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the refined circuit (default: NAME-refined.json next to the input, with the "
+                   "input's other formats).")
+@click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | None, data: str | None,
+               batch_size: int, out: str | None, allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+    """Search a saved edge circuit's sizes for more faithful circuits with exact whole-circuit runs."""
+    from .config import parse_sizes
+
+    parse_sizes(sizes)
+    _check_data(data)
+    source = Path(circuit_file)
+    target = Path(out) if out else source.with_name(f"{source.stem}-refined.json")
+    from .export.files import check_writable
+
+    check_writable(target.parent)
+    quiet_text = quiet or as_json
+    if quiet_text or not sys.stderr.isatty():
+        _quiet_libraries()
+    from .export import set_files
+    from .pipeline import refine_saved
+    from .progress import for_stream, silent
+
+    try:
+        result = refine_saved(source, sizes=sizes, budget=budget, seed=seed, data=data, batch_size=batch_size,
+                              allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr),
+                              log=lambda s: _say(quiet_text, s))
+    except EdgeatpError as exc:  # this command's flag for the sizes is --sizes
+        exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}
+        raise
+    formats = (_formats_of(set_files(source.parent, source.stem), source.stem) or ["json"]) if not out else ["json"]
+    _report(result, target, formats, quiet, as_json)
 
 
 def _formats_of(files: list[str], stem: str) -> list[str]:
@@ -413,10 +526,12 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
     if not wanted:
         raise EdgeatpError(f"nothing to write: {path.name} is already the circuit's JSON in {folder}; choose another "
                            "--format or --out")
-    from .export import read_circuit
     from .export.files import check_writable
 
     check_writable(folder)
+    _check_circuit_file(str(path))
+    from .export import read_circuit
+
     circuit = read_circuit(path)
     written = _write(circuit, folder, wanted, path.stem, replace_set=False, overwrite=force)
     if not written.paths:

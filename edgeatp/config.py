@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -19,6 +20,8 @@ SELECTION_RULES = ("top_k", "threshold", "cumulative", "greedy")
 LEVEL_CHOICES = ("edge", "node", "neuron")
 METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl")
 DTYPE_CHOICES = ("float32", "float64", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # what torch.device takes and edgeatp runs on
+BACKEND_CHOICES = ("auto", "hooked", "bridge")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class DiscoverConfig:
     seed: int = 0
     allow_download: bool = False
     threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
+    refine: bool = False
+    refine_budget: int = 2000
+    refine_sizes: str | None = None  # comma list of edge counts or "mib"; None: the curve's sizes up to the circuit's
+    backend: str = "auto"  # TransformerLens class: hooked (HookedTransformer), bridge (TransformerBridge), auto
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "the saved configuration") -> "DiscoverConfig":
@@ -79,14 +86,22 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error(f"{{metric}} {cfg.metric!r} is unknown; choose from {', '.join(METRIC_CHOICES)}")
     if cfg.direction not in ("noising", "denoising"):
         raise option_error(f"{{direction}} {cfg.direction!r} is unknown; use noising or denoising")
+    if cfg.backend not in BACKEND_CHOICES:
+        raise option_error(f"{{backend}} {cfg.backend!r} is unknown; choose from {', '.join(BACKEND_CHOICES)}")
     if cfg.dtype is not None and cfg.dtype not in DTYPE_CHOICES:
         raise option_error(f"{{dtype}} {cfg.dtype!r} is unknown; choose from {', '.join(DTYPE_CHOICES)}")
+    if cfg.device is not None and not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise option_error(f"{{device}} {cfg.device!r} is unknown; use cpu, cuda, cuda:N or mps")
     level = "group" if cfg.group and cfg.level != "edge" else cfg.level
     method = get_method(cfg.method, "node" if level == "neuron" else level)
     if cfg.level != "edge" and rule not in (None, "top_k"):
         raise option_error(f"{{{rule}}} works on edges; node and neuron circuits use {{top_k}}")
     if cfg.task and cfg.data:
         raise option_error("give either {task} or {data}, not both")
+    if cfg.task:
+        from .tasks.builtin import task_spec  # torch-free, imported only when a task is named
+
+        task_spec(cfg.task)
     if cfg.n_pairs < 1:
         raise option_error("{n_pairs} must be at least 1")
     if cfg.n_devices < 1:
@@ -124,7 +139,28 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error("node groups carry their own positions (e.g. span:0-3); drop {positions}")
     if cfg.group == "layer" and cfg.level == "edge" and cfg.positions:
         raise option_error("coarse edges between layers are position-aggregated; drop {positions}")
+    if cfg.refine and cfg.level != "edge":
+        raise option_error("{refine} searches edge circuits; drop it or use {level} edge")
+    if cfg.refine_sizes is not None and not cfg.refine:
+        raise option_error("{refine_sizes} says what {refine} searches; add {refine} or drop it")
+    if cfg.refine_budget < 1:
+        raise option_error("{refine_budget} must be a positive number of forwards")
+    parse_sizes(cfg.refine_sizes, "refine_sizes")
     if method.is_estimate and cfg.metric == "kl" and cfg.direction == "noising":
         raise option_error("{metric} kl has zero gradient at the clean run, so gradient methods cannot estimate "
                            "noising effects with it; use {direction} denoising, another metric or {method} exact")
     return rule
+
+
+def parse_sizes(spec: str | None, option: str = "sizes") -> tuple[int, ...] | str | None:
+    """Circuit sizes to search: a comma list of positive edge counts, ``"mib"`` (MIB's grid) or ``None``."""
+    if spec is None or spec.strip().lower() == "mib":
+        return None if spec is None else "mib"
+    try:
+        sizes = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(k < 1 for k in sizes):
+        raise OptionError(f"{{{option}}} {spec!r}: give positive edge counts separated by commas (e.g. 5,10,20) "
+                          "or mib", **{option: option})
+    return sizes

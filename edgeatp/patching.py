@@ -27,7 +27,7 @@ from .metrics import sign_convention
 from .model import FwdHook, ModelAdapter, Site, WriterLayout, capture, node_site
 from .model.sites import expand
 from .setup import Setup
-from .tasks.pairs import Direction
+from .tasks.pairs import Direction, PairBatch
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
     n, s = setup.n_pairs, intervention.n_sets
     if s == 0:
         raise EdgeatpError("nothing to patch: the list of patch sets is empty")
-    pair_bs = max(1, min(n, setup.batch_size))
-    chunk = max(1, setup.batch_size // pair_bs)
+    pair_bs, chunk = _stacking(setup)
     per_pair = torch.zeros(n, s, dtype=torch.float64, device=model.device)  # in host memory once done
     base_metric = torch.zeros(n, dtype=torch.float64, device=model.device)
     forwards = 0
@@ -109,6 +108,19 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
     return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]
                         forwards)
+
+
+def _stacking(setup: Setup) -> tuple[int, int]:
+    """Pairs per batch and patch sets stacked per forward in a sweep."""
+    pair_bs = max(1, min(setup.n_pairs, setup.batch_size))
+    return pair_bs, max(1, setup.batch_size // pair_bs)
+
+
+def sweep_forwards(setup: Setup, n_sets: int) -> int:
+    """The forwards :func:`sweep` spends (and counts) on ``n_sets`` patch sets: to plan work within a budget."""
+    pair_bs, chunk = _stacking(setup)
+    n_batches = sum(1 for _ in setup.pairs.batches(pair_bs, setup.direction, same_length=not setup.model.causal))
+    return n_batches * (2 + -(-n_sets // chunk))
 
 
 # ------------------------------------------------------------------------------------ nodes
@@ -211,10 +223,15 @@ class EdgePatch:
 def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
                     source: dict[Site, torch.Tensor]) -> list[tuple[Site, FwdHook]]:
     """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, P, W, R]``: each patched
-    reader reads its own copy of the residual in which the writers' source values replace theirs."""
+    reader reads its own copy of the residual in which the writers' source values replace theirs.
+
+    A float mask moves each edge by that fraction of its writer's source-minus-current delta
+    (0 = the edge as it is, 1 = its source value) and is differentiable; a boolean mask is its
+    0/1 case, on the same code path."""
     mask = mask.to(adapter.device)
     T = next(iter(source.values())).shape[1]
-    mask = mask[:, :T] if graph.positional else mask.expand(-1, T, -1, -1)  # [rows, T, W, R]
+    mask = mask[:, :T] if graph.positional else mask  # [rows, T, W, R], or [rows, 1, W, R] for all positions
+    live = _live(graph, mask)
     site_writers = {s: torch.tensor(idx, device=adapter.device) for s, (idx, _) in writers.groups.items()}
     current: dict[Site, torch.Tensor] = {}  # this forward's writer activations, as they happen
     deltas: dict[Site, torch.Tensor] = {}  # source minus current writes of a site, once it has fired
@@ -233,10 +250,10 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         return deltas[site]
 
     def summed(readers: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[rows, T, n, d]`` summed deltas into these readers and the ``[rows, T, n]`` touched flags,
+        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T|1, n]`` touched flags,
         on the readers' ``device`` (a split model's writers may live on earlier devices)."""
-        m = mask[..., readers]
-        used = m.any(dim=3).any(dim=1).any(dim=0)  # [W]
+        on = live[..., readers]
+        used = on.any(dim=3).any(dim=1).any(dim=0)  # [W]
         if not bool(used.any()):
             return None
         parts, cols = [], []
@@ -247,8 +264,13 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
                 parts.append(delta[:, :, sel.to(delta.device)].to(device))
                 cols.append(idx[sel])
         D = torch.cat(parts, dim=2)  # [rows, T, w, d]
-        m = m.to(device)
-        return torch.einsum("rtwd,rtwn->rtnd", D, m[:, :, torch.cat(cols).to(device)].to(D.dtype)), m.any(2)
+        weights = mask[:, :, torch.cat(cols)][..., readers].to(device, D.dtype)  # [rows, T|1, w, n]
+        on = on.to(device)
+        if weights.shape[1] == 1:  # one weight for all positions: one matrix product per row
+            R, T_, w, d = D.shape
+            out = torch.bmm(weights[:, 0].transpose(1, 2), D.permute(0, 2, 1, 3).reshape(R, w, T_ * d))
+            return out.view(R, -1, T_, d).transpose(1, 2), on.any(2)
+        return torch.matmul(D.transpose(2, 3), weights).transpose(2, 3), on.any(2)
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
@@ -277,7 +299,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
     for site in writers.sites():
         hooks.append((site, record(site)))
     for (kind, layer), (rs, hs) in graph.reader_sites().items():
-        if not bool(mask[..., rs].any()):
+        if not bool(live[..., rs].any()):
             continue
         if kind in ("q", "k", "v"):
             hooks.append((Site("resid_pre", layer), keep_resid(layer)))
@@ -287,6 +309,16 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         else:
             hooks.append((Site("resid_final"), resid_reader(rs)))
     return hooks
+
+
+def _live(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask may move a reader's input: its set (or non-zero) entries, and every existing edge
+    when the mask takes gradients (a zero weight still has a derivative)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.requires_grad:
+        return graph.mask.to(mask.device).expand_as(mask)
+    return mask != 0
 
 
 def edge_masks(graph: EdgeGraph, sets: Sequence[Sequence[Edge]]) -> torch.Tensor:
@@ -329,6 +361,32 @@ def run_circuit(setup: Setup, graph: EdgeGraph, keep: torch.Tensor, knockout: bo
     keeps = keep[None] if keep.dim() == 3 else keep
     masks = keeps.bool() if knockout else ~keeps.bool()
     return patch_edges(setup, graph, masks & graph.mask, labels=[f"circuit{i}" for i in range(len(masks))])
+
+
+def edge_sources(setup: Setup, graph: EdgeGraph, batch: PairBatch) -> dict[Site, torch.Tensor]:
+    """The source run's writer activations of a batch: what :func:`weighted_run` moves edges towards."""
+    _check_graph(setup, graph)
+    with setup.model.ungrouped(graph.ungrouped):
+        return capture(setup.model, batch.source, WriterLayout(setup.model, graph).sites(), logits=False)[1]
+
+
+def weighted_run(setup: Setup, graph: EdgeGraph, batch: PairBatch, weights: torch.Tensor,
+                 source: dict[Site, torch.Tensor], ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric values ``[S, B]`` of the base run of ``batch`` with every edge moved by ``weights[s]``
+    (``[S, P, W, R]`` floats: the fraction of the edge's source-minus-current delta applied; 0/1
+    weights give :func:`run_circuit`'s patches), differentiable in ``weights``. ``source`` comes from
+    :func:`edge_sources`, ``ref`` from :meth:`Setup.reference` (metrics that compare with the clean run)."""
+    model = setup.model
+    S, B = int(weights.shape[0]), len(batch)
+    pair_rows = torch.arange(B, device=model.device).repeat(S)
+    set_rows = torch.arange(S, device=weights.device).repeat_interleave(B)
+    rows = batch.repeat_rows(pair_rows)
+    w = (weights * graph.full_mask.to(weights.device))[set_rows]
+    with model.ungrouped(graph.ungrouped):
+        hooks = edge_mask_hooks(model, graph, WriterLayout(model, graph), w,
+                                {s: v[pair_rows.to(v.device)] for s, v in source.items()})
+        logits = model.forward(rows.base, hooks)
+    return setup.metric(logits, rows, ref[pair_rows.to(ref.device)] if ref is not None else None).view(S, B)
 
 
 def _check_graph(setup: Setup, graph: EdgeGraph) -> None:

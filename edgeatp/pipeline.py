@@ -22,14 +22,17 @@ from .attribution.grouping import attribute_groups, coarse_edges, parse_groups, 
 from .attribution.nodes import attribute_nodes
 from .circuit import (Circuit, FaithfulnessCurve, Selection, circuit_from_edges, coarse_edge_units, group_circuit,
                       node_circuit, prune, top_k_circuits)
-from .config import DiscoverConfig, check_config
+from .config import DiscoverConfig, check_config, parse_sizes
 from .errors import EdgeatpError, OptionError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
 from .progress import Progress, silent
 from .scores import EdgeScores
 from .setup import Setup
+from .mib import grid_sizes, ranking_metrics, refined_metrics
+from .search import refine
 from .tasks import PromptPairs, load_pairs, make_task
+from .timings import mark
 from .verification import (circuits_faithfulness, component_curve, measure, verify, verify_components,
                            with_exact_units)
 
@@ -57,7 +60,7 @@ def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
     """The model a config names, run under the config's thread policy (restored afterwards):
     as asked, else one thread for small models (more only add overhead there), else torch's default."""
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download,
-                       n_devices=cfg.n_devices)
+                       backend=cfg.backend, n_devices=cfg.n_devices)
     threads = cfg.threads
     if threads is None and sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1
@@ -113,6 +116,15 @@ class DiscoverResult:
             units = c.units_of(kind)  # type: ignore[arg-type]
             if units:
                 out[f"top_{kind}s"] = [asdict(u) for u in units[:top]]
+        if c.circuit_metrics:
+            out["circuit_metrics"] = [{"label": m.label, "cpr": m.cpr, "cmd": m.cmd, "n_edges": m.n_edges}
+                                      for m in c.circuit_metrics]
+        if c.refinement is not None:
+            r = c.refinement
+            out["refinement"] = {"ranking": r.ranking, "budget": r.budget, "n_forwards": r.n_forwards, "seed": r.seed,
+                                 "n_candidates": r.n_candidates, "objective": r.objective,
+                                 "sizes": [{"size": x.size, "before": x.before_faithfulness, "after": x.faithfulness,
+                                            "edges": len(x.edges), "found_by": x.found_by} for x in r.sizes]}
         if v is not None:
             out["verification"] = {"n_checked": len(v.checks), "n_ranked": v.n_ranked,
                                    "rank_correlation": v.rank_correlation, "sign_agreement": v.sign_agreement,
@@ -135,6 +147,13 @@ class DiscoverResult:
                          f"({_fmt(v.largest_miss_size)}), largest |exact| of the {v.outside_checked} checked "
                          f"outside the circuit {_fmt(v.outside_max)}" + (f", bound {_fmt(v.bound)}"
                                                                          if v.bound is not None else ""))
+        for m in c.circuit_metrics:
+            lines.append(f"  MIB {m.label}: CPR {_fmt(m.cpr)} (higher is better), CMD {_fmt(m.cmd)} (lower is better)")
+        if c.refinement is not None:
+            r = c.refinement
+            steps = ", ".join(f"{x.size}: {x.before_faithfulness:.3f} -> {x.faithfulness:.3f}" for x in r.sizes)
+            lines.append(f"  refined with exact circuit search ({r.n_forwards} forwards of {r.budget}): faithfulness "
+                         f"by size {steps}")
         if c.level == "edge":
             lines.append("  top edges: " + ", ".join(e["edge"] for e in s["top_edges"]))
         for kind, label in (("component", "top components"), ("group", "top groups"),
@@ -162,11 +181,13 @@ def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = la
     rule = check_config(cfg)
     with loaded_model(cfg) as model:
         setup, label = make_setup(cfg, model, progress)
+        mark("load")
         log(f"{model.name}: {model.shape.n_layers} layers x {model.shape.n_heads} heads; {label}")
         if cfg.level == "edge":
             circuit, scores = _edge_circuit(setup, cfg, rule, log)
             if per_head_view and model.shape.grouped:
                 circuit = circuit.with_(kv_view=per_head_kv(setup, scores))
+                mark("attribute")
         elif cfg.group:
             circuit, scores = _group_circuit(setup, cfg, log), None
         else:
@@ -197,7 +218,8 @@ def _pick(curve: FaithfulnessCurve, target: float) -> int:
 
 
 def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log) -> tuple[Circuit, EdgeScores]:
-    scores = attribute_edges(setup, cfg.method, positions=cfg.positions)
+    scores = attribute_edges(setup, cfg.method, positions=cfg.positions)  # within the setup's memory budget
+    mark("attribute")
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
     candidates = top_k_circuits(scores, _curve_sizes(scores.graph.n_edges))
     curve = circuits_faithfulness(setup, [c for _, c in candidates], label=f"top-k of {cfg.method}")
@@ -209,7 +231,11 @@ def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log)
         circuit = circuit_from_edges(scores, chosen.in_graph, "target", cfg.target)
         circuit = circuit.with_(selection=replace(circuit.selection, requested=k))  # type: ignore[arg-type]
     circuit = _target_note(measure(setup, circuit), cfg.target)
+    mark("select")
     log(f"kept {circuit.n_edges} edges; faithfulness {circuit.faithfulness:.3f}")
+    circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
+    if cfg.refine:
+        circuit = refined_circuit(setup, scores, circuit, cfg, log)
     if cfg.n_verify or cfg.sample_below:
         circuit = circuit.with_(verification=verify(
             setup, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed, bound=cfg.bound,
@@ -218,7 +244,47 @@ def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log)
         coarse = coarse_edges(scores)
         exact = patch_coarse_edges(setup, coarse, scores.graph)
         circuit = circuit.with_(units=coarse_edge_units(coarse, set(), dict(zip(exact.labels, exact.mean.tolist()))))
+    mark("verify")
     return circuit.with_(curve=curve), scores
+
+
+def search_sizes(spec: str | None, n_edges: int, own: int) -> list[int]:
+    """Sizes to search: the given edge counts, MIB's grid sizes (``"mib"``), or the faithfulness
+    curve's sizes up to the circuit's own; the circuit's own size always."""
+    sizes = parse_sizes(spec, "refine_sizes")
+    if sizes == "mib":
+        chosen = {k for k in grid_sizes(n_edges) if 0 < k < n_edges}
+    elif sizes is None:
+        chosen = {k for k in CURVE_SIZES if k <= own}
+    else:
+        chosen = set(sizes)  # type: ignore[arg-type]
+    beyond = sorted(k for k in chosen if k > n_edges)
+    if beyond:
+        raise OptionError(f"{{refine_sizes}} {beyond[0]} is more than the graph's {n_edges} edges",
+                          refine_sizes="refine_sizes")
+    return sorted(chosen | {own})
+
+
+def refined_circuit(setup: Setup, scores: EdgeScores, circuit: Circuit, cfg: DiscoverConfig, log: Log,
+                    seed: int | None = None) -> Circuit:
+    """The circuit replaced by the result of an exact circuit search from ``scores`` (at the size its
+    selection asked for or, when it was chosen by the faithfulness target, the smallest searched size
+    reaching it),
+    with the search's record and, when the search covered MIB's grid, the searched circuits' CPR/CMD."""
+    requested = circuit.selection.requested if circuit.selection is not None else None
+    own = max(1, min(scores.graph.n_edges, requested or circuit.n_edges))  # the size the rule asked for
+    result = refine(setup, scores, search_sizes(cfg.refine_sizes, scores.graph.n_edges, own),
+                    budget=cfg.refine_budget, seed=cfg.seed if seed is None else seed)
+    by_target = circuit.selection is not None and circuit.selection.rule == "target"
+    reach = [r for r in result.sizes if r.after.faithfulness is not None and r.after.faithfulness >= cfg.target]
+    pick = reach[0] if by_target and reach else result.at(own)
+    log(f"refined: {pick.after.n_edges} edges, faithfulness {pick.before.faithfulness:.3f} -> "
+        f"{pick.after.faithfulness:.3f} ({result.n_forwards} forwards)")
+    mib = refined_metrics(result.refinement, scores.graph.n_edges)
+    chosen = pick.after.with_(curve=circuit.curve, units=circuit.units, meta=circuit.meta, kv_view=circuit.kv_view,
+                              refinement=result.refinement,
+                              circuit_metrics=circuit.circuit_metrics + ((mib,) if mib is not None else ()))
+    return _target_note(chosen, cfg.target)
 
 
 def _smallest_faithful(setup: Setup, cfg: DiscoverConfig, n_max: int, build: Callable[[int], Circuit],
@@ -246,13 +312,16 @@ def _node_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
     graph = EdgeGraph.from_shape(model.shape, neurons=cfg.level == "neuron")
     nodes = node_set(model.shape, fams, setup.pairs.n_positions if cfg.positions else None)
     scores = attribute_nodes(setup, cfg.method, nodes, positions=cfg.positions)
+    mark("attribute")
     n_comp = len({n.component.head_node for n in nodes})
     circuit = _smallest_faithful(setup, cfg, n_comp, lambda k: node_circuit(scores, graph, top_k=k),
                                  f"top-k components of {cfg.method}")
+    mark("select")
     kept = sum(u.in_circuit for u in circuit.units)
     log(f"kept {kept} of {len(circuit.units)} components; faithfulness {circuit.faithfulness:.3f}")
     if cfg.n_verify or cfg.sample_below:
         circuit = verify_components(setup, circuit, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed)
+    mark("verify")
     return circuit
 
 
@@ -262,12 +331,15 @@ def _group_circuit(setup: Setup, cfg: DiscoverConfig, log: Log) -> Circuit:
     groups = parse_groups(cfg.group, model.shape, setup.pairs.n_positions)  # type: ignore[arg-type]
     graph = EdgeGraph.from_shape(model.shape)
     est = attribute_groups(setup, groups, cfg.method)
+    mark("attribute")
     circuit = _smallest_faithful(setup, cfg, len(groups), lambda k: group_circuit(est, graph, top_k=k),
                                  f"top-k groups of {cfg.method}")
+    mark("select")
     exact = est.signed.tolist() if cfg.method == "exact" else None
     eff = None if exact is not None else patch_groups(setup, groups)
     values = dict(zip([g.name for g in groups], exact if exact is not None else eff.mean.tolist()))  # type: ignore[union-attr]
     circuit = with_exact_units(circuit, values, 0 if eff is None else eff.n_forwards)
+    mark("verify")
     kept = sum(u.in_circuit for u in circuit.units)
     log(f"kept {kept} of {len(groups)} groups; faithfulness {circuit.faithfulness:.3f}")
     return circuit
@@ -296,16 +368,58 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
              allow_download: bool = False, progress: Progress = silent) -> DiscoverResult:
     """Verify a saved circuit again (on its own data unless told otherwise): its own faithfulness
     and necessity, and fresh exact patches of its top edges (or components, or groups)."""
+    overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "n_verify": n_verify,
+                                 "sample_below": sample_below, "bound": bound}
+    with _saved(path, overrides, model=model, task=task, data=data, n_pairs=n_pairs, seed=seed, device=device,
+                n_devices=n_devices, progress=progress) as (circuit, cfg, setup, label):
+        circuit = _reverified(setup, cfg, circuit)
+        meta = {**circuit.meta, "reverified": {"data": label, "n_pairs": setup.n_pairs,
+                                               "data_fingerprint": setup.pairs.fingerprint()}}
+    return DiscoverResult(circuit.with_(meta=meta), cfg, label, setup.n_pairs)
+
+
+def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, seed: int | None = None,
+                 data: str | None = None, batch_size: int = 32, allow_download: bool = False,
+                 progress: Progress = silent, log: Log = lambda s: None) -> DiscoverResult:
+    """Search a saved edge circuit's sizes for better circuits (on its own model and data, from its
+    stored estimates as the ranking; ``seed`` seeds the search, default the recorded seed), measure
+    them exactly and verify the result again."""
     from .export import read_circuit
 
-    circuit = read_circuit(path)
+    saved = read_circuit(path)
+    if saved.level != "edge":
+        raise OptionError(f"{path} is a {saved.level}-level circuit; refine searches edge circuits (discover them "
+                          "with {level} edge)", level="level")
+    overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "refine": True,
+                                 "refine_budget": budget, "refine_sizes": sizes}
+    with _saved(path, overrides, data=data, progress=progress, circuit=saved) as (circuit, cfg, setup, label):
+        scores = _stored_scores(circuit)
+        circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
+        circuit = refined_circuit(setup, scores, circuit, cfg, log, seed)
+        if cfg.n_verify or cfg.sample_below:
+            circuit = circuit.with_(verification=verify(
+                setup, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed,
+                bound=cfg.bound, bound_samples=cfg.bound_samples, bound_p=cfg.bound_p))
+    return DiscoverResult(circuit, cfg, label, setup.n_pairs)
+
+
+@contextmanager
+def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, task: str | None = None,
+           data: str | None = None, n_pairs: int | None = None, seed: int | None = None, device: str | None = None,
+           n_devices: int | None = None, progress: Progress = silent,
+           circuit: Circuit | None = None) -> Iterator[tuple[Circuit, DiscoverConfig, Setup, str]]:
+    """A saved circuit (read from ``path`` unless given) with its recorded configuration (updated by
+    ``overrides`` and any of the other arguments given), its model loaded and its data (the recorded
+    data unless other data is given, refused when it changed)."""
+    from .export import read_circuit
+
+    circuit = circuit if circuit is not None else read_circuit(path)
     recorded = dict(circuit.meta.get("config") or {})
     if not recorded and model is None:
         raise OptionError(f"{path} does not record its model; pass {{model}} (and {{task}} or {{data}})",
                           model="model", task="task", data="data")
     base = DiscoverConfig.from_dict(recorded, f"{path}'s saved configuration") if recorded else DiscoverConfig()
-    overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "n_verify": n_verify,
-                                 "sample_below": sample_below, "bound": bound}
+    overrides = dict(overrides)
     overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed, "device": device,
                                         "n_devices": n_devices}.items() if v is not None})
     own_data = not (task or data)
@@ -327,10 +441,7 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
             raise OptionError(f"the data for {path} ({label}, {setup.n_pairs} pairs) is not the data it was found "
                               f"on ({recorded_print.get('n_pairs')} pairs with another content); pass the original "
                               "file, or {data}/{task} to verify on other data on purpose", data="data", task="task")
-        circuit = _reverified(setup, cfg, circuit)
-        meta = {**circuit.meta, "reverified": {"data": label, "n_pairs": setup.n_pairs,
-                                               "data_fingerprint": setup.pairs.fingerprint()}}
-    return DiscoverResult(circuit.with_(meta=meta), cfg, label, setup.n_pairs)
+        yield circuit, cfg, setup, label
 
 
 def _reverified(setup: Setup, cfg: DiscoverConfig, circuit: Circuit) -> Circuit:

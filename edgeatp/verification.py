@@ -32,48 +32,76 @@ from .tasks.pairs import Direction
 
 
 # ------------------------------------------------------------------------------------ faithfulness
-def clean_corrupt_means(setup: Setup) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Endpoints:
+    """The mean metric on the clean and on the corrupt prompts (faithfulness 1 and 0) and the
+    forwards that measured them."""
+
+    clean: float
+    corrupt: float
+    n_forwards: int
+
+    @property
+    def gap(self) -> float:
+        """``clean − corrupt``; refused when the two are the same (faithfulness is then undefined)."""
+        gap = self.clean - self.corrupt
+        if not math.isfinite(gap) or abs(gap) < 1e-9:
+            raise EdgeatpError("the clean and corrupt prompts give the same mean metric, so faithfulness is "
+                               "undefined; check the corrupt prompts or the answer tokens")
+        return gap
+
+    def normalise(self, metric: torch.Tensor) -> torch.Tensor:
+        """Mean metric values as ``(m − corrupt)/(clean − corrupt)``."""
+        return (metric.double() - self.corrupt) / self.gap
+
+
+def endpoints(setup: Setup) -> Endpoints:
     """Mean metric on the clean and on the corrupt prompts."""
-    totals = torch.zeros(2, dtype=torch.float64, device=setup.model.device)
+    totals, forwards = torch.zeros(2, dtype=torch.float64, device=setup.model.device), 0
     for batch in setup.batches("clean and corrupt runs"):
         ref = setup.reference(batch)
         for i, tokens in enumerate((batch.clean, batch.corrupt)):
             logits, _ = capture(setup.model, tokens, [])
             totals[i] += setup.metric(logits, batch, ref).double().sum().to(totals.device)
+        forwards += 2 + (ref is not None)
     setup.ranks.check("clean and corrupt runs")  # a data-parallel run: every process ran its own pairs
-    clean, corrupt = setup.ranks.sum_values(totals.tolist())
-    return clean / setup.n_pairs, corrupt / setup.n_pairs
+    clean, corrupt, forwards = setup.ranks.sum_values([*totals.tolist(), forwards])
+    ends = Endpoints(clean / setup.n_pairs, corrupt / setup.n_pairs, int(forwards))
+    ends.gap  # noqa: B018 - refuse an undefined faithfulness at once
+    return ends
 
 
-def _gap(m_clean: float, m_corrupt: float) -> float:
-    gap = m_clean - m_corrupt
-    if not math.isfinite(gap) or abs(gap) < 1e-9:
-        raise EdgeatpError("the clean and corrupt prompts give the same mean metric, so faithfulness is undefined; "
-                           "check the corrupt prompts or the answer tokens")
-    return gap
+def clean_corrupt_means(setup: Setup) -> tuple[float, float]:
+    """Mean metric on the clean and on the corrupt prompts."""
+    ends = endpoints(setup)
+    return ends.clean, ends.corrupt
+
+
+def faithfulness_of(setup: Setup, graph: EdgeGraph, keep: torch.Tensor, ends: Endpoints, necessity: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Exact faithfulness (and, if asked, necessity) of circuits given as ``[S, P, W, R]`` masks, and
+    the forwards spent. Noising patches corrupt values into the clean run and denoising clean
+    values into the corrupt run, so the two directions swap which edges are patched for
+    faithfulness: the edges outside the circuit when noising, the circuit's own when denoising."""
+    noising = setup.direction is Direction.NOISING
+    faithful = run_circuit(setup, graph, keep, knockout=not noising)
+    values = ends.normalise(faithful.base_metric.mean() + faithful.mean)
+    if not necessity:
+        return values, None, faithful.n_forwards
+    knocked = run_circuit(setup, graph, keep, knockout=noising)
+    return values, ends.normalise(knocked.base_metric.mean() + knocked.mean), faithful.n_forwards + knocked.n_forwards
 
 
 def circuits_faithfulness(setup: Setup, circuits: Sequence[Circuit], label: str = "") -> FaithfulnessCurve:
-    """Faithfulness and necessity of several edge circuits of one graph, in one sweep each.
-
-    Noising patches corrupt values into the clean run and denoising clean values into the
-    corrupt run, so the two directions swap which edges are patched for faithfulness."""
+    """Faithfulness and necessity of several edge circuits of one graph, in one sweep each."""
     if not circuits:
         raise EdgeatpError("no circuit to evaluate: every requested size leaves no edge after cleanup; "
                            "try larger sizes")
-    graph = circuits[0].graph
-    masks = torch.stack([c.in_graph for c in circuits])
-    m_clean, m_corrupt = clean_corrupt_means(setup)
-    gap = _gap(m_clean, m_corrupt)
-    outside = run_circuit(setup, graph, masks)
-    inside = run_circuit(setup, graph, masks, knockout=True)
-    faithful, necessary = (outside, inside) if setup.direction is Direction.NOISING else (inside, outside)
-    base = faithful.base_metric.mean().item()
-
-    def norm(effects: torch.Tensor) -> tuple[float, ...]:
-        return tuple(float((base + e - m_corrupt) / gap) for e in effects.tolist())
-    return FaithfulnessCurve(tuple(c.n_edges for c in circuits), norm(faithful.mean), norm(necessary.mean),
-                             m_clean, m_corrupt, label)
+    ends = endpoints(setup)
+    faithful, necessary, _ = faithfulness_of(setup, circuits[0].graph, torch.stack([c.in_graph for c in circuits]),
+                                             ends)
+    return FaithfulnessCurve(tuple(c.n_edges for c in circuits), tuple(faithful.tolist()),
+                             tuple(necessary.tolist()), ends.clean, ends.corrupt, label)  # type: ignore[union-attr]
 
 
 def faithfulness_curve(setup: Setup, scores: EdgeScores, sizes: Sequence[int], cleanup: bool = True
@@ -90,8 +118,7 @@ def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") 
     circuit patched as nodes, all circuits in one sweep."""
     if not circuits:
         raise EdgeatpError("no circuit to evaluate")
-    m_clean, m_corrupt = clean_corrupt_means(setup)
-    gap = _gap(m_clean, m_corrupt)
+    ends = endpoints(setup)
     writers = [w for w in circuits[0].graph.writers if w.kind is not NodeKind.INPUT]
     sets = []
     for c in circuits:
@@ -100,9 +127,9 @@ def component_curve(setup: Setup, circuits: Sequence[Circuit], label: str = "") 
         sets += [outside, inside] if setup.direction is Direction.NOISING else [inside, outside]
     eff = patch_nodes(setup, sets, labels=[f"{i // 2}{'fn'[i % 2]}" for i in range(len(sets))])
     base = eff.base_metric.mean().item()
-    values = [float((base + e - m_corrupt) / gap) for e in eff.mean.tolist()]
+    values = ends.normalise(base + eff.mean).tolist()
     sizes = tuple(sum(u.in_circuit for u in c.units) for c in circuits)  # kept components or groups
-    return FaithfulnessCurve(sizes, tuple(values[0::2]), tuple(values[1::2]), m_clean, m_corrupt, label)
+    return FaithfulnessCurve(sizes, tuple(values[0::2]), tuple(values[1::2]), ends.clean, ends.corrupt, label)
 
 
 def measure(setup: Setup, circuit: Circuit) -> Circuit:

@@ -34,9 +34,13 @@ def test_discover_with_no_arguments_writes_a_verified_circuit(discovered):
 
 def test_discover_json_summary_and_text_summary(tmp_path):
     res = run("discover", "--model", "zoo:induction", "--n-pairs", "16", "--out", str(tmp_path), "--json",
-              "--format", "json", "--verify", "5", "--sample-below", "3")
+              "--format", "json", "--verify", "5", "--sample-below", "3", "--timings")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
+    phases = summary["timings"]
+    assert list(phases) == ["import", "load", "attribute", "select", "verify", "write"]
+    assert all(p["wall"] >= 0 and p["cpu"] >= 0 for p in phases.values()) and "timings: import" in res.stderr
+    assert sum(p["wall"] for p in phases.values()) <= summary["seconds"] + 0.1
     assert summary["model"] == "zoo:induction" and summary["n_edges"] > 0
     assert summary["verification"]["n_checked"] == 8
     assert summary["direction"] == "noising" and "clean run with corrupt values" in summary["sign_convention"]
@@ -66,9 +70,10 @@ def test_groups_and_user_data(tmp_path):
     coarse = {g["name"]: g for g in summary["top_coarse_edges"]}
     assert "m1->logits" in coarse and coarse["m1->logits"]["exact"] is not None
     res = run("discover", "--level", "node", "--group", "head", "--n-pairs", "16", "--out", str(tmp_path),
-              "--format", "json", "--json")
+              "--format", "json", "--json", "--timings")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
+    assert list(summary["timings"]) == ["import", "load", "attribute", "select", "verify", "write"]
     kept = [g["name"] for g in summary["top_groups"] if g["in_circuit"]]
     assert kept and all(name.startswith("a") for name in kept) and summary["faithfulness"] is not None
     circuit = read_circuit(tmp_path / "circuit.json")
@@ -88,6 +93,34 @@ def test_verify_render_and_export_saved_circuits(discovered, tmp_path):
     assert res.exit_code == 0, res.output
     mib = json.loads((tmp_path / "circuit.mib.json").read_text())
     assert set(mib) >= {"cfg", "nodes", "edges"}
+
+
+def test_discover_refine_keeps_a_better_circuit_with_its_search_and_mib_metrics(tmp_path):
+    res = run("discover", "--model", "zoo:induction", "--n-pairs", "12", "--refine", "--refine-budget", "200",
+              "--refine-sizes", "3,6", "--top-k", "6", "--verify", "2", "--sample-below", "0", "--out", str(tmp_path),
+              "--format", "json,md", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    circuit = read_circuit(tmp_path / "circuit.json")
+    search = circuit.refinement
+    assert [r.size for r in search.sizes] == [3, 6] and search.n_forwards <= 200 and search.budget == 200
+    assert circuit.selection.rule == "refined" and circuit.n_edges <= 6
+    assert circuit.faithfulness == search.at(6).faithfulness >= search.at(6).before_faithfulness
+    assert [m.label for m in circuit.circuit_metrics] == ["top-k of atp-qk"]
+    assert summary["refinement"]["n_forwards"] == search.n_forwards
+    assert summary["circuit_metrics"][0]["cpr"] == circuit.circuit_metrics[0].cpr
+    assert "## Circuit search" in (tmp_path / "circuit.md").read_text()
+
+
+def test_refine_a_saved_circuit(discovered, tmp_path):
+    res = run("refine", str(discovered / "circuit.json"), "--sizes", "4", "--refine-budget", "150", "--seed", "1",
+              "--out", str(tmp_path / "better.json"), "--quiet")
+    assert res.exit_code == 0, res.output
+    before, after = read_circuit(discovered / "circuit.json"), read_circuit(tmp_path / "better.json")
+    assert [r.size for r in after.refinement.sizes] == [4, before.selection.requested] and after.refinement.seed == 1
+    assert after.refinement.ranking == before.method and after.n_edges <= before.selection.requested
+    assert after.faithfulness >= before.faithfulness - 1e-6 and after.verification is not None
+    assert after.refinement.budget == 150 and (tmp_path / "better.json").is_file()
 
 
 def test_listings():
@@ -113,6 +146,10 @@ def test_listings():
     (["discover", "--level", "node", "--bound"], "--bound bounds missed edges"),
     (["discover", "--task", "induction"], "fewer than 50 plain word tokens"),
     (["discover", "--device", "cuda:0"], "use --device cpu"),
+    (["discover", "--level", "node", "--refine"], "--refine searches edge circuits"),
+    (["discover", "--refine", "--refine-sizes", "5,x"], "--refine-sizes '5,x': give positive edge counts"),
+    (["discover", "--refine-sizes", "5"], "--refine-sizes says what --refine searches"),
+    (["refine", "README.md", "--sizes", "0"], "--sizes '0': give positive edge counts"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path)] if args[0] == "discover" else args)

@@ -33,6 +33,7 @@ TO_HOST = {
     ("patching.py", "sweep"), ("scores.py", "Accumulator.result"), ("scores.py", "NodeScores.order"),
     ("scores.py", "NodeScores.top"), ("scores.py", "NodeScores.to_table"), ("scores.py", "EdgeScores.flat"),
     ("scores.py", "EdgeScores.top"), ("scores.py", "EdgeScores.to_table"),
+    ("mib.py", "helpfulness"), ("mib.py", "ranking_metrics"),  # circuit metrics from the finished scores
 }
 
 
@@ -42,6 +43,7 @@ def _device_literals(text: str, rel: str) -> list[str]:
     tree = ast.parse(text)
     compared = {id(n) for c in ast.walk(tree) if isinstance(c, ast.Compare)
                 for side in (c.left, *c.comparators) for n in ast.walk(side)}
+    compared |= {id(k) for d in ast.walk(tree) if isinstance(d, ast.Dict) for k in d.keys}  # "cpu" seconds
     found: list[str] = []
 
     def visit(node: ast.AST, scope: tuple[str, ...]) -> None:
@@ -49,7 +51,7 @@ def _device_literals(text: str, rel: str) -> list[str]:
             scope = (*scope, node.name)
         where = f"{rel}:{getattr(node, 'lineno', '?')} in {'.'.join(scope) or 'module'}"
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and DEVICE_NAME.match(node.value) \
-                and id(node) not in compared:  # comparisons with a device's type are fine
+                and id(node) not in compared:  # comparisons with a device's type (and dict keys) are fine
             found.append(f"{where}: device name {node.value!r}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             if node.func.attr == "cuda" or (node.func.attr == "cpu" and (rel, ".".join(scope)) not in TO_HOST):

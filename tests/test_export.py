@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from edgeatp.attribution.grouping import GroupScores, layer_groups, span_groups
-from edgeatp.circuit import (Check, Circuit, FaithfulnessCurve, Unit, Verification, group_circuit, node_circuit,
-                             prune)
+from edgeatp.circuit import (Check, Circuit, CircuitMetrics, FaithfulnessCurve, RefinedSize, Refinement, Unit,
+                             Verification, group_circuit, node_circuit, prune)
 from edgeatp.errors import EdgeatpError
 from edgeatp.export import (circuit_from_json, circuit_to_json, dot_available, render, to_dot, to_networkx, write_json,
                             write_outputs, write_report)
@@ -61,6 +61,18 @@ def verified(c: Circuit) -> Circuit:
 def edge_circuit(dtype: torch.dtype = torch.float64) -> Circuit:
     """The top 12 edges of random scores on the toy model, verified by hand."""
     return verified(prune(edge_scores(EdgeGraph.from_shape(SHAPE), dtype=dtype), top_k=12, cleanup=False))
+
+
+def refined_circuit() -> Circuit:
+    """The edge circuit with a hand-made circuit search and MIB metrics."""
+    c = edge_circuit()
+    names = tuple(e.name for e in c.edges()[:4])
+    sizes = (RefinedSize(4, names, 0.91, 0.02, 3, 0.5, 0.1, "greedy", 40),
+             RefinedSize(12, tuple(e.name for e in c.edges()), math.nan, 0.0, 12, 0.9, 0.05, "ranking", 0))
+    search = Refinement("atp-qk", "faithfulness", 500, 3, 20, 321, 2.0, -1.0, sizes)
+    metrics = CircuitMetrics("top-k of atp-qk", 60, (0.1, 0.5, 1.0), (6, 30, 60), (0.2, 0.8, 1.0), (5, 30, 60),
+                             (0.25, 0.7, 1.0), 0.7, 0.3, 12)
+    return c.with_(refinement=search, circuit_metrics=(metrics,))
 
 
 def positional_circuit() -> Circuit:
@@ -136,6 +148,7 @@ def assert_same(a: Circuit, b: Circuit) -> None:
     assert a.units == b.units and a.meta == b.meta and a.selection == b.selection
     assert nan_equal(a.verification, b.verification) and nan_equal(a.curve, b.curve)
     assert (a.faithfulness, a.necessity) == (b.faithfulness, b.necessity)
+    assert nan_equal(a.refinement, b.refinement) and nan_equal(a.circuit_metrics, b.circuit_metrics)
 
 
 # ------------------------------------------------------------------------------------ networkx
@@ -423,7 +436,8 @@ def test_missing_dot_gives_an_install_hint(tmp_path: Path, monkeypatch: pytest.M
 
 
 # ------------------------------------------------------------------------------------ JSON
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit,
+                                  refined_circuit])
 def test_json_round_trip_is_exact(make: Callable[[], Circuit], tmp_path: Path) -> None:
     c = make()
     data = circuit_to_json(c)
@@ -575,11 +589,20 @@ def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit])
+@pytest.mark.parametrize("make", [edge_circuit, positional_circuit, the_node_circuit, the_group_circuit,
+                                  refined_circuit])
 def test_written_json_follows_the_schema(schema: dict, make: Callable[[], Circuit]) -> None:
     data = json.loads(json.dumps(circuit_to_json(make()), allow_nan=False))
     assert violations(data, schema, schema) == []
-    assert set(schema["required"]) == set(data) - {"sign_convention"}
+    assert set(schema["required"]) == set(data) - {"sign_convention", "refinement", "circuit_metrics"}
+
+
+def test_version_2_files_without_search_fields_are_read() -> None:
+    data = json.loads(json.dumps(circuit_to_json(refined_circuit()), allow_nan=False))
+    del data["refinement"], data["circuit_metrics"]
+    back = circuit_from_json(data)
+    assert back.refinement is None and back.circuit_metrics == ()
+    assert_same(edge_circuit(), back)
 
 
 @pytest.mark.parametrize("edit", [
@@ -591,9 +614,14 @@ def test_written_json_follows_the_schema(schema: dict, make: Callable[[], Circui
     lambda d: d["verification"].pop("checks"),
     lambda d: d["shape"].update(n_layers=0),
     lambda d: d.update(extra=1),
+    lambda d: d["refinement"].pop("sizes"),
+    lambda d: d["refinement"]["sizes"][0].update(size=0),
+    lambda d: d["refinement"].update(objective="best"),
+    lambda d: d["circuit_metrics"][0].pop("cpr"),
+    lambda d: d.update(circuit_metrics={}),
 ])
 def test_the_schema_rejects_broken_files(schema: dict, edit: Callable[[dict], Any]) -> None:
-    data = json.loads(json.dumps(circuit_to_json(edge_circuit()), allow_nan=False))
+    data = json.loads(json.dumps(circuit_to_json(refined_circuit()), allow_nan=False))
     edit(data)
     assert violations(data, schema, schema) != []
 
@@ -617,6 +645,28 @@ def test_chart_plots_the_curves() -> None:
         assert text in svg
     assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert "log scale" in faithfulness_svg(FaithfulnessCurve((1, 100), (0.1, 0.9), (0.9, 0.1), 1.0, 0.0))
+
+
+def test_chart_adds_the_refined_curve() -> None:
+    before = FaithfulnessCurve((2, 4, 8), (0.1, 0.5, 0.9), (0.8, 0.3, 0.05), 1.0, 0.0)
+    after = FaithfulnessCurve((2, 3, 8), (0.3, 0.7, 1.3), (0.5, 0.2, 0.0), 1.0, 0.0)
+    svg = faithfulness_svg(before, refined=after)
+    refined = polyline_points(svg, "refined faithfulness")[0]
+    plain = polyline_points(svg, "faithfulness")[0]
+    assert len(refined) == 3 and refined[0][0] == plain[0][0] and refined[0][1] < plain[0][1]  # higher on the page
+    assert refined[2][1] < min(y for _, y in plain) and ">3<" in svg and "refined faithfulness" in svg
+
+
+def test_report_shows_the_search_and_mib_metrics(tmp_path: Path) -> None:
+    c = refined_circuit()
+    text = write_report(c, tmp_path, "md").read_text()
+    for needle in ("## Circuit search", "top 20 edges of atp-qk", "321 forwards of a budget of 500", "| 4 | 3 | 0.5 | 4 |",
+                   "**0.91**", "greedy", "## MIB circuit metrics", "| top-k of atp-qk | **0.7** | **0.3** | 60 |"):
+        assert needle in text, needle
+    chart = (tmp_path / "circuit_faithfulness.svg").read_text()
+    assert len(polyline_points(chart, "refined faithfulness")[0]) == 1  # the NaN at 12 edges leaves a gap
+    bare = write_report(c.with_(curve=None), tmp_path / "bare", "md").read_text()
+    assert "No faithfulness curve" not in bare and (tmp_path / "bare" / "circuit_faithfulness.svg").is_file()
 
 
 def test_chart_marks_the_chosen_size_and_the_target() -> None:

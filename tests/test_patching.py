@@ -6,7 +6,7 @@ import torch
 from edgeatp.graph import Edge, EdgeGraph, Node, node_set
 from edgeatp.metrics import get_metric
 from edgeatp.model import load_model
-from edgeatp.patching import patch_edges, patch_nodes, run_circuit
+from edgeatp.patching import edge_sources, patch_edges, patch_nodes, run_circuit, weighted_run
 from edgeatp.tasks import make_task
 from edgeatp.tasks.pairs import PromptPairs
 from edgeatp.zoo import ZOO, read_reference
@@ -152,6 +152,48 @@ def test_whole_circuit_runs():
     assert torch.allclose(nothing, gap.double(), atol=1e-10), "no edges kept = the corrupt run"
     knocked = run_circuit(Setup(adapter, pairs), g, full, knockout=True).per_pair[:, 0]
     assert torch.allclose(knocked, nothing, atol=1e-10)
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_weighted_runs_at_zero_one_equal_whole_circuit_runs_and_have_exact_gradients(variant, direction):
+    pairs = random_pairs(n=4, length=6)
+    setup = Setup(variant, pairs, direction=direction)
+    g = EdgeGraph.from_shape(variant.shape)
+    keep = (torch.rand(3, *g.full_mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5) & g.full_mask
+    exact = run_circuit(setup, g, keep)
+    batch = pairs.batch(torch.arange(4), direction)
+    source = edge_sources(setup, g, batch)
+    weights = (~keep).double().requires_grad_()
+    values = weighted_run(setup, g, batch, weights, source)
+    assert torch.allclose(values.T.double() - exact.base_metric[:, None], exact.per_pair, atol=1e-10)
+    plain = weighted_run(setup, g, batch, (~keep).double(), source)  # no gradient: only set edges are touched
+    assert torch.allclose(plain, values.detach(), atol=1e-12)
+    grad, = torch.autograd.grad(values[0].sum(), weights)
+    for p, w, r in g.all_coords[::7].tolist():
+        step = torch.zeros_like(weights)
+        step[0, p, w, r] = 1e-6
+        with torch.no_grad():
+            fd = (weighted_run(setup, g, batch, weights + step, source)[0].sum()
+                  - weighted_run(setup, g, batch, weights - step, source)[0].sum()) / 2e-6
+        assert abs(float(grad[0, p, w, r]) - float(fd)) < 1e-6 * max(1.0, abs(float(fd))), (p, w, r)
+    assert float(grad[1:].abs().max()) == 0.0, "each row's metric depends on its own weights only"
+
+
+def test_a_weight_is_the_fraction_of_the_delta_applied():
+    adapter = tiny_model(seed=3, attn_only=True, normalization=None)  # logits linear in the residual
+    pairs = random_pairs(n=3)
+    setup = Setup(adapter, pairs)
+    g = EdgeGraph.from_shape(adapter.shape)
+    w, r = g.index_of("a1.h0->logits")
+    batch = pairs.batch(torch.arange(3))
+    source = edge_sources(setup, g, batch)
+    weights = torch.zeros(3, *g.full_mask.shape, dtype=torch.float64)
+    weights[:, 0, w, r] = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        m0, m3, m1 = weighted_run(setup, g, batch, weights, source)
+    assert torch.allclose(m3, 0.7 * m0 + 0.3 * m1, atol=1e-10)
+    full = patch_edges(setup, g, [Edge.parse("a1.h0->logits")]).per_pair[:, 0]
+    assert torch.allclose((m1 - m0).double(), full, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -134,7 +134,7 @@ def test_missing_graphviz_writes_the_rest_and_warns_once(tmp_path, monkeypatch) 
 
 
 def test_an_interrupted_write_leaves_the_folder_as_it_was(saved, monkeypatch) -> None:
-    import edgeatp.export as ex
+    import edgeatp.export.outputs as ex
 
     before = {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()}
     circuit = read_circuit(saved / "circuit.json")

@@ -45,8 +45,23 @@ def _selector(idx: torch.Tensor) -> slice | torch.Tensor:
     return idx
 
 
+class _Selectors:
+    """Writer and reader selectors (a slice where the indices are a contiguous run) of a reader set."""
+
+    writers: torch.Tensor
+    readers: torch.Tensor
+
+    @property
+    def w_sel(self) -> slice | torch.Tensor:
+        return _selector(self.writers)
+
+    @property
+    def r_sel(self) -> slice | torch.Tensor:
+        return _selector(self.readers)
+
+
 @dataclass(frozen=True, eq=False)
-class ReaderGroup:
+class ReaderGroup(_Selectors):
     """Readers that share one site (the q, k or v inputs of one layer, an MLP input, the logits)
     and the writers upstream of them; ``qk`` groups get the QK fix."""
 
@@ -56,14 +71,6 @@ class ReaderGroup:
     heads: torch.Tensor  # head of each reader (0 for MLP and logits)
     writers: torch.Tensor  # upstream writer indices
     qk: bool = False
-
-    @property
-    def w_sel(self) -> slice | torch.Tensor:
-        return _selector(self.writers)
-
-    @property
-    def r_sel(self) -> slice | torch.Tensor:
-        return _selector(self.readers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,7 +161,7 @@ class EdgeBatch:
 
 
 @dataclass(frozen=True, eq=False)
-class Contraction:
+class Contraction(_Selectors):
     """Linear (non-QK-fixed) readers sharing one gradient source and one set of upstream writers:
     the q/k/v inputs of one layer, one MLP input, or the logits."""
 
@@ -163,14 +170,6 @@ class Contraction:
     groups: tuple[ReaderGroup, ...]
     readers: torch.Tensor
     writers: torch.Tensor
-
-    @property
-    def w_sel(self) -> slice | torch.Tensor:
-        return _selector(self.writers)
-
-    @property
-    def r_sel(self) -> slice | torch.Tensor:
-        return _selector(self.readers)
 
 
 class EdgeEstimator:
@@ -219,11 +218,17 @@ class EdgeEstimator:
                 site = Site("resid_final") if c.key == "logits" else Site("mlp_in", c.key[1])
                 if site in grads:
                     side[c.key] = grads[site][:, t0:, None, :].to(home, self.work)
-            elif Site("q", c.key[1]) in grads:
+            else:
                 layer = c.key[1]
-                g_qkv = {k: grads[Site(k, layer)][:, t0:].to(self.work) for k in "qkv"}
+                kinds = [k for k in "qkv" if any(x.kind == k for x in c.groups)]
+                if Site(kinds[0], layer) not in grads:
+                    continue
+                g_qkv = {k: grads[Site(k, layer)][:, t0:].to(self.work) for k in kinds}
                 g_in = self.model.reader_input_grads(layer, point[Site("resid_pre", layer)][:, t0:], g_qkv)
-                side[c.key] = torch.cat([g_in[x.kind][:, :, x.heads] for x in c.groups], 2).to(home, self.work)
+                offset = {k: sum(g_qkv[j].shape[2] for j in kinds[:i]) for i, k in enumerate(kinds)}
+                idx = torch.cat([x.heads.to(g_in.device) + offset[x.kind] for x in c.groups])
+                whole = len(idx) == g_in.shape[2] and bool((idx == torch.arange(len(idx), device=idx.device)).all())
+                side[c.key] = (g_in if whole else g_in[:, :, idx]).to(home, self.work)
         for group in self.plan.groups:
             site = Site("pattern", group.layer)
             if group.qk and site in grads:
@@ -262,7 +267,7 @@ class EdgeEstimator:
         T = delta.shape[1]
         if flat is not None:  # aggregated: one batched matrix product over positions and d_model
             b, _, r, d = gin.shape
-            vals = torch.bmm(flat[:, c.w_sel], gin.permute(0, 1, 3, 2).reshape(b, T * d, r))[:, None]
+            vals = torch.bmm(flat[:, c.w_sel], gin.permute(0, 2, 1, 3).reshape(b, r, T * d).transpose(1, 2))[:, None]
             target = out
         else:
             vals = torch.einsum("btwd,btrd->btwr", delta[:, :, c.w_sel], gin)

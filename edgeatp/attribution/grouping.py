@@ -12,16 +12,14 @@ refines only the groups that matter.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..errors import EdgeatpError, option_error
 from ..graph import EdgeGraph, ModelShape, Node, NodeKind, attention_inputs, check_nodes, node_set
+from ..groupspec import group_file, parse_spans
 from ..methods import Cost, Kind, Method, get_method
 from ..model import ModelAdapter, Site
 from ..patching import PatchEffects, patch_edges, patch_nodes
@@ -115,7 +113,7 @@ def span_groups(nodes: Iterable[Node], spans: Sequence[tuple[int, int]]) -> list
     for comp in dict.fromkeys(n.component for n in nodes):
         for start, end in spans:
             if start > end or start < 0:
-                raise EdgeatpError(f"bad position span {start}-{end}")
+                raise EdgeatpError(f"position span {start}-{end}: write start-end with 0 <= start <= end")
             out.append(Group(f"{comp.name}@{start}-{end}", tuple(comp.at(p) for p in range(start, end + 1))))
     return out
 
@@ -132,32 +130,17 @@ def parse_groups(spec: str, shape: ModelShape, n_positions: int) -> list[Group]:
     if spec == "head":
         return head_groups(shape)
     if spec.startswith("span:"):
-        spans = []
-        for part in spec[5:].split(","):
-            m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
-            if m is None:
-                raise option_error(f"{{group}} {spec!r}: write spans as start-end, e.g. span:0-3,4-9")
-            spans.append((int(m[1]), int(m[2])))
+        spans = parse_spans(spec)
         if max(e for _, e in spans) >= n_positions:
             raise option_error(f"{{group}} {spec!r}: the prompts have positions 0..{n_positions - 1}")
         fams = ["head", "mlp"] if shape.has_mlp else ["head"]
         return span_groups(node_set(shape, fams), spans)
-    path = Path(spec)
-    if not path.exists():
-        raise option_error(f"{{group}} {spec!r} is neither layer, head, span:a-b,... nor an existing JSON file of "
-                           "named node lists")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgeatpError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
-        raise EdgeatpError(f"{path}: expected an object mapping group names to lists of node names")
     groups = []
-    for name, members in raw.items():
+    for name, members in group_file(spec).items():
         try:
             nodes = tuple(Node.parse(str(m)) for m in members)
         except ValueError as exc:
-            raise EdgeatpError(f"{path}, group {name!r}: {exc}") from None
+            raise EdgeatpError(f"{spec}, group {name!r}: {exc}") from None
         groups.append(Group(name, nodes))
     return groups
 

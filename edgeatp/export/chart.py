@@ -5,7 +5,8 @@ out) are plotted against circuit size — edges for edge circuits, kept componen
 node- and group-level ones (``unit``) — normalised so 1 is the clean and 0 the corrupt metric;
 dotted grey lines mark those two levels. The chosen circuit's size is a vertical line labelled
 with it, and a faithfulness target a horizontal dashed line labelled ``target 0.8`` (both only
-when given). The x axis turns logarithmic when sizes span a factor of 20 or more.
+when given). A second curve, the circuits a search refined (``refined``), adds their faithfulness
+as a third line. The x axis turns logarithmic when sizes span a factor of 20 or more.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from html import escape
 from ..circuit import FaithfulnessCurve
 
 SERIES = (("faithfulness", "#2166ac", "", "circle"), ("necessity", "#d6604d", "6 4", "square"))
+REFINED = ("refined faithfulness", "#1b7837", "2 2", "circle")
 TARGET_COLOUR = "#4d9221"
 
 
@@ -60,24 +62,28 @@ def _marker(shape: str, x: float, y: float, colour: str, tip: str) -> str:
 
 def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and necessity by circuit size",
                      width: int = 560, height: int = 340, unit: str = "edges", chosen: int | None = None,
-                     target: float | None = None) -> str:
+                     target: float | None = None, refined: FaithfulnessCurve | None = None) -> str:
     """An SVG document plotting ``f.faithfulness`` and ``f.necessity`` against ``f.sizes`` (counted
-    in ``unit``), with the ``chosen`` circuit's size and the faithfulness ``target`` marked when given."""
+    in ``unit``), with the ``chosen`` circuit's size and the faithfulness ``target`` marked when given,
+    and the ``refined`` circuits' faithfulness as a third line."""
     left, right, top, bottom = 64, 60, 62, 52
     pw, ph = width - left - right, height - top - bottom
     sizes = [float(s) for s in f.sizes]
-    spread = sizes + ([] if chosen is None else [float(chosen)])
+    extra = [] if refined is None else [float(s) for s in refined.sizes]
+    spread = sizes + extra + ([] if chosen is None else [float(chosen)])
     log = bool(spread) and min(spread) > 0 and max(spread) / min(spread) >= 20
     tx = [math.log10(s) for s in sizes] if log else sizes
     t_spread = [math.log10(s) for s in spread] if log else spread
     x_lo, x_hi = (min(t_spread), max(t_spread)) if t_spread else (0.0, 1.0)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
-    x_ticks = sorted(set(sizes)) if 0 < len(sizes) <= 8 else (
+    x_ticks = sorted(set(sizes + extra)) if 0 < len(set(sizes + extra)) <= 8 else (
         [10.0 ** e for e in range(math.ceil(x_lo), math.floor(x_hi) + 1)] if log else nice_ticks(x_lo, x_hi))
     x_pad = 0.04 * (x_hi - x_lo)
     x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
-    values = [v for v in (*f.faithfulness, *f.necessity, *([] if target is None else [target])) if math.isfinite(v)]
+    more = () if refined is None else refined.faithfulness
+    values = [v for v in (*f.faithfulness, *f.necessity, *more, *([] if target is None else [target]))
+              if math.isfinite(v)]
     y_ticks = nice_ticks(min([0.0, *values]), max([1.0, *values]), 6)
     y_lo, y_hi = min(y_ticks[0], min([0.0, *values])), max(y_ticks[-1], max([1.0, *values]))
     y_pad = 0.04 * (y_hi - y_lo)
@@ -124,18 +130,21 @@ def faithfulness_svg(f: FaithfulnessCurve, *, title: str = "Faithfulness and nec
     parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 12}" text-anchor="middle">{x_label}</text>')
     parts.append(f'<text transform="translate(16 {top + ph / 2:.1f}) rotate(-90)" text-anchor="middle">'
                  f'normalised metric (1 = clean, 0 = corrupt)</text>')
-    for i, (name, colour, dash, shape) in enumerate(SERIES):
-        ys = getattr(f, name)
-        pts = [(px(x), py(y) if math.isfinite(y) else math.nan) for x, y in zip(tx, ys)]
+    series = [(name, colour, dash, shape, tx, f.sizes, getattr(f, name)) for name, colour, dash, shape in SERIES]
+    if refined is not None:
+        rx = [math.log10(s) for s in extra] if log else extra
+        series.append((*REFINED, rx, refined.sizes, refined.faithfulness))
+    for i, (name, colour, dash, shape, xs, size_list, ys) in enumerate(series):
+        pts = [(px(x), py(y) if math.isfinite(y) else math.nan) for x, y in zip(xs, ys)]
         for seg in _segments(pts):
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in seg)
             dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
             parts.append(f'<polyline class="{name}" points="{path}" fill="none" stroke="{colour}" '
                          f'stroke-width="2"{dash_attr}/>')
-        for (x, y), size, v in zip(pts, f.sizes, ys):
+        for (x, y), size, v in zip(pts, size_list, ys):
             if math.isfinite(y):
                 parts.append(_marker(shape, x, y, colour, f"{name} at {size} {unit}: {v:.4g}"))
-        lx = left + i * 150
+        lx = left + i * 130
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(f'<line x1="{lx}" x2="{lx + 24}" y1="38" y2="38" stroke="{colour}" stroke-width="2"{dash_attr}/>')
         parts.append(_marker(shape, lx + 12, 38, colour, name))

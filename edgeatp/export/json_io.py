@@ -21,6 +21,12 @@
      "verification": null | {"checks": [{"name", "estimate", "exact", "score", "in_circuit"}, ...], "n_ranked",
                              "rank_correlation", "sign_agreement", "largest_miss", "largest_miss_size",
                              "outside_max", "outside_checked", "bound", "bound_alpha", "n_forwards"},
+     "refinement": null | {"ranking", "objective", "budget", "seed", "n_candidates", "n_forwards",   # optional:
+                           "clean_metric", "corrupt_metric",                   # the exact circuit search
+                           "sizes": [{"size", "edges": [...], "faithfulness", "necessity", "before_edges",
+                                      "before_faithfulness", "before_necessity", "found_by", "n_forwards"}, ...]},
+     "circuit_metrics": [{"label", "n_edges", "grid", "cpr_sizes", "cpr_faithfulness", "cmd_sizes",  # optional:
+                          "cmd_faithfulness", "cpr", "cmd", "n_forwards"}, ...],  # MIB's CPR/CMD
      "meta": {...}}
 
 ``edges`` is columnar (one entry per edge, ``pandas.DataFrame(data["edges"])`` gives a table) and
@@ -34,7 +40,8 @@ Floats are written with Python's shortest round-trip repr, so tensors come back 
 ``meta`` must hold JSON-able values: tuples come back as lists, enums as their values, tensors as
 lists, non-finite floats as the strings above and other objects as ``str(obj)``. Files are
 checked against the schema on reading; version 1 files (the curve under ``faithfulness``, the
-circuit's own numbers and the selection rule in ``meta``) are read too.
+circuit's own numbers and the selection rule in ``meta``) are read too, and so are version 2 files
+written before ``refinement`` and ``circuit_metrics`` existed (both optional: none).
 
 **MIB mode** (``mode="mib"``): the EAP-IG ``Graph.to_json`` / MIB circuit-track format,
 ``{"cfg": {n_layers, n_heads, parallel_attn_mlp, d_model}, "nodes": {name: {"in_graph", "score"?}},
@@ -73,16 +80,15 @@ from typing import Any, Literal
 
 import torch
 
-from ..circuit import LEVELS, Check, Circuit, FaithfulnessCurve, KVView, Selection, Unit, Verification
+from ..circuit import (LEVELS, Check, Circuit, CircuitMetrics, FaithfulnessCurve, KVView, RefinedSize, Refinement,
+                       Selection, Unit, Verification)
 from ..errors import EdgeatpError
 from ..graph import EdgeGraph, ModelShape, Node, NodeKind
 from ..tasks.pairs import Direction
 from .files import atomic_write
-from .schema import load_schema, violations
+from .schema import FORMAT, VERSION, check_circuit_data, load_json_data, malformed
 
-FORMAT = "edgeatp.circuit"
 MIB_EXTENSION = "edgeatp.circuit.mib"
-VERSION = 2
 MODES = ("edgeatp", "mib")
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 PositionReduce = Literal["sum", "max"]
@@ -177,6 +183,8 @@ def _native(circuit: Circuit, all_edges: bool) -> dict[str, Any]:
         "curve": None if circuit.curve is None else jsonable(asdict(circuit.curve)),
         "verification": None if circuit.verification is None else jsonable(asdict(circuit.verification)),
         "kv_view": _kv_view(circuit),
+        "refinement": None if circuit.refinement is None else jsonable(asdict(circuit.refinement)),
+        "circuit_metrics": [jsonable(asdict(m)) for m in circuit.circuit_metrics],
         "meta": jsonable(circuit.meta),
     }
 
@@ -256,6 +264,29 @@ def _curve_from(d: dict[str, Any]) -> FaithfulnessCurve:
                              decode_real(d["corrupt_metric"], "curve.corrupt_metric"), str(d.get("label", "")))
 
 
+def _refinement_from(d: dict[str, Any] | None) -> Refinement | None:
+    """Rebuild :class:`Refinement` from its JSON data."""
+    if d is None:
+        return None
+    sizes = tuple(RefinedSize(int(r["size"]), tuple(map(str, r["edges"])), decode_real(r["faithfulness"], "refinement"),
+                              decode_real(r["necessity"], "refinement"), int(r["before_edges"]),
+                              decode_real(r["before_faithfulness"], "refinement"),
+                              decode_real(r["before_necessity"], "refinement"), str(r["found_by"]), int(r["n_forwards"]))
+                  for r in d["sizes"])
+    return Refinement(str(d["ranking"]), d["objective"], int(d["budget"]), int(d["seed"]), int(d["n_candidates"]),
+                      int(d["n_forwards"]), decode_real(d["clean_metric"], "refinement.clean_metric"),
+                      decode_real(d["corrupt_metric"], "refinement.corrupt_metric"), sizes)
+
+
+def _metrics_from(d: dict[str, Any]) -> CircuitMetrics:
+    """Rebuild :class:`CircuitMetrics` from its JSON data."""
+    return CircuitMetrics(str(d["label"]), int(d["n_edges"]), _real_list(d["grid"], "circuit_metrics.grid"),
+                          tuple(map(int, d["cpr_sizes"])), _real_list(d["cpr_faithfulness"], "circuit_metrics"),
+                          tuple(map(int, d["cmd_sizes"])), _real_list(d["cmd_faithfulness"], "circuit_metrics"),
+                          decode_real(d["cpr"], "circuit_metrics.cpr"), decode_real(d["cmd"], "circuit_metrics.cmd"),
+                          int(d["n_forwards"]))
+
+
 def _selection_from(d: dict[str, Any] | None) -> Selection | None:
     if d is None:
         return None
@@ -301,18 +332,8 @@ def _graph_from(d: dict[str, Any]) -> EdgeGraph:
 
 
 def _from_native(d: dict[str, Any]) -> Circuit:
-    """Rebuild a circuit from edgeatp-format data (versions 1 and 2), validated against the schema."""
-    if d["format"] != FORMAT:
-        raise EdgeatpError(f"not an edgeatp circuit: format is {d['format']!r}, expected {FORMAT!r}")
+    """Rebuild a circuit from edgeatp-format data (versions 1 and 2) that passed :func:`check_circuit_data`."""
     version = d["version"]
-    if not isinstance(version, int) or version > VERSION or version < 1:
-        raise EdgeatpError(f"circuit file version {version!r} is not supported (this edgeatp reads "
-                           f"version 1 to {VERSION}); upgrade edgeatp")
-    if version == VERSION:
-        problems = violations(d, load_schema())
-        if problems:
-            raise EdgeatpError(f"the circuit file does not follow the schema: {problems[0]}"
-                               + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     if d["level"] not in LEVELS:
         raise EdgeatpError(f"unknown circuit level {d['level']!r}; expected one of {', '.join(LEVELS)}")
     graph = _graph_from(d)
@@ -363,7 +384,8 @@ def _from_native(d: dict[str, Any]) -> Circuit:
                    _optional_real(d["faithfulness"], "faithfulness"), _optional_real(d["necessity"], "necessity"),
                    None if d["curve"] is None else _curve_from(d["curve"]),
                    None if d["verification"] is None else _verification_from(d["verification"], 2, None), meta,
-                   _kv_view_from(d.get("kv_view"), graph))
+                   _kv_view_from(d.get("kv_view"), graph), _refinement_from(d.get("refinement")),
+                   tuple(_metrics_from(m) for m in d.get("circuit_metrics", ())))
 
 
 # ------------------------------------------------------------------------------------ MIB format
@@ -470,46 +492,16 @@ def circuit_to_json(circuit: Circuit, mode: str = "edgeatp", *, all_edges: bool 
     raise EdgeatpError(f"unknown JSON mode {mode!r}; choose from {', '.join(MODES)}")
 
 
-def load_json_data(data: dict[str, Any] | str | Path) -> dict[str, Any]:
-    """A parsed JSON object from a dict, a JSON string (starting with ``{``) or a file path."""
-    if isinstance(data, dict):
-        return data
-    if isinstance(data, str) and data.lstrip().startswith("{"):
-        text, where = data, "the JSON text"
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise EdgeatpError(f"circuit file {str(path)!r} does not exist")
-        try:
-            text, where = path.read_text(encoding="utf-8"), str(path)
-        except UnicodeDecodeError:
-            raise EdgeatpError(f"{path} is not a text (UTF-8) file; pass a circuit JSON file") from None
-        except OSError as exc:
-            raise EdgeatpError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise EdgeatpError(f"{where} is not valid JSON: {err}") from None
-    if not isinstance(parsed, dict):
-        raise EdgeatpError(f"{where} holds a JSON {type(parsed).__name__}, not an object")
-    return parsed
-
-
 def circuit_from_json(data: dict[str, Any] | str | Path) -> Circuit:
     """Rebuild a circuit from either format, given as a dict, a JSON string or a file path."""
     d = load_json_data(data)
+    kind = check_circuit_data(d)
     try:
-        if "format" in d:
-            return _from_native(d)
-        if {"cfg", "nodes", "edges"} <= d.keys():
-            return _from_mib(d)
+        return _from_native(d) if kind == "edgeatp" else _from_mib(d)
     except EdgeatpError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
-        raise EdgeatpError(f"malformed circuit JSON: {detail}") from None
-    raise EdgeatpError("not a circuit: expected an edgeatp file (with 'format') or an MIB file "
-                       "(with 'cfg', 'nodes' and 'edges')")
+        raise malformed(err) from None
 
 
 def write_json(circuit: Circuit, path: str | Path, mode: str = "edgeatp", *, indent: int | None = None,

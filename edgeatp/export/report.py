@@ -1,5 +1,7 @@
 """A Markdown or HTML report of a circuit: what was run and what came out, the graph, the
-circuit's edges, components or groups, the verification and the faithfulness curve.
+circuit's edges, components or groups, the verification, the faithfulness curve and, when they
+were computed, the circuit search (before and after, size by size, the refined curve on the
+faithfulness chart) and MIB's CPR/CMD.
 
 The header states the circuit's faithfulness and necessity and lists its warnings
 (``circuit.warnings``) before anything else, and says what the number columns mean for the
@@ -266,15 +268,56 @@ def verification_blocks(circuit: Circuit) -> list[Block]:
     return blocks + [Table(header, body), column_footnote(circuit)]
 
 
+def curve_of(circuit: Circuit) -> FaithfulnessCurve | None:
+    """The circuit's faithfulness curve, else the ranking's circuits a search started from."""
+    if circuit.curve is not None:
+        return circuit.curve
+    return circuit.refinement.before_curve() if circuit.refinement is not None else None
+
+
 def chart(circuit: Circuit, curve: FaithfulnessCurve) -> str:
-    """The circuit's faithfulness chart: sizes in its own unit, its size and its target marked."""
-    return faithfulness_svg(curve, unit=size_word(circuit), chosen=chosen_size(circuit), target=target_of(circuit))
+    """The circuit's faithfulness chart: sizes in its own unit, its size and its target marked, and
+    the refined circuits' faithfulness when a search refined it."""
+    refined = circuit.refinement.after_curve() if circuit.refinement is not None else None
+    return faithfulness_svg(curve, unit=size_word(circuit), chosen=chosen_size(circuit), target=target_of(circuit),
+                            refined=refined)
+
+
+def search_blocks(circuit: Circuit) -> list[Block]:
+    """The circuit search, size by size: the ranking's circuit before and the searched one after."""
+    r = circuit.refinement
+    if r is None:
+        return []
+    body = tuple((x.size, x.before_edges, number(x.before_faithfulness), len(x.edges), Strong(number(x.faithfulness)),
+                  number(x.necessity), x.found_by, x.n_forwards) for x in r.sizes)
+    return [Heading(2, "Circuit search"),
+            Para((f"Exact whole-circuit search from the top {r.n_candidates} edges of {r.ranking} "
+                  f"(objective: {r.objective}; seed {r.seed}): {r.n_forwards} forwards of a budget of {r.budget}, "
+                  "the final exact check included. Every number is an exact run; the chart above shows the "
+                  "refined faithfulness beside the ranking's.",)),
+            Table(("size limit", "edges before", "faithfulness before", "edges after", "faithfulness after",
+                   "necessity after", "found by", "forwards"), body)]
+
+
+def mib_blocks(circuit: Circuit) -> list[Block]:
+    """MIB's CPR and CMD of the ranking (and of the searched circuits, when they cover MIB's grid)."""
+    if not circuit.circuit_metrics:
+        return []
+    body = tuple((m.label, Strong(number(m.cpr)), Strong(number(m.cmd)), m.n_edges,
+                  ", ".join(f"{x:g}: {number(f)}" for x, f in zip(m.grid, m.cpr_faithfulness)), m.n_forwards)
+                 for m in circuit.circuit_metrics)
+    return [Heading(2, "MIB circuit metrics"),
+            Para(("CPR: area under faithfulness over MIB's grid of circuit sizes (fractions of all edges, linear "
+                  "axis; higher is better). CMD: area under |1 − faithfulness| (lower is better). CPR's circuits "
+                  "take the top edges by the ranking score signed by the estimate's direction, CMD's by the ranking "
+                  "score; dangling edges are dropped.",)),
+            Table(("circuits", "CPR", "CMD", "all edges", "faithfulness (CPR) at each fraction", "forwards"), body)]
 
 
 def faithfulness_blocks(circuit: Circuit, chart_file: str) -> list[Block]:
     """The faithfulness/necessity chart (chosen size and target marked) and its numbers (or a
     note that none were computed)."""
-    f = circuit.curve
+    f = curve_of(circuit)
     blocks: list[Block] = [Heading(2, "Faithfulness")]
     if f is None:
         return blocks + [Para(("No faithfulness curve was computed.",))]
@@ -296,7 +339,7 @@ def report_blocks(circuit: Circuit, *, graph_svg: str | None, name: str, task: s
     """Every block of the report, in order."""
     return [*header_blocks(circuit, task, title), *graph_blocks(circuit, graph_svg, f"{name}.svg", f"{name}.dot"),
             *main_blocks(circuit, stderr or {}, top), *verification_blocks(circuit),
-            *faithfulness_blocks(circuit, f"{name}_faithfulness.svg")]
+            *faithfulness_blocks(circuit, f"{name}_faithfulness.svg"), *search_blocks(circuit), *mib_blocks(circuit)]
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -387,8 +430,9 @@ def report_files(circuit: Circuit, fmt: ReportFormat = "md", *, name: str = "cir
     if fmt not in ("md", "html"):
         raise EdgeatpError(f"report format must be 'md' or 'html', got {fmt!r}")
     files = {f"{name}.dot": to_dot(circuit)}
-    if circuit.curve is not None:
-        files[f"{name}_faithfulness.svg"] = chart(circuit, circuit.curve)
+    curve = curve_of(circuit)
+    if curve is not None:
+        files[f"{name}_faithfulness.svg"] = chart(circuit, curve)
     blocks = report_blocks(circuit, graph_svg=graph_svg, name=name, task=task, title=title,
                            stderr=stderr_lookup(circuit, scores), top=top)
     page_title = title or f"Circuit report: {circuit.meta.get('model', name)}"

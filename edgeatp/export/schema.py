@@ -1,8 +1,10 @@
-"""The circuit JSON Schema and a small checker for the part of JSON Schema it uses.
+"""The circuit JSON Schema, a small checker for the part of JSON Schema it uses, and the checks a
+circuit file passes before it is rebuilt.
 
 The schema (``circuit.schema.json``, draft 2020-12) documents the edgeatp circuit format; files
 are checked against it when read, so a hand-edited or truncated file is refused with the first
-problem named instead of failing somewhere later.
+problem named instead of failing somewhere later. Nothing here imports torch, so the command line
+refuses a file that is not a circuit at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..errors import EdgeatpError
+
+FORMAT = "edgeatp.circuit"
+VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("circuit.schema.json")
 
 
@@ -71,3 +77,57 @@ def violations(value: Any, schema: dict[str, Any], root: dict[str, Any] | None =
         for i, v in enumerate(value):
             out += violations(v, schema["items"], root, f"{where}[{i}]")
     return out
+
+
+def load_json_data(data: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """A parsed JSON object from a dict, a JSON string (starting with ``{``) or a file path."""
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, str) and data.lstrip().startswith("{"):
+        text, where = data, "the JSON text"
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise EdgeatpError(f"circuit file {str(path)!r} does not exist")
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise EdgeatpError(f"{path} is not a text (UTF-8) file; pass a circuit JSON file") from None
+        except OSError as exc:
+            raise EdgeatpError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EdgeatpError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise EdgeatpError(f"{where} holds a JSON {type(parsed).__name__}, not an object")
+    return parsed
+
+
+def malformed(err: Exception) -> EdgeatpError:
+    """The one-line error for circuit data missing a key or holding a value of the wrong kind."""
+    return EdgeatpError(f"malformed circuit JSON: {f'missing key {err}' if isinstance(err, KeyError) else err}")
+
+
+def check_circuit_data(d: dict[str, Any]) -> str:
+    """The format of circuit data, ``"edgeatp"`` or ``"mib"``, once it is known to be a circuit of a
+    version this edgeatp reads that follows the schema (version 2); else a one-line error."""
+    if "format" not in d:
+        if {"cfg", "nodes", "edges"} <= d.keys():
+            return "mib"
+        raise EdgeatpError("not a circuit: expected an edgeatp file (with 'format') or an MIB file "
+                           "(with 'cfg', 'nodes' and 'edges')")
+    if d["format"] != FORMAT:
+        raise EdgeatpError(f"not an edgeatp circuit: format is {d['format']!r}, expected {FORMAT!r}")
+    if "version" not in d:
+        raise malformed(KeyError("version"))
+    version = d["version"]
+    if not isinstance(version, int) or version > VERSION or version < 1:
+        raise EdgeatpError(f"circuit file version {version!r} is not supported (this edgeatp reads "
+                           f"version 1 to {VERSION}); upgrade edgeatp")
+    if version == VERSION:
+        problems = violations(d, load_schema())
+        if problems:
+            raise EdgeatpError(f"the circuit file does not follow the schema: {problems[0]}"
+                               + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    return "edgeatp"

@@ -252,13 +252,19 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def make_task(name: str, tokenizer: Tokenizer | None, n: int = 64, seed: int = 0, prepend_bos: bool = True) -> PromptPairs:
-    """``n`` prompt pairs of a built-in task, reproducible from ``seed``."""
+def task_spec(name: str) -> TaskSpec:
+    """The built-in task called ``name``, or a one-line error listing them."""
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}, or a file of your own prompt pairs")
+    return TASKS[name]
+
+
+def make_task(name: str, tokenizer: Tokenizer | None, n: int = 64, seed: int = 0, prepend_bos: bool = True) -> PromptPairs:
+    """``n`` prompt pairs of a built-in task, reproducible from ``seed``."""
+    spec = task_spec(name)
     if tokenizer is None:
         raise DataError(f"task {name} needs a tokenizer, and this model has none; build pairs from token ids with "
                         "PromptPairs.from_tokens")
     if n < 1:
         raise DataError("the number of prompt pairs must be at least 1")
-    return TASKS[name].make(tokenizer, n, seed, prepend_bos)
+    return spec.make(tokenizer, n, seed, prepend_bos)
