@@ -399,6 +399,7 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
 
     parse_sizes(sizes)
     _check_data(data)
+    _check_circuit_file(circuit_file)
     source = Path(circuit_file)
     target = Path(out) if out else source.with_name(f"{source.stem}-refined.json")
     from .export.files import check_writable
