@@ -7,7 +7,7 @@
   on a machine without one, a pretrained name missing from the Hugging Face cache).
 * Floors: the interpreter alone, ``import click``, ``import torch``, ``import transformer_lens``.
 * The demo (``edgeatp discover``: zoo:ioi, its task, offline) split by ``--timings`` into start-up,
-  import, load, attribute, select, verify and write.
+  import, load, attribute, select, metrics (MIB CPR/CMD), verify and write.
 
 Each row is the median of ``--repeats`` runs (``--demo-repeats`` for the demo): wall seconds and
 the child's CPU seconds (user + system, from ``getrusage``; for the demo this includes Graphviz).

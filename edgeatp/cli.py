@@ -245,8 +245,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--timings", is_flag=True,
-              help="Print where the time went (import, load, attribute, select, verify, write; wall and CPU "
-                   "seconds) to stderr, and add it to the --json summary.")
+              help="Print where the time went (import, load, attribute, select, metrics, refine, verify, write; "
+                   "wall and CPU seconds) to stderr, and add it to the --json summary.")
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
