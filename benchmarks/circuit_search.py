@@ -37,6 +37,7 @@ from edgeatp.zoo import ZOO
 
 METHODS = ("atp", "atp-qk", "atp*", "ig", "exact")
 SIZES = (5, 10, 20)
+TOL = 1e-5  # float32: a circuit measured in two sweeps, or the empty one run against its defined 0, differs by ~1e-7
 
 
 def plain_fb_seconds(setup: Setup, repeats: int = 5) -> float:
@@ -149,23 +150,23 @@ def print_targets(oracle: dict[int, float], refined: dict[int, float], best: dic
     5/10/20 edges and the grid's sizes), strictly better at the first of 5/10/20 edges where the
     oracle is below 0.8, and at 10 edges or fewer faithfulness 0.9 where some circuit reaches it."""
     sizes = sorted(oracle)
-    short = [(k, oracle[k] - refined[k]) for k in sizes if refined[k] < oracle[k] - 1e-9]
-    print("target 1, refined >= oracle ranking at every size (" + ", ".join(map(str, sizes)) + "): "
-          + ("yes" if not short else "NO, short by " + ", ".join(f"{d:.3f} at {k}" for k, d in short)))
+    short = [(k, oracle[k] - refined[k]) for k in sizes if refined[k] < oracle[k] - TOL]
+    print("target 1, refined >= oracle ranking at every size (" + ", ".join(map(str, sizes)) + f"; tolerance {TOL:g}): "
+          + ("yes" if not short else "NO, short by " + ", ".join(f"{d:.2g} at {k}" for k, d in short)))
     below = [k for k in SIZES if oracle[k] < 0.8]
     if not below:
         print("target 1, strictly better where the oracle is first below 0.8 (of 5/10/20 edges): it never is")
     else:
         k = below[0]
         gain = refined[k] - oracle[k]
-        verdict = f"yes (+{gain:.4f})" if gain > 1e-9 else "NO"
-        if gain <= 1e-9 and k <= exhaustive_up_to and oracle[k] >= best[k] - 1e-9:
+        verdict = f"yes (+{gain:.4f})" if gain > TOL else "NO"
+        if gain <= TOL and k <= exhaustive_up_to and oracle[k] >= best[k] - TOL:
             verdict += " (impossible: the oracle's circuit is already the best of its size, exhaustively)"
         print(f"target 1, strictly better where the oracle is first below 0.8 ({k} edges: oracle {oracle[k]:.3f}, "
               f"refined {refined[k]:.3f}): {verdict}")
     for k in (s for s in sorted(refined) if s <= 10):
         reach = refined[k] >= 0.9
-        known = f"; best known {best[k]:.3f}" if k in best else ""
+        known = f"; reference {best[k]:.3f}" if k in best else ""
         if reach:
             verdict = "yes"
         elif k not in best:
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1500)
     parser.add_argument("--reference-budget", type=int, default=6000)
     parser.add_argument("--reference-seeds", type=int, default=4, help="long-search seeds on the first model")
+    parser.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive reference on the first model")
     parser.add_argument("--other-reference-seeds", type=int, default=0, help="long-search seeds on the others")
     parser.add_argument("--models", default=",".join(ZOO))
     args = parser.parse_args()
@@ -192,7 +194,8 @@ def main() -> None:
     print(f"commit {commit}; budget {args.budget} forwards per refine call; MIB grid {GRID}")
     for i, name in enumerate(args.models.split(",")):
         run_model(name, args.pairs, args.budget, args.reference_budget,
-                  args.reference_seeds if i == 0 else args.other_reference_seeds, exhaustive=i == 0)
+                  args.reference_seeds if i == 0 else args.other_reference_seeds,
+                  exhaustive=i == 0 and not args.no_exhaustive)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ class CircuitMetrics:
     circuits at the grid's fractions of all ``n_edges`` edges, CPR (area under faithfulness over the
     nominal fraction, linear; higher is better) and CMD (area under ``|1 − faithfulness|``; lower is
     better). CPR's circuits are the top edges by the ranking score signed by the estimate's direction
-    (edges that carry the behaviour first), CMD's by the ranking score; searched circuits serve both. Sizes are kept edges after the cleanup."""
+    (edges that carry the behaviour first), CMD's by the ranking score; searched circuits serve both.
+    Sizes are kept edges after the cleanup."""
 
     label: str
     n_edges: int

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import click
 
 from . import __version__
-from .config import DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
+from .config import BACKEND_CHOICES, DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
 from .errors import EdgeatpError
 from .methods import METHODS
 from .timings import mark, recording
@@ -241,6 +241,9 @@ def main() -> None:
               help="Output folder (written as a whole at the end; files of an earlier run are replaced).")
 @click.option("--format", "fmt", default=DEFAULT_FORMATS, show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="TransformerLens model class: hooked (HookedTransformer, TL 3.x), bridge (TransformerBridge, "
+                   "TL 4.x or 3.9), auto (hooked where TransformerLens has it).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -253,7 +256,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
              bound_p: float, direction: str, device: str, dtype: str | None, batch_size: int, memory_budget: float,
              seed: int, threads: int | None, refine: bool, refine_budget: int, refine_sizes: str | None, out: str,
-             fmt: str, allow_download: bool, quiet: bool, as_json: bool, debug: bool, timings: bool) -> None:
+             fmt: str, allow_download: bool, quiet: bool, as_json: bool, backend: str, debug: bool, timings: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
     quiet_text = quiet or as_json
@@ -263,7 +266,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
                          direction=direction, device=device, dtype=dtype, batch_size=batch_size,
                          memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads,
-                         refine=refine, refine_budget=refine_budget, refine_sizes=refine_sizes)
+                         refine=refine, refine_budget=refine_budget, refine_sizes=refine_sizes, backend=backend)
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)
@@ -362,6 +365,11 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
                       allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
     existing = set_files(target.parent, target.stem) if not out else []
     formats = _formats_of(existing, target.stem) or ["json"]
+    _report(result, target, formats, quiet, as_json)
+
+
+def _report(result: Any, target: Path, formats: list[str], quiet: bool, as_json: bool) -> None:
+    """Write a re-run's circuit as ``target`` in ``formats`` and print its summary (text or JSON)."""
     written = _write(result.circuit, target.parent, formats, target.stem)
     if as_json:
         click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
@@ -420,12 +428,7 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
         exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}
         raise
     formats = (_formats_of(set_files(source.parent, source.stem), source.stem) or ["json"]) if not out else ["json"]
-    written = _write(result.circuit, target.parent, formats, target.stem)
-    if as_json:
-        click.echo(_json({**result.summary(), "outputs": {k: str(v) for k, v in written.paths.items()}}))
-    else:
-        _say(quiet, result.describe())
-        _say(quiet, "wrote " + ", ".join(str(p) for p in written.paths.values()))
+    _report(result, target, formats, quiet, as_json)
 
 
 def _formats_of(files: list[str], stem: str) -> list[str]:

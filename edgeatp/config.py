@@ -21,6 +21,7 @@ LEVEL_CHOICES = ("edge", "node", "neuron")
 METRIC_CHOICES = ("logit_diff", "logprob", "prob", "kl")
 DTYPE_CHOICES = ("float32", "float64", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # what torch.device takes and edgeatp runs on
+BACKEND_CHOICES = ("auto", "hooked", "bridge")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class DiscoverConfig:
     refine: bool = False
     refine_budget: int = 2000
     refine_sizes: str | None = None  # comma list of edge counts or "mib"; None: the curve's sizes up to the circuit's
+    backend: str = "auto"  # TransformerLens class: hooked (HookedTransformer), bridge (TransformerBridge), auto
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "the saved configuration") -> "DiscoverConfig":
@@ -82,6 +84,8 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error(f"{{metric}} {cfg.metric!r} is unknown; choose from {', '.join(METRIC_CHOICES)}")
     if cfg.direction not in ("noising", "denoising"):
         raise option_error(f"{{direction}} {cfg.direction!r} is unknown; use noising or denoising")
+    if cfg.backend not in BACKEND_CHOICES:
+        raise option_error(f"{{backend}} {cfg.backend!r} is unknown; choose from {', '.join(BACKEND_CHOICES)}")
     if cfg.dtype is not None and cfg.dtype not in DTYPE_CHOICES:
         raise option_error(f"{{dtype}} {cfg.dtype!r} is unknown; choose from {', '.join(DTYPE_CHOICES)}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):

@@ -59,7 +59,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
     """The model a config names, run under the config's thread policy (restored afterwards):
     as asked, else one thread for small models (more only add overhead there), else torch's default."""
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download,
+                       backend=cfg.backend)
     threads = cfg.threads
     if threads is None and sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1

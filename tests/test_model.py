@@ -7,6 +7,7 @@ import torch
 
 from edgeatp.errors import ModelError
 from edgeatp.model import ModelAdapter, Site, load_model
+from edgeatp.model.backend import OpaqueNorm
 from edgeatp.patching import patch_nodes
 from edgeatp.graph import Node
 from edgeatp.setup import Setup
@@ -151,9 +152,11 @@ def test_closed_form_norm_backward_equals_autograd(norm):
     with torch.enable_grad():
         xe = x.clone().requires_grad_(True)[:, :, None, :].expand(-1, -1, 7, -1)
         (ref,) = torch.autograd.grad(ln(xe), xe, u)
-    assert torch.allclose(ModelAdapter.norm_vjp(ln, x, u), ref, atol=1e-12)
-    scaled = torch.nn.Sequential(torch.nn.Identity())  # an unknown module takes the autograd path
-    assert torch.allclose(ModelAdapter.norm_vjp(scaled, x, u), u)
+    assert torch.allclose(ModelAdapter.norm_vjp(adapter.backend.norm(0, "ln1"), x, u), ref, atol=1e-12)
+    assert torch.allclose(ModelAdapter.norm_vjp(OpaqueNorm(ln), x, u), ref, atol=1e-12)  # a norm without a closed form
+    adapter.model.blocks[0].ln1 = torch.nn.Sequential(torch.nn.Identity())  # an unknown module: the autograd path
+    assert isinstance(adapter.backend.norm(0, "ln1"), OpaqueNorm)
+    assert torch.allclose(ModelAdapter.norm_vjp(adapter.backend.norm(0, "ln1"), x, u), u)
 
 
 def test_cached_pretrained_names_load_offline_and_restore_the_flags(monkeypatch):

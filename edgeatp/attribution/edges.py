@@ -45,8 +45,23 @@ def _selector(idx: torch.Tensor) -> slice | torch.Tensor:
     return idx
 
 
+class _Selectors:
+    """Writer and reader selectors (a slice where the indices are a contiguous run) of a reader set."""
+
+    writers: torch.Tensor
+    readers: torch.Tensor
+
+    @property
+    def w_sel(self) -> slice | torch.Tensor:
+        return _selector(self.writers)
+
+    @property
+    def r_sel(self) -> slice | torch.Tensor:
+        return _selector(self.readers)
+
+
 @dataclass(frozen=True, eq=False)
-class ReaderGroup:
+class ReaderGroup(_Selectors):
     """Readers that share one site (the q, k or v inputs of one layer, an MLP input, the logits)
     and the writers upstream of them; ``qk`` groups get the QK fix."""
 
@@ -56,14 +71,6 @@ class ReaderGroup:
     heads: torch.Tensor  # head of each reader (0 for MLP and logits)
     writers: torch.Tensor  # upstream writer indices
     qk: bool = False
-
-    @property
-    def w_sel(self) -> slice | torch.Tensor:
-        return _selector(self.writers)
-
-    @property
-    def r_sel(self) -> slice | torch.Tensor:
-        return _selector(self.readers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +160,7 @@ class EdgeBatch:
 
 
 @dataclass(frozen=True, eq=False)
-class Contraction:
+class Contraction(_Selectors):
     """Linear (non-QK-fixed) readers sharing one gradient source and one set of upstream writers:
     the q/k/v inputs of one layer, one MLP input, or the logits."""
 
@@ -162,14 +169,6 @@ class Contraction:
     groups: tuple[ReaderGroup, ...]
     readers: torch.Tensor
     writers: torch.Tensor
-
-    @property
-    def w_sel(self) -> slice | torch.Tensor:
-        return _selector(self.writers)
-
-    @property
-    def r_sel(self) -> slice | torch.Tensor:
-        return _selector(self.readers)
 
 
 class EdgeEstimator:

@@ -1,9 +1,11 @@
-"""The model adapter: loading models and the only place that knows TransformerLens hook names.
+"""The model adapter: the one object algorithms talk to, whatever TransformerLens class runs the model.
 
 Every algorithm in edgeatp talks to a model through :class:`ModelAdapter`: named activation
 :class:`Site` s instead of hook strings, scoped hooks that are always removed, and a
 :meth:`ModelAdapter.session` that puts the model in eval mode and restores the caller's
-TransformerLens flags, training mode and tokenizer padding side on every exit path.
+TransformerLens flags, training mode and tokenizer padding side on every exit path. The
+TransformerLens class behind it is a :class:`~.backend.Backend` (``HookedTransformer`` or
+``TransformerBridge``); the math on weights lives here, on the tensors the backend exposes.
 """
 
 from __future__ import annotations
@@ -11,20 +13,20 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..errors import DataError, ModelError
 from ..graph import ModelShape
 from ..tokenizer import Tokenizer
+from .backend import Backend, Norm, NormParts, backend_for
 from .sites import FwdHook, Site
-
-_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_attn_in", "use_hook_mlp_in", "ungroup_grouped_query_attention")
 
 
 class ModelAdapter:
-    """A HookedTransformer plus its tokenizer, seen through edgeatp's sites.
+    """A TransformerLens model (``HookedTransformer`` or ``TransformerBridge``) plus its tokenizer,
+    seen through edgeatp's sites.
 
     Build one with :func:`load_model`. The constructor validates the architecture and
     raises :class:`ModelError` for features edgeatp does not handle yet.
@@ -32,26 +34,12 @@ class ModelAdapter:
 
     def __init__(self, model: Any, tokenizer: Tokenizer | None = None, name: str = "model",
                  card: dict | None = None) -> None:
-        from transformer_lens import HookedTransformer
-
-        if not isinstance(model, HookedTransformer):
-            raise ModelError(
-                f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
-                "TransformerBridge models are not supported yet"
-            )
-        _validate_config(model.cfg)
-        _validate_weights(model)
+        self.backend: Backend = backend_for(model)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.card = card or {}
-        cfg = model.cfg
-        self.shape = ModelShape(
-            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-            d_mlp=None if cfg.attn_only else cfg.d_mlp, attn_only=bool(cfg.attn_only),
-            parallel_attn_mlp=bool(cfg.parallel_attn_mlp),
-            n_kv_heads=None if cfg.ungroup_grouped_query_attention else cfg.n_key_value_heads,
-        )
+        self.shape: ModelShape = self.backend.shape
         self._depth = 0
         self._lock = threading.RLock()
 
@@ -62,11 +50,11 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.model.W_E.device
+        return self.backend.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.W_E.dtype
+        return self.backend.dtype
 
     @property
     def causal(self) -> bool:
@@ -74,7 +62,8 @@ class ModelAdapter:
 
     @property
     def d_vocab(self) -> int:
-        return int(self.cfg.d_vocab_out)
+        out = int(self.cfg.d_vocab_out)
+        return out if out > 0 else int(self.cfg.d_vocab)
 
     @property
     def n_ctx(self) -> int:
@@ -132,99 +121,60 @@ class ModelAdapter:
                 finally:
                     self._depth -= 1
                 return
-            m = self.model
-            foreign = [n for n, hp in m.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+            foreign = self.backend.foreign_hooks()
             if foreign:
                 raise ModelError(
                     f"the model has hooks attached ({len(foreign)} hook points, e.g. {foreign[0]!r}); "
                     "remove them with model.reset_hooks(including_permanent=True) before running edgeatp"
                 )
-            saved = {f: getattr(m.cfg, f) for f in _FLAGS}
-            modes = [(mod, mod.training) for mod in m.modules()]
-            tok = getattr(m, "tokenizer", None)
+            tok = getattr(self.model, "tokenizer", None)
             padding_side = getattr(tok, "padding_side", None)
             self._depth = 1
             try:
-                m.eval()
-                m.cfg.use_split_qkv_input = False
-                m.cfg.use_attn_result = False
-                m.cfg.use_attn_in = False
-                m.cfg.use_hook_mlp_in = not m.cfg.attn_only
-                if padding_side is not None:
-                    tok.padding_side = "right"
-                yield self
+                with self.backend.prepared():
+                    if padding_side is not None:
+                        tok.padding_side = "right"
+                    yield self
             finally:
                 self._depth = 0
-                m.reset_hooks(including_permanent=False)
-                for f, v in saved.items():
-                    setattr(m.cfg, f, v)
-                for mod, mode in modes:
-                    mod.training = mode
                 if padding_side is not None:
                     tok.padding_side = padding_side
 
     def hook_name(self, site: Site) -> str:
         """The TransformerLens hook point of a site."""
-        k, l = site.kind, site.layer
-        if k == "resid_final":
-            return f"blocks.{self.shape.n_layers - 1}.hook_resid_post"
-        if not 0 <= l < self.shape.n_layers:
-            raise ValueError(f"site {k} needs a layer in 0..{self.shape.n_layers - 1}, got {l}")
-        rotary = self.cfg.positional_embedding_type == "rotary"
-        names = {
-            "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "q": "attn.hook_q", "k": "attn.hook_k",
-            "v": "attn.hook_v", "rot_q": "attn.hook_rot_q" if rotary else "attn.hook_q",
-            "rot_k": "attn.hook_rot_k" if rotary else "attn.hook_k",
-            "scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern", "z": "attn.hook_z",
-            "attn_out": "hook_attn_out", "mlp_in": "hook_mlp_in", "mlp_post": "mlp.hook_post",
-            "mlp_out": "hook_mlp_out", "attn_post_scale": "ln1_post.hook_scale", "mlp_post_scale": "ln2_post.hook_scale",
-        }
-        if k in ("mlp_in", "mlp_post", "mlp_out", "mlp_post_scale", "resid_mid") and self.shape.attn_only:
-            raise ValueError(f"site {k}: the model is attention-only")
-        if k == "resid_mid" and self.shape.parallel_attn_mlp:
-            raise ValueError("site resid_mid: attention and MLP of this model read the same residual")
-        if k in ("attn_post_scale", "mlp_post_scale") and not self.post_norm:
-            raise ValueError(f"site {k}: the model does not normalise its sublayer outputs")
-        return f"blocks.{l}.{names[k]}"
+        return self.backend.hook_name(site)
 
     @contextmanager
     def hooks(self, fwd: Sequence[tuple[Site, FwdHook]]) -> Iterator[None]:
         """Forward hooks on sites for the duration of the block; a hook may return a replacement."""
-        def wrap(fn: FwdHook) -> Callable:
-            return lambda tensor, hook: fn(tensor)
-
-        with self.session():
-            with self.model.hooks(fwd_hooks=[(self.hook_name(s), wrap(f)) for s, f in fwd]):
-                yield
+        with self.session(), self.backend.hooks(fwd):
+            yield
 
     def forward(self, tokens: torch.Tensor, fwd: Sequence[tuple[Site, FwdHook]] = (), logits: bool = True
                 ) -> torch.Tensor | None:
         """Logits ``[batch, pos, vocab]`` of a batch of token ids, with optional site hooks
         (``logits=False`` skips the unembedding when only hooked activations are wanted)."""
         with self.hooks(fwd):
-            return self.model(tokens.to(self.device), return_type="logits" if logits else None)
+            return self.backend.run(tokens.to(self.device), logits)
 
     # ------------------------------------------------------------------ math on weights
-    def _block(self, layer: int) -> Any:
-        return self.model.blocks[layer]
-
     @property
     def post_norm(self) -> bool:
         """Whether sublayer outputs are normalised before they join the residual (Gemma-2's norms)."""
-        return bool(getattr(self.cfg, "use_normalization_before_and_after", False))
+        return self.backend.post_norm
 
     def head_factors(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head residual writes as coefficients ``[b, p, H, d_head]`` times a basis ``[H, d_head,
         d_model]`` (``W_O``, with a post-norm's centring and weight folded in and its per-position
         scale folded into the coefficients): each head's write has rank ``d_head``."""
-        W_O = self._block(layer).attn.W_O
+        W_O = self.backend.W_O(layer)
         return self._post_factors(layer, "attn", z.to(W_O.dtype), W_O, scale)
 
     def neuron_factors(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-neuron writes as coefficients ``[b, p, N, 1]`` times a basis ``[N, 1, d_model]`` (rank one)."""
-        W_out = self._block(layer).mlp.W_out
+        W_out = self.backend.W_out(layer)
         return self._post_factors(layer, "mlp", post.to(W_out.dtype)[..., None], W_out[:, None, :], scale)
 
     def _post_factors(self, layer: int, which: str, coef: torch.Tensor, basis: torch.Tensor,
@@ -233,15 +183,15 @@ class ModelAdapter:
         once its scale, taken from the same run, is known."""
         if not self.post_norm:
             return coef, basis
-        norm = self._block(layer).ln1_post if which == "attn" else self._block(layer).ln2_post
-        if isinstance(norm, torch.nn.Identity):
+        norm = self.backend.norm(layer, "ln1_post" if which == "attn" else "ln2_post")
+        if not isinstance(norm, NormParts):
+            raise ModelError(f"edgeatp does not support the output normalisation {type(norm.module).__name__} yet")
+        if not norm.scaled:
             return coef, basis
         if scale is None:
             raise ValueError("post-normalised writes need the norm's scale")
-        from transformer_lens.components import LayerNorm
-
-        centred = basis - basis.mean(-1, keepdim=True) if isinstance(norm, LayerNorm) else basis
-        return coef / scale[:, :, None, :].to(coef.dtype), centred * norm.w
+        basis = norm.centre(basis)
+        return coef / scale[:, :, None, :].to(coef.dtype), basis * norm.weight if norm.weight is not None else basis
 
     def head_writes(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``
@@ -258,12 +208,7 @@ class ModelAdapter:
         """``W [n, d_model, d_head]`` and ``b [n, d_head]`` of the query, key or value projection: per
         query head, or per shared key/value head for keys and values of a grouped model (per
         query head again inside :meth:`ungrouped`)."""
-        attn = self._block(layer).attn
-        if kind == "q":
-            return attn.W_Q, attn.b_Q
-        if kind == "k":
-            return (attn._W_K, attn._b_K) if self.grouped_now else (attn.W_K, attn.b_K)
-        return (attn._W_V, attn._b_V) if self.grouped_now else (attn.W_V, attn.b_V)
+        return self.backend.qkv_weights(layer, kind)
 
     def qkv_from_residual(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """What ``hook_q|k|v`` would hold for ``heads`` if each read its own residual copy.
@@ -273,22 +218,24 @@ class ModelAdapter:
         ``[..., n, d_head]``. Exact: same LayerNorm and weights.
         """
         W, b = self.qkv_weights(layer, kind)
-        normed = self._block(layer).ln1(resid)
-        return torch.einsum("...nd,nde->...ne", normed, W[heads]) + b[heads]
+        return torch.einsum("...nd,nde->...ne", self._ln1(layer, resid), W[heads]) + b[heads]
 
     def qkv_all_heads(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """``hook_q|k|v`` values ``[..., n, d_head]`` of the given heads (default all) reading residuals ``[..., d_model]``."""
         W, b = self.qkv_weights(layer, kind)
         if heads is not None:
             W, b = W[heads], b[heads]
-        normed = self._block(layer).ln1(resid)
-        return torch.einsum("...d,hde->...he", normed, W) + b
+        return torch.einsum("...d,hde->...he", self._ln1(layer, resid), W) + b
+
+    def _ln1(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        """The attention input norm of a block applied to residuals ``[..., d_model]``."""
+        return self.backend.norm(layer, "ln1")(resid)
 
     def normed_projection(self, layer: int, kind: str, heads: torch.Tensor) -> "NormedProjection | None":
         """The block's input norm and the q/k/v projection of ``heads`` as one closed form (``None``
         for a norm without one), so projections of ``x + Δ`` split into ``x``'s and ``Δ``'s parts."""
-        parts = _norm_parts(self._block(layer).ln1)
-        if parts is None:
+        parts = self.backend.norm(layer, "ln1")
+        if not isinstance(parts, NormParts):
             return None
         W, b = self.qkv_weights(layer, kind)
         W, b = W[heads], b[heads]
@@ -305,7 +252,7 @@ class ModelAdapter:
         ``offset, offset + 1, …`` (identity without rotary embeddings)."""
         if self.cfg.positional_embedding_type != "rotary":
             return x
-        return self._block(layer).attn.apply_rotary(x, past_kv_pos_offset=offset)
+        return self.backend.rotate(layer, x, offset)
 
     def reader_input_grads(self, layer: int, resid: torch.Tensor, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Gradients w.r.t. each head's private q/k/v residual input, ``[b, p, R, d_model]`` with the
@@ -321,54 +268,33 @@ class ModelAdapter:
         W = torch.cat([self.qkv_weights(layer, kind)[0] for kind in grads])  # [R, d, e]
         delta = torch.cat([g.to(W.dtype) for g in grads.values()], dim=2).detach()  # [b, p, R, e]
         b, p, R, e = delta.shape
-        norm = self._block(layer).ln1
-        parts = _norm_parts(norm)
-        if parts is None:
-            return self.norm_vjp(norm, resid.detach(), torch.einsum("bphe,hde->bphd", delta, W))
+        parts = self.backend.norm(layer, "ln1")
+        if not isinstance(parts, NormParts):
+            return self.norm_vjp(parts, resid.detach(), torch.einsum("bphe,hde->bphd", delta, W))
         if parts.weight is not None:
             W = W * parts.weight[:, None].to(W.dtype)
-        x = resid.detach().to(W.dtype).reshape(b * p, -1)
+        xc = parts.centre(resid.detach().to(W.dtype).reshape(b * p, -1))
         if parts.scaled:
-            xc = x - x.mean(-1, keepdim=True) if parts.centred else x
-            sigma = (xc.pow(2).mean(-1, keepdim=True) + parts.eps).sqrt()  # [bp, 1]
+            sigma = parts.scale_of(xc)  # [bp, 1]
             delta = delta / sigma.view(b, p, 1, 1)
         out = torch.bmm(delta.permute(2, 0, 1, 3).reshape(R, b * p, e), W.transpose(1, 2))  # [R, bp, d]
         if parts.scaled:
             xhat = xc / sigma
-            out.addcmul_(torch.einsum("rnd,nd->rn", out, xhat)[..., None] / x.shape[-1], xhat, value=-1)
-            if parts.centred:
-                out.sub_(out.mean(-1, keepdim=True))
+            out.addcmul_(torch.einsum("rnd,nd->rn", out, xhat)[..., None] / xc.shape[-1], xhat, value=-1)
+        if parts.centred:
+            out.sub_(out.mean(-1, keepdim=True))
         return out.view(R, b, p, -1).permute(1, 2, 0, 3)
 
     @staticmethod
-    def norm_vjp(norm: Any, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``J_norm(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader.
-
-        Closed form for norms :func:`_norm_parts` knows (``y = w ⊙ x̂ + b`` with ``x̂ = (x − μ)/σ``
-        or ``x/σ``, or no norm); autograd for anything else.
-        """
-        parts = _norm_parts(norm)
-        if parts is not None and not parts.scaled:
-            return u
-        if parts is not None:
-            xc = x - x.mean(-1, keepdim=True) if parts.centred else x
-            scale = (xc.pow(2).mean(-1, keepdim=True) + parts.eps).sqrt()[:, :, None, :]  # [b, p, 1, 1]
-            xhat = (xc / scale.squeeze(2))[:, :, None, :]
-            g = u * parts.weight if parts.weight is not None else u
-            out = g - xhat * (g * xhat).mean(-1, keepdim=True)
-            if parts.centred:
-                out = out - g.mean(-1, keepdim=True)
-            return out / scale
-        n = u.shape[2]
-        with torch.enable_grad():
-            xe = x.detach().requires_grad_(True)[:, :, None, :].expand(-1, -1, n, -1)
-            (g_in,) = torch.autograd.grad(norm(xe), xe, u)
-        return g_in
+    def norm_vjp(norm: Norm, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``J_norm(x)ᵀ u`` for residuals ``x [b, p, d]`` and cotangents ``u [b, p, n, d]``, one per reader
+        (closed form for :class:`~.backend.NormParts`, autograd for a norm without one)."""
+        return norm.vjp(x, u)
 
     @property
     def grouped_now(self) -> bool:
         """Whether keys and values are per shared key/value head in the current view (not :meth:`ungrouped`)."""
-        return self.shape.grouped and not self.cfg.ungroup_grouped_query_attention
+        return self.backend.grouped_now
 
     def expand_kv(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """Per-key/value-head values repeated along ``dim`` to one per query head (unchanged without grouping)."""
@@ -384,9 +310,9 @@ class ModelAdapter:
     def attention_score_fn(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Unmasked, unbiased scores ``[b, n, Tq, Tk]`` of head-paired post-rotary q and k
         ``[b, T, n, d_head]`` (the model's own scale and soft-cap; no key/value repetition)."""
-        from transformer_lens.components.abstract_attention import AbstractAttention
-
-        return AbstractAttention.calculate_attention_scores(self._block(layer).attn, q, k)
+        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.backend.attn_scale(layer)
+        cap = self.backend.attn_softcap(layer)
+        return scores if cap is None else cap * torch.tanh(scores / cap)
 
     @contextmanager
     def ungrouped(self, on: bool = True) -> Iterator[None]:
@@ -395,25 +321,8 @@ class ModelAdapter:
         if not (on and self.shape.grouped):
             yield
             return
-        with self.session():
-            saved = self.cfg.ungroup_grouped_query_attention
-            self.cfg.ungroup_grouped_query_attention = True
-            try:
-                yield
-            finally:
-                self.cfg.ungroup_grouped_query_attention = saved
-
-
-@dataclass(frozen=True)
-class NormParts:
-    """A norm as ``y ↦ (C y) / s(y) ⊙ weight + bias``: ``centred`` (C subtracts the mean),
-    ``scaled`` (``s = sqrt(mean((C y)²) + eps)``; otherwise ``s = 1``); ``None`` weight/bias = 1/0."""
-
-    centred: bool
-    scaled: bool
-    eps: float
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
+        with self.session(), self.backend.ungrouped():
+            yield
 
 
 @dataclass(frozen=True)
@@ -425,56 +334,3 @@ class NormedProjection:
     centred: bool
     scaled: bool
     eps: float
-
-
-def _norm_parts(norm: Any) -> NormParts | None:
-    """TransformerLens' LayerNorm, LayerNormPre, RMSNorm, RMSNormPre or no norm in closed form."""
-    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
-
-    if isinstance(norm, torch.nn.Identity):
-        return NormParts(False, False, 0.0, None, None)
-    if not isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
-        return None
-    return NormParts(isinstance(norm, (LayerNorm, LayerNormPre)), True, float(norm.eps),
-                     norm.w if isinstance(norm, (LayerNorm, RMSNorm)) else None,
-                     norm.b if isinstance(norm, LayerNorm) else None)
-
-
-def _validate_config(cfg: Any) -> None:
-    """Reject architectures whose internals edgeatp's exact formulas would get wrong."""
-    problems = []
-    if cfg.positional_embedding_type not in ("standard", "rotary", "alibi"):
-        problems.append(f"positional embedding type {cfg.positional_embedding_type!r}")
-    if getattr(cfg, "load_in_4bit", False):
-        problems.append("4-bit weights")
-    if getattr(cfg, "use_attention_sinks", False):
-        problems.append("attention sinks")
-    if getattr(cfg, "use_logn_attn", False):
-        problems.append("log-n attention scaling")
-    if getattr(cfg, "num_experts", None):
-        problems.append("mixture-of-experts MLPs")
-    if getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
-        problems.append("QK normalisation")
-    if getattr(cfg, "clip_qkv", None) is not None:
-        problems.append("clipped q/k/v")
-    if getattr(cfg, "use_dynamic_ntk_rope", False):
-        problems.append("dynamic NTK rotary scaling")
-    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES  # type: ignore
-
-    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        problems.append(f"post-norm architecture {cfg.original_architecture}")
-    if problems:
-        raise ModelError("edgeatp does not support " + "; ".join(problems) + " yet")
-
-
-def _validate_weights(model: Any) -> None:
-    """Post-normalised sublayers must have no output bias: its normalised part changes with the
-    norm's scale and belongs to no single writer, so edge patches would not add up."""
-    if not getattr(model.cfg, "use_normalization_before_and_after", False):
-        return
-    for layer, block in enumerate(model.blocks):
-        biases = [("attention output", block.attn.b_O)] + ([] if model.cfg.attn_only else [("MLP output", block.mlp.b_out)])
-        for what, b in biases:
-            if bool((b != 0).any()):
-                raise ModelError(f"edgeatp does not support post-normalised sublayers with a bias yet (layer {layer} "
-                                 f"{what} bias)")

@@ -429,8 +429,9 @@ def _transformers_quiet() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def read_weights(ckpt: Checkpoint) -> Any:
-    """The transformers model of the folder in ``ckpt.dtype``; refuses weights that do not match config.json."""
+def read_weights(ckpt: Checkpoint, **options: Any) -> Any:
+    """The transformers model of the folder in ``ckpt.dtype``; refuses weights that do not match config.json
+    (``options`` go to ``from_pretrained``, e.g. ``attn_implementation``)."""
     from transformers import AutoModelForCausalLM
 
     path = ckpt.path
@@ -438,7 +439,7 @@ def read_weights(ckpt: Checkpoint) -> Any:
         with _transformers_quiet():
             hf_model, info = AutoModelForCausalLM.from_pretrained(
                 str(path), config=copy.deepcopy(ckpt.hf_config), dtype=ckpt.dtype, local_files_only=True,
-                trust_remote_code=False, output_loading_info=True, ignore_mismatched_sizes=True)
+                trust_remote_code=False, output_loading_info=True, ignore_mismatched_sizes=True, **options)
     except Exception as exc:  # noqa: BLE001 - any failure inside transformers becomes one line
         raise ModelError(f"{path}: transformers cannot read the weights ({_first_line(exc)})") from exc
     problem = None
@@ -517,10 +518,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> "Mode
     Architectures the adapter does not handle yet are refused before any weight is read.
     """
     from ..tokenizer import HFTokenizer
-    from .adapter import ModelAdapter, _validate_config
+    from .adapter import ModelAdapter
+    from .hooked import validate_config
 
     ckpt = open_checkpoint(path, dtype)
-    _validate_config(ckpt.cfg)
+    validate_config(ckpt.cfg)
     model = hooked_transformer(ckpt)
     tokenizer = None
     if ckpt.tokenizer is not None:

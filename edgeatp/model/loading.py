@@ -1,5 +1,7 @@
-"""Loading models: zoo names, TransformerLens pretrained names from the local cache, local Hugging
-Face checkpoint directories and model objects, each wrapped in a :class:`ModelAdapter`."""
+"""Loading models: zoo names, pretrained names from the local cache, local Hugging Face checkpoint
+directories and model objects, each wrapped in a :class:`ModelAdapter` on one of two backends:
+``hooked`` (TransformerLens 3.x ``HookedTransformer``) or ``bridge`` (``TransformerBridge``,
+TransformerLens 4.x; 3.9 ships a preview)."""
 
 from __future__ import annotations
 
@@ -16,46 +18,88 @@ from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
 from .checkpoint import load_checkpoint
 
+BACKENDS = ("auto", "hooked", "bridge")
+
 
 def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               allow_download: bool = False) -> ModelAdapter:
+               allow_download: bool = False, backend: str = "auto") -> ModelAdapter:
     """Load a model from any supported spec and wrap it in a :class:`ModelAdapter`.
 
     ``spec`` may be ``"zoo:NAME"`` (shipped models), a local Hugging Face checkpoint directory
     (any decoder family TransformerLens converts, see :mod:`edgeatp.model.checkpoint`; loaded in
     its own dtype unless ``dtype`` is given), a TransformerLens pretrained name (``"gpt2"``,
     ``"pythia-70m"``; must be in the local Hugging Face cache unless ``allow_download``), a
-    ``HookedTransformer`` or a ``ModelAdapter``. ``dtype`` and ``device`` convert the weights —
-    in place when you pass your own model.
+    ``HookedTransformer``, a ``TransformerBridge`` or a ``ModelAdapter``. ``dtype`` and ``device``
+    convert the weights — in place when you pass your own model. ``backend`` picks the
+    TransformerLens class names and folders are loaded as: ``hooked`` (``HookedTransformer``),
+    ``bridge`` (``TransformerBridge``) or ``auto``, the one :func:`default_backend` names.
     """
     torch_dtype = _parse_dtype(dtype)
     torch_device = _parse_device(device)
-    from transformer_lens import HookedTransformer
-
+    kind = resolve_backend(backend)
     mark("import")  # TransformerLens loads on first use: its import is not part of loading the model
     if isinstance(spec, ModelAdapter):
         adapter = spec
-    elif isinstance(spec, HookedTransformer):
-        tok = spec.tokenizer
-        adapter = ModelAdapter(spec, HFTokenizer(tok) if tok is not None else None,
-                               name=getattr(spec.cfg, "model_name", "model"))
     elif isinstance(spec, (str, Path)):
         text = str(spec)
         if text.startswith("zoo:"):
-            adapter = load_zoo_model(text[4:])
+            adapter = load_zoo_model(text[4:], backend=kind)
         elif Path(text).expanduser().is_dir():
             with _hf_offline(True):
-                adapter = load_checkpoint(text, dtype=torch_dtype)
+                adapter = load_checkpoint(text, dtype=torch_dtype) if kind == "hooked" else \
+                    _bridge_loading().checkpoint_bridge(text, dtype=torch_dtype)
         else:
-            adapter = _load_pretrained(text, allow_download)
+            adapter = _load_pretrained(text, allow_download, kind)
+    elif _is_model_object(spec):
+        tok = spec.tokenizer
+        adapter = ModelAdapter(spec, HFTokenizer(tok) if tok is not None else None,
+                               name=getattr(spec.cfg, "model_name", None) or "model")
     else:
-        raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory or a HookedTransformer")
-    if torch_dtype is not None and adapter.dtype != torch_dtype:
-        adapter.model.to(torch_dtype, print_details=False)
-        adapter.model.cfg.dtype = torch_dtype
-    if torch_device is not None:
-        adapter.model.to(torch_device, print_details=False)
+        raise ModelError(f"cannot load a model from {type(spec).__name__}; pass a name, a directory, a "
+                         "HookedTransformer or a TransformerBridge")
+    if backend != "auto" and adapter.backend.kind != kind:
+        raise ModelError(f"{{backend}} {backend} was asked for, but the model given runs on the "
+                         f"{adapter.backend.kind} backend", backend="backend")
+    adapter.backend.convert(torch_dtype, torch_device)
     return adapter
+
+
+def default_backend() -> str:
+    """``hooked`` where TransformerLens has ``HookedTransformer`` (3.x), else ``bridge`` (4.x)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return "bridge"
+    return "hooked"
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend ``backend`` names here (``auto`` resolved), or a one-line error when this
+    TransformerLens lacks it."""
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown {{backend}} {backend!r}; use one of {', '.join(BACKENDS)}", backend="backend")
+    kind = default_backend() if backend == "auto" else backend
+    if kind == "hooked" and default_backend() != "hooked":
+        raise ModelError("{backend} hooked needs TransformerLens 3.x (HookedTransformer), which this environment "
+                         "lacks; use {backend} bridge or install 'transformer-lens>=3.9,<4'", backend="backend")
+    if kind == "bridge":
+        try:
+            import transformer_lens.model_bridge  # noqa: F401
+        except ImportError:
+            raise ModelError("{backend} bridge needs TransformerLens 3.9 or newer (TransformerBridge)",
+                             backend="backend") from None
+    return kind
+
+
+def _is_model_object(spec: Any) -> bool:
+    """Whether ``spec`` is a HookedTransformer or TransformerBridge (without importing what is absent)."""
+    return hasattr(spec, "cfg") and hasattr(spec, "hook_dict") and isinstance(spec, torch.nn.Module)
+
+
+def _bridge_loading() -> Any:
+    from . import bridge_loading
+
+    return bridge_loading
 
 
 def _parse_device(device: str | torch.device | None) -> torch.device | None:
@@ -85,8 +129,10 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
-def _load_pretrained(name: str, allow_download: bool) -> ModelAdapter:
+def _load_pretrained(name: str, allow_download: bool, backend: str) -> ModelAdapter:
     """A TransformerLens pretrained model, from the local Hugging Face cache unless told otherwise."""
+    if backend == "bridge":
+        return _load_pretrained_bridge(name, allow_download)
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -110,6 +156,27 @@ def _load_pretrained(name: str, allow_download: bool) -> ModelAdapter:
             raise ModelError(f"could not load {name!r} from the local cache: {str(exc).splitlines()[0]}") from None
     tok = HFTokenizer(model.tokenizer, name) if model.tokenizer is not None else None
     return ModelAdapter(model, tok, name=name)
+
+
+def _load_pretrained_bridge(name: str, allow_download: bool) -> ModelAdapter:
+    """A pretrained model as a bridge: its cached snapshot folder, loaded like a checkpoint directory
+    (downloaded first only when allowed)."""
+    loading = _bridge_loading()
+    folder = loading.cached_snapshot(name)
+    if folder is None and allow_download:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(loading.official_name(name) or name))
+        except Exception as exc:  # noqa: BLE001 - any download failure becomes one line
+            raise ModelError(f"could not download {name!r}: {str(exc).splitlines()[0]}") from None
+    if folder is None:
+        raise ModelError(
+            f"model {name!r} is not in the local Hugging Face cache and edgeatp runs offline; download it once "
+            "(with {allow_download} on a networked machine) or pass a local checkpoint directory",
+            allow_download="allow_download")
+    with _hf_offline(True):
+        return loading.checkpoint_bridge(folder, name=name)
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -144,8 +211,10 @@ def _hf_offline(offline: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def load_zoo_model(name: str) -> ModelAdapter:
+def load_zoo_model(name: str, backend: str = "auto") -> ModelAdapter:
     """A shipped zoo model (float32, CPU) with its word-level tokenizer and card."""
+    if resolve_backend(backend) == "bridge":
+        return _bridge_loading().zoo_bridge(name)
     from transformer_lens import HookedTransformer
 
     from .. import zoo
