@@ -279,8 +279,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--timings", is_flag=True,
-              help="Print where the time went (import, load, attribute, select, verify, write; wall and CPU "
-                   "seconds) to stderr, and add it to the --json summary.")
+              help="Print where the time went (import, load, attribute, select, metrics, refine, verify, write; "
+                   "wall and CPU seconds) to stderr, and add it to the --json summary.")
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
@@ -460,6 +460,7 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
 
     parse_sizes(sizes)
     _check_data(data)
+    _check_circuit_file(circuit_file)
     source = Path(circuit_file)
     target = Path(out) if out else source.with_name(f"{source.stem}-refined.json")
     from .export.files import check_writable

@@ -234,8 +234,10 @@ def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log)
     mark("select")
     log(f"kept {circuit.n_edges} edges; faithfulness {circuit.faithfulness:.3f}")
     circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
+    mark("metrics")
     if cfg.refine:
         circuit = refined_circuit(setup, scores, circuit, cfg, log)
+        mark("refine")
     if cfg.n_verify or cfg.sample_below:
         circuit = circuit.with_(verification=verify(
             setup, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed, bound=cfg.bound,
