@@ -18,13 +18,16 @@ import os
 import re
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 
 from . import __version__
-from .config import BACKEND_CHOICES, DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig, check_config
+from .config import (BACKEND_CHOICES, DEVICE_PATTERN, DTYPE_CHOICES, LEVEL_CHOICES, METRIC_CHOICES, DiscoverConfig,
+                     check_config)
 from .errors import EdgeatpError
 from .methods import METHODS
 from .timings import mark, recording
@@ -74,15 +77,34 @@ def _guard(fn: Callable) -> Callable:
         except (EdgeatpError, ValueError, KeyError, FileNotFoundError) as exc:
             if debug:
                 raise
-            raise UserError(_one_line(exc)) from None
+            raise UserError(_rank_label() + _one_line(exc)) from None
         except click.ClickException:
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: one line plus where to look
             if debug:
                 raise
-            raise click.ClickException(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug "
-                                       "for the traceback and please report it") from None
+            raise click.ClickException(f"{_rank_label()}internal error ({type(exc).__name__}: {exc}); rerun with "
+                                       "--debug for the traceback and please report it") from None
     return wrapper
+
+
+def _rank_label() -> str:
+    """``rank N: `` before the errors of the other processes of a torchrun run (rank 0 speaks plainly)."""
+    rank = os.environ.get("RANK", "0")
+    return f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != "0" else ""
+
+
+@contextmanager
+def _data_parallel(device: str | None, timeout: float) -> Iterator[Any]:
+    """This process's place in a torchrun run (a run of its own otherwise): joins the process group,
+    silences every rank but 0 and makes a failure on any rank stop them all with one message."""
+    from .distributed import guard, local_device, process_group
+
+    with process_group(local_device(device), timeout) as ranks, guard(ranks):
+        if not ranks.is_main:
+            _quiet_libraries()
+            warnings.simplefilter("ignore")
+        yield ranks
 
 
 def _say(quiet: bool, text: str = "") -> None:
@@ -218,15 +240,24 @@ def main() -> None:
 @click.option("--direction", type=click.Choice(["noising", "denoising"]), default="noising", show_default=True,
               help="noising: patch corrupt values into the clean run (what is necessary); denoising: patch clean "
                    "values into the corrupt run (what is sufficient).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--device", default=None,
+              help="cpu (the default), cuda, cuda:N or mps; under torchrun, cuda is each process's own GPU.")
+@click.option("--n-devices", type=click.IntRange(1), default=1, show_default=True,
+              help="Split the model's layers over this many devices of --device's kind (cuda:0, cuda:1, ...).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Weights and activations in this dtype (default: the checkpoint's own; scores accumulate in "
                    "float32 or wider).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Prompt pairs per forward (patches are stacked along the batch too).")
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
-              help="Megabytes for the large attribution buffers; batches and chunks shrink to fit.")
+              help="Megabytes of device memory for a batch of attribution: cached activations of both runs, "
+                   "gradients, the autograd graph and the large buffers; batches and chunks shrink to fit.")
+@click.option("--offload", is_flag=True,
+              help="Keep cached activations and gradients in host memory (when they do not fit beside the model; "
+                   "slower).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of task generation and sampling.")
+@click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
+              help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
 @click.option("--refine", is_flag=True,
@@ -248,25 +279,26 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--timings", is_flag=True,
-              help="Print where the time went (import, load, attribute, select, verify, write; wall and CPU "
-                   "seconds) to stderr, and add it to the --json summary.")
+              help="Print where the time went (import, load, attribute, select, metrics, refine, verify, write; "
+                   "wall and CPU seconds) to stderr, and add it to the --json summary.")
 @_guard
 def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, metric: str, method: str, level: str,
              positions: bool, group: str | None, top_k: int | None, threshold: float | None, cumulative: float | None,
              greedy: int | None, target: float, n_verify: int, sample_below: int, bound: bool, bound_samples: int,
-             bound_p: float, direction: str, device: str, dtype: str | None, batch_size: int, memory_budget: float,
-             seed: int, threads: int | None, refine: bool, refine_budget: int, refine_sizes: str | None, out: str,
-             fmt: str, allow_download: bool, quiet: bool, as_json: bool, backend: str, debug: bool, timings: bool) -> None:
+             bound_p: float, direction: str, device: str | None, n_devices: int, dtype: str | None, batch_size: int,
+             memory_budget: float, offload: bool, seed: int, collective_timeout: float, threads: int | None,
+             refine: bool, refine_budget: int, refine_sizes: str | None, out: str, fmt: str, allow_download: bool,
+             quiet: bool, as_json: bool, backend: str, debug: bool, timings: bool) -> None:
     """Find, verify and export a circuit (defaults: zoo:ioi, its task, edge level, atp-qk)."""
     formats = _formats(fmt)
-    quiet_text = quiet or as_json
     cfg = DiscoverConfig(model=model_spec, task=task, data=data, n_pairs=n_pairs, metric=metric, method=method,
                          level=level, positions=positions, group=group, top_k=top_k, threshold=threshold,
                          cumulative=cumulative, greedy=greedy, target=target, n_verify=n_verify,
                          sample_below=sample_below, bound=bound, bound_samples=bound_samples, bound_p=bound_p,
-                         direction=direction, device=device, dtype=dtype, batch_size=batch_size,
-                         memory_budget=memory_budget, seed=seed, allow_download=allow_download, threads=threads,
-                         refine=refine, refine_budget=refine_budget, refine_sizes=refine_sizes, backend=backend)
+                         direction=direction, device=device, n_devices=n_devices, dtype=dtype, batch_size=batch_size,
+                         memory_budget=memory_budget, offload=offload, seed=seed, allow_download=allow_download,
+                         threads=threads, refine=refine, refine_budget=refine_budget, refine_sizes=refine_sizes,
+                         backend=backend)
     check_config(cfg)
     _check_model_spec(model_spec)
     _check_data(data)
@@ -274,18 +306,26 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
     from .export.files import check_writable
 
     check_writable(Path(out))
-    if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
-        _quiet_libraries()
     t0 = time.time()
-    with recording() as clock:
+    with recording() as clock, _data_parallel(device, collective_timeout) as ranks:
+        from dataclasses import replace
+
+        from .distributed import local_device
         from .pipeline import run_discover
         from .progress import for_stream, silent
 
+        quiet_text = quiet or as_json or not ranks.is_main
+        if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
+            _quiet_libraries()
         mark("import")
-        result = run_discover(cfg, progress=silent if quiet_text else for_stream(sys.stderr),
+        result = run_discover(replace(cfg, device=local_device(device)),
+                              progress=silent if quiet_text else for_stream(sys.stderr),
                               log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
-        written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
-        mark("write")
+        if ranks.is_main:  # only rank 0 writes and speaks
+            written = _write(result.circuit, Path(out), formats, "circuit", result.scores)
+            mark("write")
+    if not ranks.is_main:
+        return
     summary = {**result.summary(), "seconds": round(time.time() - t0, 1),
                "outputs": {k: str(v) for k, v in written.paths.items()}, "skipped": written.skipped}
     if timings:
@@ -328,6 +368,11 @@ def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: An
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Prompt pairs per forward.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: the recorded one).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the recorded one).")
+@click.option("--n-devices", type=click.IntRange(1), default=None,
+              help="Split the model's layers over this many devices (default: the recorded number).")
+@click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
+              help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Where to write the verified circuit (default: replace the input and its report set).")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
@@ -336,8 +381,9 @@ def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: An
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def verify(circuit_file: str, model_spec: str | None, task: str | None, data: str | None, n_pairs: int | None,
-           n_verify: int, sample_below: int, bound: bool, batch_size: int, seed: int | None, out: str | None,
-           allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+           n_verify: int, sample_below: int, bound: bool, batch_size: int, seed: int | None, device: str | None,
+           n_devices: int | None, collective_timeout: float, out: str | None, allow_download: bool, quiet: bool,
+           as_json: bool, debug: bool) -> None:
     """Re-verify a saved circuit with exact patches and whole-circuit runs, and rewrite its files."""
     if task and data:
         raise EdgeatpError("give either --task or --data, not both")
@@ -349,23 +395,30 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
         task_spec(task)
     _check_data(data)
     _check_circuit_file(circuit_file)
+    if device is not None and not DEVICE_PATTERN.fullmatch(device):
+        raise EdgeatpError(f"--device {device!r} is unknown; use cpu, cuda, cuda:N or mps")
     target = Path(out) if out else Path(circuit_file)
     from .export.files import check_writable
 
     check_writable(target.parent)
-    quiet_text = quiet or as_json
-    if quiet_text or not sys.stderr.isatty():
-        _quiet_libraries()
-    from .export import set_files
-    from .pipeline import reverify
-    from .progress import for_stream, silent
+    with _data_parallel(device, collective_timeout) as ranks:
+        from .distributed import local_device
 
-    result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs, n_verify=n_verify,
-                      sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
-                      allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
-    existing = set_files(target.parent, target.stem) if not out else []
-    formats = _formats_of(existing, target.stem) or ["json"]
-    _report(result, target, formats, quiet, as_json)
+        quiet_text = quiet or as_json or not ranks.is_main
+        if quiet_text or not sys.stderr.isatty():
+            _quiet_libraries()
+        from .export import set_files
+        from .pipeline import reverify
+        from .progress import for_stream, silent
+
+        result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs,
+                          n_verify=n_verify, sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
+                          device=local_device(device), n_devices=n_devices, allow_download=allow_download,
+                          progress=silent if quiet_text else for_stream(sys.stderr))
+        if ranks.is_main:  # only rank 0 writes and speaks
+            existing = set_files(target.parent, target.stem) if not out else []
+            formats = _formats_of(existing, target.stem) or ["json"]
+            _report(result, target, formats, quiet, as_json)
 
 
 def _report(result: Any, target: Path, formats: list[str], quiet: bool, as_json: bool) -> None:
@@ -407,6 +460,7 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
 
     parse_sizes(sizes)
     _check_data(data)
+    _check_circuit_file(circuit_file)
     source = Path(circuit_file)
     target = Path(out) if out else source.with_name(f"{source.stem}-refined.json")
     from .export.files import check_writable
@@ -504,12 +558,13 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
               help="Weights and activations in this dtype (default: the checkpoint's own, else float32).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Prompt pairs per forward.")
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
-              help="Megabytes for edge attribution's large buffers, as for discover.")
+              help="Megabytes of device memory for a batch of attribution, as for discover (batches fit it).")
+@click.option("--offload", is_flag=True, help="Cached activations and gradients in host memory, as for discover.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: int, method: str | None, level: str,
-             positions: bool, dtype: str | None, batch_size: int, memory_budget: float, as_json: bool,
+             positions: bool, dtype: str | None, batch_size: int, memory_budget: float, offload: bool, as_json: bool,
              debug: bool) -> None:
     """What a run would cost, from the model's config alone: graph size, passes, peak memory, time."""
     from .model_config import describe_model
@@ -521,7 +576,7 @@ def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: 
     if shared_prefix >= T:
         raise EdgeatpError(f"--shared-prefix {shared_prefix} leaves no token that differs in prompts of {T} tokens; "
                            "use a smaller --shared-prefix or a larger --seq-len")
-    work = Workload(level, n_pairs, T, shared_prefix, positions, batch_size, memory_budget)
+    work = Workload(level, n_pairs, T, shared_prefix, positions, batch_size, memory_budget, offload=offload)
     methods = [method] if method is not None else None
     if method is not None:
         from .methods import get_method
@@ -555,7 +610,8 @@ def _plan_text(p: Any) -> str:
              f"{kv}, d_model {sh.d_model}, {arch}",
              f"workload: {w.n_pairs} pairs x {w.seq_len} tokens (prompts differ from token {w.shared_prefix}), "
              f"{w.level} level, {'per position' if w.positions else 'aggregated over positions'}, "
-             f"batch size {w.batch_size}, memory budget {w.memory_budget:g} MB",
+             f"batch size {w.batch_size}, memory budget {w.memory_budget:g} MB"
+             + (", caches offloaded to the host" if w.offload else ""),
              f"graph: {g.writers:,} writers, {g.readers:,} readers, {g.edges:,} edges; {g.nodes:,} node-level sites "
              f"in {g.components:,} components", "",
              f"{'method':<8}{'forwards':>12}{'backwards':>11}{'(equiv.)':>10}{'batch':>7}{'device peak':>13}"
@@ -569,7 +625,7 @@ def _plan_text(p: Any) -> str:
     lines += ["", "forwards: passes over every pair; backwards: calls per batch (equiv.: in full backwards, GradDrop's "
               "being truncated); time: expected, in units of one plain forward+backward over the same pairs; device "
               "peak: live tensors on the model's device at the largest phase of a batch (no allocator caching); host: "
-              "per-pair estimates kept for analyses; device: the smallest common accelerator memory that holds the "
+              "per-pair estimates kept for analyses (and offloaded caches); device: the smallest common accelerator memory that holds the "
               "peak with 10% to spare."]
     return "\n".join(lines)
 

@@ -48,10 +48,12 @@ class DiscoverConfig:
     bound_samples: int = 256
     bound_p: float = 0.05
     direction: str = "noising"
-    device: str = "cpu"
+    device: str | None = None  # None: torch's default device (the host unless changed)
+    n_devices: int = 1
     dtype: str | None = None
     batch_size: int = 32
     memory_budget: float = 1024.0
+    offload: bool = False
     seed: int = 0
     allow_download: bool = False
     threads: int | None = None  # None: one thread for small models (multi-threading only adds overhead there)
@@ -88,7 +90,7 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         raise option_error(f"{{backend}} {cfg.backend!r} is unknown; choose from {', '.join(BACKEND_CHOICES)}")
     if cfg.dtype is not None and cfg.dtype not in DTYPE_CHOICES:
         raise option_error(f"{{dtype}} {cfg.dtype!r} is unknown; choose from {', '.join(DTYPE_CHOICES)}")
-    if not DEVICE_PATTERN.fullmatch(cfg.device):
+    if cfg.device is not None and not DEVICE_PATTERN.fullmatch(cfg.device):
         raise option_error(f"{{device}} {cfg.device!r} is unknown; use cpu, cuda, cuda:N or mps")
     level = "group" if cfg.group and cfg.level != "edge" else cfg.level
     method = get_method(cfg.method, "node" if level == "neuron" else level)
@@ -102,6 +104,8 @@ def check_config(cfg: DiscoverConfig) -> str | None:
         task_spec(cfg.task)
     if cfg.n_pairs < 1:
         raise option_error("{n_pairs} must be at least 1")
+    if cfg.n_devices < 1:
+        raise option_error("{n_devices} must be at least 1")
     if cfg.batch_size < 1:
         raise option_error("{batch_size} must be at least 1")
     if not math.isfinite(cfg.memory_budget) or cfg.memory_budget <= 0:

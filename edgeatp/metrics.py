@@ -35,6 +35,7 @@ class Metric:
         """Metric per pair from full logits ``[B, T, V]``."""
         rows = torch.arange(logits.shape[0], device=logits.device)
         at = logits[rows, batch.answer_pos.to(logits.device)]
+        at = at.to(torch.promote_types(at.dtype, torch.float32))  # low-precision logits: metric in float32
         if self.needs_reference and reference is None:
             raise ValueError(f"metric {self.name} needs the clean run's log-probabilities")
         return self.fn(at, batch, reference)

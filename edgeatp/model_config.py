@@ -43,7 +43,7 @@ def spec_of(cfg: Any, name: str, shape: ModelShape | None = None) -> ModelSpec:
     return ModelSpec(name, shape or shape_of(cfg), d_vocab, int(getattr(cfg, "d_vocab_out", -1) or d_vocab),
                      int(cfg.n_ctx), dtype, getattr(cfg, "normalization_type", "LN"),
                      bool(getattr(cfg, "gated_mlp", False)), pos == "standard", pos == "rotary",
-                     bool(getattr(cfg, "use_normalization_before_and_after", False)))
+                     bool(getattr(cfg, "use_normalization_before_and_after", False)), getattr(cfg, "act_fn", None))
 
 
 def _dtype_name(dtype: str | None, default: str) -> str:
@@ -91,7 +91,7 @@ def _zoo_spec(spec: str, dtype: str | None) -> ModelSpec:
     pos = c.get("positional_embedding_type", "standard")
     return ModelSpec(spec, shape, c["d_vocab"], c.get("d_vocab_out", c["d_vocab"]), c["n_ctx"],
                      _dtype_name(dtype, c.get("dtype", "float32")), c.get("normalization_type", "LN"),
-                     bool(c.get("gated_mlp", False)), pos == "standard", pos == "rotary")
+                     bool(c.get("gated_mlp", False)), pos == "standard", pos == "rotary", act_fn=c.get("act_fn"))
 
 
 def _folder_spec(path: Path, dtype: str | None) -> ModelSpec | None:
@@ -116,18 +116,19 @@ def _folder_spec(path: Path, dtype: str | None) -> ModelSpec | None:
             shape = ModelShape(raw.get("n_layer", 12), heads, d, d // heads, 4 * d)
             vocab = raw.get("vocab_size", 50257)
             return ModelSpec(path.name, shape, vocab, vocab, raw.get("n_ctx", raw.get("n_positions", 1024)), dt,
-                             "LNPre", learned_positions=True)
+                             "LNPre", learned_positions=True, act_fn=raw.get("activation_function", "gelu_new"))
         d, heads, vocab = raw["hidden_size"], raw["num_attention_heads"], raw["vocab_size"]
         if arch == "GPTNeoXForCausalLM":
             shape = ModelShape(raw["num_hidden_layers"], heads, d, d // heads, raw["intermediate_size"],
                                parallel_attn_mlp=raw.get("use_parallel_residual", True))
             return ModelSpec(path.name, shape, vocab, vocab, raw.get("max_position_embeddings", 2048), dt, "LNPre",
-                             rotary=True)
+                             rotary=True, act_fn=raw.get("hidden_act", "gelu"))
         d_head = (raw.get("head_dim") or d // heads) if arch == "MistralForCausalLM" else d // heads
         shape = ModelShape(raw["num_hidden_layers"], heads, d, d_head, raw["intermediate_size"],
                            n_kv_heads=raw.get("num_key_value_heads", heads))
         n_ctx = 2048 if arch == "MistralForCausalLM" else raw.get("max_position_embeddings", 2048)
-        return ModelSpec(path.name, shape, vocab, vocab, n_ctx, dt, "RMSPre", gated_mlp=True, rotary=True)
+        return ModelSpec(path.name, shape, vocab, vocab, n_ctx, dt, "RMSPre", gated_mlp=True, rotary=True,
+                         act_fn=raw.get("hidden_act", "silu"))
     except KeyError as exc:
         raise ModelError(f"{file} has no {exc.args[0]!r}; it is not a complete {arch} config") from None
     except ValueError as exc:

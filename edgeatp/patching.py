@@ -77,8 +77,8 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
     if s == 0:
         raise EdgeatpError("nothing to patch: the list of patch sets is empty")
     pair_bs, chunk = _stacking(setup)
-    per_pair = torch.zeros(n, s, dtype=torch.float64)
-    base_metric = torch.zeros(n, dtype=torch.float64)
+    per_pair = torch.zeros(n, s, dtype=torch.float64, device=model.device)  # in host memory once done
+    base_metric = torch.zeros(n, dtype=torch.float64, device=model.device)
     forwards = 0
     for batch in setup.batches(description, batch_size=pair_bs):
         B = len(batch)
@@ -86,8 +86,8 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
         base_logits, _ = capture(model, batch.base, [])
         base = metric(base_logits, batch, ref)
         setup.check_finite(base, "metric values of the unpatched run")
-        base_metric[batch.index] = base.double().cpu()
-        _, source = capture(model, batch.source, intervention.source_sites(), logits=False)
+        base_metric[batch.index] = base.double().to(model.device)
+        _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
         forwards += 2
         for start in range(0, s, chunk):
             sets = torch.arange(start, min(s, start + chunk), device=model.device)
@@ -97,13 +97,17 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
             rows = batch.repeat_rows(pair_rows)
             with torch.no_grad():
                 logits = model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
-            value = metric(logits, rows, ref[pair_rows] if ref is not None else None)
+            value = metric(logits, rows, ref[pair_rows.to(ref.device)] if ref is not None else None)
             setup.check_finite(value, "patched metric values")
-            eff = (value - base[pair_rows]).double().cpu().view(C, B)
-            per_pair[batch.index[:, None].cpu(), sets.cpu()[None, :]] = eff.T
+            eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
+            per_pair[batch.index[:, None], sets[None, :]] = eff.T
             forwards += 1
+    setup.ranks.check(description)  # a data-parallel run: every process patched its own pairs
+    per_pair, base_metric = setup.ranks.sum_rows(per_pair, base_metric)
+    forwards = int(setup.ranks.sum_values([forwards])[0])
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
-    return PatchEffects(names, per_pair, base_metric, setup.direction, metric.name, forwards)
+    return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]
+                        forwards)
 
 
 def _stacking(setup: Setup) -> tuple[int, int]:
@@ -147,7 +151,7 @@ class NodePatch:
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         out = []
         for site, by_set in self._entries.items():
-            src = source[site][pair_rows]
+            src = source[site][pair_rows.to(source[site].device)]
             mask = self._mask(site, by_set, set_rows, src)
             if mask is not None:
                 out.append((site, _replace(mask, src)))
@@ -213,7 +217,7 @@ class EdgePatch:
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         return edge_mask_hooks(self.adapter, self.graph, self.writers, self.masks[set_rows.to(self.masks.device)],
-                               {s: v[pair_rows] for s, v in source.items()})
+                               {s: v[pair_rows.to(v.device)] for s, v in source.items()})
 
 
 def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
@@ -245,8 +249,9 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
             deltas[site] = expand(*writers.factors(site, src, current))
         return deltas[site]
 
-    def summed(readers: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T|1, n]`` touched flags."""
+    def summed(readers: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T|1, n]`` touched flags,
+        on the readers' ``device`` (a split model's writers may live on earlier devices)."""
         on = live[..., readers]
         used = on.any(dim=3).any(dim=1).any(dim=0)  # [W]
         if not bool(used.any()):
@@ -255,10 +260,12 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
         for site, idx in site_writers.items():
             sel = used[idx].nonzero()[:, 0]
             if len(sel):
-                parts.append(site_delta(site)[:, :, sel])
+                delta = site_delta(site)
+                parts.append(delta[:, :, sel.to(delta.device)].to(device))
                 cols.append(idx[sel])
         D = torch.cat(parts, dim=2)  # [rows, T, w, d]
-        weights = mask[:, :, torch.cat(cols)][..., readers].to(D.dtype)  # [rows, T|1, w, n]
+        weights = mask[:, :, torch.cat(cols)][..., readers].to(device, D.dtype)  # [rows, T|1, w, n]
+        on = on.to(device)
         if weights.shape[1] == 1:  # one weight for all positions: one matrix product per row
             R, T_, w, d = D.shape
             out = torch.bmm(weights[:, 0].transpose(1, 2), D.permute(0, 2, 1, 3).reshape(R, w, T_ * d))
@@ -267,7 +274,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
-            got = summed(readers)
+            got = summed(readers, act.device)
             if got is None:
                 return None
             D, touched = got
@@ -280,7 +287,7 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
 
     def resid_reader(readers: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
-            got = summed(readers)
+            got = summed(readers, act.device)
             return None if got is None else act + got[0][:, :, 0].to(act.dtype)
         return fn
 
@@ -377,9 +384,9 @@ def weighted_run(setup: Setup, graph: EdgeGraph, batch: PairBatch, weights: torc
     w = (weights * graph.full_mask.to(weights.device))[set_rows]
     with model.ungrouped(graph.ungrouped):
         hooks = edge_mask_hooks(model, graph, WriterLayout(model, graph), w,
-                                {s: v[pair_rows] for s, v in source.items()})
+                                {s: v[pair_rows.to(v.device)] for s, v in source.items()})
         logits = model.forward(rows.base, hooks)
-    return setup.metric(logits, rows, ref[pair_rows] if ref is not None else None).view(S, B)
+    return setup.metric(logits, rows, ref[pair_rows.to(ref.device)] if ref is not None else None).view(S, B)
 
 
 def _check_graph(setup: Setup, graph: EdgeGraph) -> None:

@@ -60,7 +60,7 @@ def loaded_model(cfg: DiscoverConfig) -> Iterator[ModelAdapter]:
     """The model a config names, run under the config's thread policy (restored afterwards):
     as asked, else one thread for small models (more only add overhead there), else torch's default."""
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, allow_download=cfg.allow_download,
-                       backend=cfg.backend)
+                       backend=cfg.backend, n_devices=cfg.n_devices)
     threads = cfg.threads
     if threads is None and sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1
@@ -81,7 +81,8 @@ def load_inputs(cfg: DiscoverConfig, model: ModelAdapter) -> tuple[PromptPairs, 
 def make_setup(cfg: DiscoverConfig, model: ModelAdapter, progress: Progress = silent) -> tuple[Setup, str]:
     """The :class:`Setup` a config describes on a loaded model, and a label for its data."""
     pairs, label = load_inputs(cfg, model)
-    return Setup(model, pairs, cfg.metric, cfg.direction, cfg.batch_size, progress), label
+    return Setup(model, pairs, cfg.metric, cfg.direction, cfg.batch_size, progress,
+                 memory_budget_mb=cfg.memory_budget, offload=cfg.offload), label
 
 
 @dataclass
@@ -185,7 +186,7 @@ def run_discover(cfg: DiscoverConfig, progress: Progress = silent, log: Log = la
         if cfg.level == "edge":
             circuit, scores = _edge_circuit(setup, cfg, rule, log)
             if per_head_view and model.shape.grouped:
-                circuit = circuit.with_(kv_view=per_head_kv(setup, scores, memory_budget_mb=cfg.memory_budget))
+                circuit = circuit.with_(kv_view=per_head_kv(setup, scores))
                 mark("attribute")
         elif cfg.group:
             circuit, scores = _group_circuit(setup, cfg, log), None
@@ -217,7 +218,7 @@ def _pick(curve: FaithfulnessCurve, target: float) -> int:
 
 
 def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log) -> tuple[Circuit, EdgeScores]:
-    scores = attribute_edges(setup, cfg.method, positions=cfg.positions, memory_budget_mb=cfg.memory_budget)
+    scores = attribute_edges(setup, cfg.method, positions=cfg.positions)  # within the setup's memory budget
     mark("attribute")
     log(f"scored {scores.graph.n_edges} edges with {cfg.method}")
     candidates = top_k_circuits(scores, _curve_sizes(scores.graph.n_edges))
@@ -233,8 +234,10 @@ def _edge_circuit(setup: Setup, cfg: DiscoverConfig, rule: str | None, log: Log)
     mark("select")
     log(f"kept {circuit.n_edges} edges; faithfulness {circuit.faithfulness:.3f}")
     circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
+    mark("metrics")
     if cfg.refine:
         circuit = refined_circuit(setup, scores, circuit, cfg, log)
+        mark("refine")
     if cfg.n_verify or cfg.sample_below:
         circuit = circuit.with_(verification=verify(
             setup, circuit, scores, top=cfg.n_verify, sample_below=cfg.sample_below, seed=cfg.seed, bound=cfg.bound,
@@ -363,14 +366,14 @@ def resolve_data_path(circuit_file: Path, circuit: Circuit, recorded: str) -> st
 
 def reverify(path: Path, *, model: str | None = None, task: str | None = None, data: str | None = None,
              n_pairs: int | None = None, n_verify: int = 20, sample_below: int = 20, bound: bool = False,
-             batch_size: int = 32, seed: int | None = None, allow_download: bool = False,
-             progress: Progress = silent) -> DiscoverResult:
+             batch_size: int = 32, seed: int | None = None, device: str | None = None, n_devices: int | None = None,
+             allow_download: bool = False, progress: Progress = silent) -> DiscoverResult:
     """Verify a saved circuit again (on its own data unless told otherwise): its own faithfulness
     and necessity, and fresh exact patches of its top edges (or components, or groups)."""
     overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "n_verify": n_verify,
                                  "sample_below": sample_below, "bound": bound}
-    with _saved(path, overrides, model=model, task=task, data=data, n_pairs=n_pairs, seed=seed,
-                progress=progress) as (circuit, cfg, setup, label):
+    with _saved(path, overrides, model=model, task=task, data=data, n_pairs=n_pairs, seed=seed, device=device,
+                n_devices=n_devices, progress=progress) as (circuit, cfg, setup, label):
         circuit = _reverified(setup, cfg, circuit)
         meta = {**circuit.meta, "reverified": {"data": label, "n_pairs": setup.n_pairs,
                                                "data_fingerprint": setup.pairs.fingerprint()}}
@@ -404,11 +407,12 @@ def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, se
 
 @contextmanager
 def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, task: str | None = None,
-           data: str | None = None, n_pairs: int | None = None, seed: int | None = None, progress: Progress = silent,
+           data: str | None = None, n_pairs: int | None = None, seed: int | None = None, device: str | None = None,
+           n_devices: int | None = None, progress: Progress = silent,
            circuit: Circuit | None = None) -> Iterator[tuple[Circuit, DiscoverConfig, Setup, str]]:
     """A saved circuit (read from ``path`` unless given) with its recorded configuration (updated by
-    ``overrides``), its model loaded and its data (the recorded data unless other data is given,
-    refused when it changed)."""
+    ``overrides`` and any of the other arguments given), its model loaded and its data (the recorded
+    data unless other data is given, refused when it changed)."""
     from .export import read_circuit
 
     circuit = circuit if circuit is not None else read_circuit(path)
@@ -418,7 +422,8 @@ def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, t
                           model="model", task="task", data="data")
     base = DiscoverConfig.from_dict(recorded, f"{path}'s saved configuration") if recorded else DiscoverConfig()
     overrides = dict(overrides)
-    overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed}.items() if v is not None})
+    overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed, "device": device,
+                                        "n_devices": n_devices}.items() if v is not None})
     own_data = not (task or data)
     if task or data:
         overrides.update(task=task, data=data)

@@ -29,18 +29,19 @@ import math
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .graph import ModelShape, NodeKind, graph_size, node_set, reader_nodes, residual_points, writer_nodes
+from .memory import MB, cache_mb_per_pair, gradient_run_flags, saved_bytes
 from .methods import METHODS, Kind, Method, Unit, get_method, graddrop_units
 
-MB = 2 ** 20
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 #: Flop-equivalents of one element of an elementwise kernel, next to matrix-multiply flops: one CPU core
 #: here does ~50 GFLOP/s in matrix products and ~1 G elements/s in elementwise kernels.
 ELEMENTWISE_FLOPS = 40.0
 KEEP_PER_PAIR_MB = 256.0  # as edgeatp.setup: per-pair estimates are kept up to this size
 IG_STEPS = 8  # attribute_edges' and attribute_nodes' default
+COMPOSITE_ACTIVATIONS = frozenset({"gelu_new", "gelu_fast", "solu_ln"})
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -59,6 +60,13 @@ class ModelSpec:
     learned_positions: bool = False  # an absolute, learned position embedding (W_pos)
     rotary: bool = False
     post_norm: bool = False  # sublayer outputs normalised too (Gemma-2)
+    act_fn: str | None = None  # TransformerLens' name of the MLP nonlinearity
+
+    @property
+    def composite_activation(self) -> bool:
+        """Whether the nonlinearity is built of several elementwise ops in TransformerLens (GPT-2's
+        ``gelu_new``, ``gelu_fast``, SoLU), each of which autograd keeps an input of."""
+        return self.act_fn in COMPOSITE_ACTIVATIONS
 
     @property
     def dtype_bytes(self) -> int:
@@ -128,6 +136,7 @@ class Workload:
     memory_budget: float = 1024.0
     graddrop: str = "block"
     ig_steps: int = IG_STEPS
+    offload: bool = False  # cached activations and gradients in host memory
 
     def __post_init__(self) -> None:
         if self.level not in ("edge", "node", "neuron"):
@@ -199,11 +208,12 @@ class MemoryBudget:
 
     @classmethod
     def fit(cls, n_writers: int, n_readers: int, P: int, T: int, d_model: int, n_heads: int, qk: bool,
-            batch_size: int, budget_mb: float) -> "MemoryBudget":
+            batch_size: int, budget_mb: float, cache_mb: float = 0.0) -> "MemoryBudget":
         """Per pair: writer differences ``[T, W, d]`` and one pass's reader gradients ``[T, R, d]``
-        (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64); per (pair, writer) of
-        a QK chunk: about a dozen ``[H, T, T]`` softmax buffers."""
-        per_pair = (4 * T * (n_writers + n_readers) * d_model + 2 * 8 * P * n_writers * n_readers) / MB
+        (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64) and ``cache_mb`` of the
+        runs' activation caches and autograd graph; per (pair, writer) of a QK chunk: about a dozen
+        ``[H, T, T]`` softmax buffers."""
+        per_pair = (4 * T * (n_writers + n_readers) * d_model + 2 * 8 * P * n_writers * n_readers) / MB + cache_mb
         bs = max(1, min(batch_size, int(budget_mb // max(per_pair, 1e-9))))
         if not qk:
             return cls(bs, n_writers, round(bs * per_pair, 1))
@@ -212,18 +222,72 @@ class MemoryBudget:
         return cls(bs, chunk, round(bs * per_pair + chunk * bs * unit, 1))
 
 
+class _Site(NamedTuple):
+    """A site as :class:`edgeatp.model.Site` names it, without torch."""
+
+    kind: str
+    layer: int = -1
+
+
+def _needs(spec: ModelSpec, work: Workload, method: Method) -> tuple[list[_Site], list[_Site], list[_Site]]:
+    """The sites a gradient run over the full graph caches in both runs, in the base run only, and takes
+    gradients at (what :class:`edgeatp.attribution.EdgePlan` and ``NodeTerms`` ask for)."""
+    s, L = spec.shape, spec.shape.n_layers
+    qk = method.qk_fix and method.kind is Kind.GRADIENT
+    act: list[_Site] = []
+    base: list[_Site] = []
+    grad: list[_Site] = []
+    if work.level == "edge":
+        act = [_Site("resid_pre", 0)] + [_Site("z", layer) for layer in range(L)]
+        act += [] if s.attn_only else [_Site("mlp_out", layer) for layer in range(L)]
+        act += [_Site("attn_post_scale", layer) for layer in range(L)] if spec.post_norm else []
+        for layer in range(L):
+            base.append(_Site("resid_pre", layer))
+            if qk:
+                base += [_Site("rot_q", layer), _Site("rot_k", layer), _Site("scores", layer)]
+            grad += [_Site("pattern", layer)] if qk else [_Site("q", layer), _Site("k", layer)]
+            grad += [_Site("v", layer)] + ([] if s.attn_only else [_Site("mlp_in", layer)])
+        return act, base, grad + [_Site("resid_final")]
+    mlp = [] if s.attn_only else ["mlp_post" if work.level == "neuron" else "mlp_out"]
+    for layer in range(L):
+        for kind in ["z", "q", "k", "v", *mlp]:
+            if qk and kind in ("q", "k"):
+                act += [_Site("rot_q", layer), _Site("rot_k", layer)]
+                base += [_Site("scores", layer), _Site("pattern", layer)]
+                grad.append(_Site("pattern", layer))
+            else:
+                act.append(_Site(kind, layer))
+                grad.append(_Site(kind, layer))
+    return list(dict.fromkeys(act)), list(dict.fromkeys(base)), list(dict.fromkeys(grad))
+
+
+def pair_cache_mb(spec: ModelSpec, work: Workload, method: Method) -> float:
+    """Device megabytes one pair's gradient run takes by the batch rule (``Setup.device_mb_per_pair``):
+    the base forward's autograd graph, plus the cached activations and gradients unless offloaded."""
+    T, size = work.seq_len, spec.dtype_bytes
+    act, base, grad = _needs(spec, work, method)
+    graph = saved_bytes(spec, 1, T, *gradient_run_flags(base, grad)) / MB
+    if work.offload:
+        return graph
+    return graph + cache_mb_per_pair(spec.shape, size, T, act, base, grad, 1 + len(units_of(spec, work, method)))
+
+
 def edge_budget(spec: ModelSpec, work: Workload, method: Method) -> MemoryBudget:
     """The batch and chunk edge attribution with ``method`` picks for this workload."""
     size = _graph_size(spec.shape)
     return MemoryBudget.fit(size.writers, size.readers, work.seq_len if work.positions else 1, work.seq_len,
-                            spec.shape.d_model, spec.shape.n_heads, method.qk_fix, work.batch_size, work.memory_budget)
+                            spec.shape.d_model, spec.shape.n_heads, method.qk_fix, work.batch_size, work.memory_budget,
+                            pair_cache_mb(spec, work, method))
 
 
 def batch_of(spec: ModelSpec, work: Workload, method: Method) -> int:
-    """Pairs per batch of an attribution run."""
-    if work.level == "edge" and method.kind is not Kind.EXACT:
+    """Pairs per batch of an attribution run (gradient methods fit their batches to the memory budget)."""
+    if method.kind is Kind.EXACT:
+        return min(work.n_pairs, work.batch_size)
+    if work.level == "edge":
         return min(work.n_pairs, edge_budget(spec, work, method).batch_size)
-    return min(work.n_pairs, work.batch_size)
+    fitted = int(work.memory_budget // max(pair_cache_mb(spec, work, method), 1e-9))
+    return min(work.n_pairs, max(1, min(work.batch_size, fitted)))
 
 
 # ------------------------------------------------------------------------------------ passes
@@ -453,25 +517,6 @@ def _node_width(spec: ModelSpec, level: str, qk: bool) -> int:
     return s.n_layers * ((2 * s.n_heads + 2 * s.kv_heads) * s.d_head + mlp)
 
 
-def _saved(spec: ModelSpec, rows: int, T: int, edge: bool, qk: bool) -> int:
-    """Bytes a backward-able forward keeps for the backward besides its cached sites (weights frozen):
-    the norms' centred inputs, q/k/v as the products read them, scores and pattern, the MLP's hidden
-    values and the logits; for edges also the hooked residuals and q/k/v edgeatp differentiates at."""
-    s = spec.shape
-    d, dh, H, kv, dt = s.d_model, s.d_head, s.n_heads, s.kv_heads, spec.dtype_bytes
-    ln = spec.norm in ("LN", "LNPre")  # LayerNorm keeps x - mean per call; RMSNorm keeps x itself
-    residuals = 1 if s.attn_only else 2  # a block's output and its MLP's input
-    token = ((3 if s.attn_only else 4) * d if ln else 0) + 3 * H * dh
-    token += (3 if spec.gated_mlp else 1) * spec.d_mlp
-    if edge:
-        token += residuals * d + (H + 2 * kv) * dh
-    elif not ln:
-        token += residuals * d
-    row = s.n_layers * (T * token * dt + H * T * T * ((3 if qk else 2) * dt + 1))  # scores, pattern, mask
-    row += T * ((d if ln else 0) + spec.d_vocab_out) * dt
-    return rows * row
-
-
 def _per_layer_grads(spec: ModelSpec, T: int, qk: bool, edge: bool, level: str) -> int:
     """Numbers per pair of one layer's gradients a backward pass returns: q, k, v and the MLP input
     (edges; the pattern under the QK fix), or the node sites."""
@@ -504,7 +549,7 @@ def _batch_terms(spec: ModelSpec, work: Workload, method: Method, b: int) -> dic
     cut = b * T * d * dt * (L + (L if work.graddrop == "sublayer" and not s.attn_only else 0)) if units else 0
     dropped = sum(math.ceil(_below(u)) for u in units) * t["layer_grads"]  # truncated passes: layers below
     t["grads"] = t["plain"] + cut + dropped
-    t["saved"] = _saved(spec, b, T, edge, qk)
+    t["saved"] = saved_bytes(spec, b, T, edge, qk)
     t["transient"] = b * dt * max(2 * T * spec.d_vocab_out, 4 * H * T * T, 3 * T * spec.d_mlp)  # a backward's largest
     if qk and not edge:  # each query/key family's base scores, score change and recomputed softmax, float64
         t["qk_fix"] = 3 * 2 * L * b * H * T * T * 8
@@ -518,6 +563,9 @@ def _batch_terms(spec: ModelSpec, work: Workload, method: Method, b: int) -> dic
             chunk = min(edge_budget(spec, work, method).writer_chunk, max(H, 1))  # chunks stay within a site
             t["qk_fix"] = b * wk * (H * T * T * (4 + len(units)) + 4 * T * H * dh + 2 * Tm * d
                                     + chunk * (4 * Tm * d + 4 * Tm * H * dh + 5 * H * Tm * T))
+    if work.offload:  # cached activations and gradients wait in host memory (read one site at a time)
+        t["offloaded"] = 2 * t["cache"] + t["kept"] + t["grads"]
+        t.update(cache=0, kept=0, grads=0, plain=0, layer_grads=0)
     return t
 
 
@@ -541,6 +589,7 @@ def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memor
     parts.update({k: first[k] for k in ("deltas", "reader_grads", "qk_fix") if k in first})
     parts["estimates"] = (6 if units_of(spec, work, method) else 3) * first["score"]
     host = 16 * work.n_pairs * entries if 16 * work.n_pairs * entries / MB <= KEEP_PER_PAIR_MB else 0
+    host += first.get("offloaded", 0)
     qk = method.qk_fix and method.kind is Kind.GRADIENT and work.level == "edge"
     return Memory({"weights": spec.params * spec.dtype_bytes}, phases, parts, host, b,
                   edge_budget(spec, work, method).writer_chunk if qk else None)

@@ -11,7 +11,7 @@ direction, metric and sign convention.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -82,15 +82,23 @@ class PairStats:
                            torch.ones_like(both))
 
 
+Combine = Callable[[PairStats | None, tuple[int, ...], list[torch.Tensor | None]],
+                   tuple[PairStats | None, list[torch.Tensor | None]]]
+
+
 class Accumulator:
     """Collects per-pair estimates batch by batch into :class:`PairStats` (and, if asked, the
-    per-pair tensors themselves, on the CPU)."""
+    per-pair tensors themselves, on the estimates' device until the end, then in host memory).
 
-    def __init__(self, n_pairs: int, shape: tuple[int, ...], keep_per_pair: bool) -> None:
-        self.n_pairs, self.shape = n_pairs, shape
+    ``combine`` joins the statistics and per-pair rows of the processes of a data-parallel run.
+    """
+
+    def __init__(self, n_pairs: int, shape: tuple[int, ...], keep_per_pair: bool, combine: Combine | None = None
+                 ) -> None:
+        self.n_pairs, self.shape, self.keep, self.combine = n_pairs, shape, keep_per_pair, combine
         self.stats: PairStats | None = None
-        self.per_pair = torch.zeros((n_pairs, *shape), dtype=torch.float64) if keep_per_pair else None
-        self.per_pair_abs = torch.zeros_like(self.per_pair) if keep_per_pair else None
+        self.per_pair: torch.Tensor | None = None
+        self.per_pair_abs: torch.Tensor | None = None
 
     def add(self, rows: torch.Tensor, signed: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         """Estimates ``[b, *shape]`` of dataset rows ``rows``."""
@@ -98,15 +106,25 @@ class Accumulator:
             raise ValueError(f"estimates of shape {tuple(signed.shape)} do not fit {self.shape}")
         stats = PairStats.of(signed, magnitude)
         self.stats = stats if self.stats is None else self.stats.merge(stats)
-        if self.per_pair is not None:
-            r = rows.cpu()
-            self.per_pair[r] = signed.double().cpu()
-            self.per_pair_abs[r] = (signed.abs() if magnitude is None else magnitude).double().cpu()
+        if self.keep:
+            if self.per_pair is None:
+                self.per_pair = torch.zeros((self.n_pairs, *self.shape), dtype=torch.float64, device=signed.device)
+                self.per_pair_abs = torch.zeros_like(self.per_pair)
+            r = rows.to(self.per_pair.device)
+            self.per_pair[r] = signed.double().to(self.per_pair.device)
+            self.per_pair_abs[r] = (signed.abs() if magnitude is None else magnitude).double().to(self.per_pair.device)
 
     def result(self) -> tuple[PairStats, torch.Tensor | None, torch.Tensor | None]:
-        if self.stats is None:
+        stats = self.stats
+        rows = [self.per_pair, self.per_pair_abs]
+        if self.keep and self.per_pair is None:  # no pairs here (a data-parallel share can be empty)
+            rows = [torch.zeros((self.n_pairs, *self.shape), dtype=torch.float64) for _ in range(2)]
+        if self.combine is not None:
+            stats, rows = self.combine(stats, self.shape, rows)
+        if stats is None:
             raise EdgeatpError("no prompt pairs were processed")
-        return self.stats, self.per_pair, self.per_pair_abs
+        per_pair, per_pair_abs = (None if t is None else t.cpu() for t in rows)
+        return stats, per_pair, per_pair_abs
 
 
 @dataclass(frozen=True, eq=False)

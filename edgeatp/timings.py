@@ -1,8 +1,9 @@
 """Where a run's time goes: named phases in wall and CPU seconds (``edgeatp discover --timings``).
 
-The pipeline calls :func:`mark` where a phase ends (load, attribute, select, verify); a mark costs
-nothing unless a :func:`recording` is active, so library calls are untouched. A phase marked twice
-(an attribution run for a second view, say) adds up under its name.
+The pipeline calls :func:`mark` where a phase ends (load, attribute, select, metrics — MIB's
+CPR/CMD of the ranking —, refine, verify); a mark costs nothing unless a :func:`recording` is
+active, so library calls are untouched. A phase marked twice (an attribution run for a second
+view, say) adds up under its name.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def test_discover_json_summary_and_text_summary(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     phases = summary["timings"]
-    assert list(phases) == ["import", "load", "attribute", "select", "verify", "write"]
+    assert list(phases) == ["import", "load", "attribute", "select", "metrics", "verify", "write"]
     assert all(p["wall"] >= 0 and p["cpu"] >= 0 for p in phases.values()) and "timings: import" in res.stderr
     assert sum(p["wall"] for p in phases.values()) <= summary["seconds"] + 0.1
     assert summary["model"] == "zoo:induction" and summary["n_edges"] > 0
@@ -98,9 +98,10 @@ def test_verify_render_and_export_saved_circuits(discovered, tmp_path):
 def test_discover_refine_keeps_a_better_circuit_with_its_search_and_mib_metrics(tmp_path):
     res = run("discover", "--model", "zoo:induction", "--n-pairs", "12", "--refine", "--refine-budget", "200",
               "--refine-sizes", "3,6", "--top-k", "6", "--verify", "2", "--sample-below", "0", "--out", str(tmp_path),
-              "--format", "json,md", "--json")
+              "--format", "json,md", "--json", "--timings")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
+    assert list(summary["timings"]) == ["import", "load", "attribute", "select", "metrics", "refine", "verify", "write"]
     circuit = read_circuit(tmp_path / "circuit.json")
     search = circuit.refinement
     assert [r.size for r in search.sizes] == [3, 6] and search.n_forwards <= 200 and search.budget == 200

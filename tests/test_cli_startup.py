@@ -55,7 +55,7 @@ def imported_modules(command: list[str]) -> set[str]:
 
 def test_help_version_and_listings_import_nothing_heavy(tmp_path):
     cases = [["--help"], ["--version"], ["models"], ["models", "--json"], ["tasks"], ["tasks", "--json"]]
-    cases += [[name, "--help"] for name in ("discover", "verify", "render", "export", "models", "tasks")]
+    cases += [[name, "--help"] for name in ("discover", "verify", "refine", "render", "export", "models", "tasks")]
     for case in run_cases(cases, tmp_path):
         assert case["exit"] == 0, case
         assert case["heavy"] == [], f"`edgeatp {' '.join(case['args'])}` imported {case['heavy']}"
@@ -110,6 +110,12 @@ def test_option_and_file_errors_are_reported_before_any_heavy_import(tmp_path):
         (["verify", "mib.json", "--task", "nope"], "unknown task 'nope'"),
         (["verify", "mib.json", "--model", "zoo:nope"], "the zoo has zoo:"),
         (["verify", "mib.json", "--out", "afile/x.json"], "afile is a file, not a folder"),
+        (["discover", "--refine", "--level", "node"], "--refine searches edge circuits"),
+        (["discover", "--refine-sizes", "5,x", "--refine"], "give positive edge counts"),
+        (["refine", "bad.json"], "bad.json is not valid JSON"),
+        (["refine", "other.json"], "not a circuit"),
+        (["refine", "mib.json", "--sizes", "0"], "give positive edge counts"),
+        (["refine", "mib.json", "--out", "afile/x.json"], "afile is a file, not a folder"),
         (["render", "bad.json"], "bad.json is not valid JSON"),
         (["export", "other.json", "--format", "mib"], "not a circuit"),
         (["export", "mib.json", "--format", "dot", "--out", "afile/sub"], "afile is a file, not a folder"),

@@ -173,7 +173,7 @@ def test_cached_pretrained_names_load_offline_and_restore_the_flags(monkeypatch)
     seen = {}
     tiny = tiny_model(seed=1).model
 
-    def fake_from_pretrained(name, device="cpu"):
+    def fake_from_pretrained(name, **kwargs):
         seen["offline"] = (hc.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
         seen["name"] = name
         return tiny

@@ -19,12 +19,12 @@ from click.testing import CliRunner
 
 from edgeatp.cli import main
 from edgeatp.errors import ModelError
-from edgeatp.graph import EdgeGraph, graph_size
+from edgeatp.graph import graph_size
 from edgeatp.methods import get_method
 from edgeatp.model import load_model
 from edgeatp.model.checkpoint import config_only
 from edgeatp.model_config import _folder_spec, describe_model, spec_of
-from edgeatp.plan import MemoryBudget, Workload, attribution_passes, plan
+from edgeatp.plan import Workload, attribution_passes, edge_budget, plan
 from edgeatp.research.measure import check_plan, shared_prefix, workload_of
 from edgeatp.setup import Setup
 from edgeatp.zoo import ZOO
@@ -95,19 +95,32 @@ def test_zoo_specs_equal_the_loaded_models(name):
     assert describe_model(f"zoo:{name}") == load_model(f"zoo:{name}").spec
 
 
-def test_the_batch_rule_is_the_one_edge_attribution_uses():
-    model = tiny_model(d_model=32, n_heads=4)
-    setup = Setup(model, random_pairs(n=6, length=10), batch_size=4)
-    from edgeatp.attribution import attribute_edges
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_batch_rule_is_the_one_attribution_uses(offload):
+    """The planner picks the pairs per batch (and QK-fix writer chunk) each attribution run picks, at
+    budgets that hold every pair, two, one, and less than one pair's caches."""
+    from edgeatp.attribution import attribute_edges, attribute_nodes
 
-    for budget in (1024.0, 0.02, 0.002):
-        scores = attribute_edges(setup, "atp-qk", memory_budget_mb=budget)
-        g = EdgeGraph.from_shape(model.shape)
-        rule = MemoryBudget.fit(g.n_writers, g.n_readers, 1, 10, 32, 4, True, 4, budget)
-        assert (scores.meta["batch_size"], scores.meta["writer_chunk"], scores.meta["peak_buffer_mb"]) == \
-            (rule.batch_size, rule.writer_chunk, rule.peak_mb)
-        planned = plan(model.spec, workload_of(setup, memory_budget=budget), ["atp-qk"]).methods["atp-qk"]
-        assert (planned.memory.batch_size, planned.memory.writer_chunk) == (rule.batch_size, rule.writer_chunk)
+    model = tiny_model(d_model=32, n_heads=4)
+    for budget in (1024.0, 1.0, 0.5, 0.02):
+        setup = Setup(model, random_pairs(n=6, length=10), batch_size=4, memory_budget_mb=budget, offload=offload)
+        for method in ("atp", "atp-qk", "atp*"):
+            scores = attribute_edges(setup, method)
+            rule = edge_budget(model.spec, workload_of(setup), get_method(method, "edge"))
+            assert (scores.meta["batch_size"], scores.meta["writer_chunk"], scores.meta["peak_buffer_mb"]) == \
+                (rule.batch_size, rule.writer_chunk, rule.peak_mb), (budget, method)
+            planned = plan(model.spec, workload_of(setup), [method]).methods[method].memory
+            assert planned.batch_size == rule.batch_size
+            if method == "atp-qk":
+                assert planned.writer_chunk == rule.writer_chunk
+        for method in ("atp", "atp*"):
+            nodes = attribute_nodes(setup, method, ["head", "q", "k", "v", "mlp"])
+            planned = plan(model.spec, workload_of(setup, "node"), [method]).methods[method].memory
+            assert nodes.meta["batch_size"] == planned.batch_size, (budget, method)
+    sizes = [edge_budget(model.spec, workload_of(Setup(model, random_pairs(n=6, length=10), batch_size=4,
+                                                       memory_budget_mb=b)), get_method("atp", "edge")).batch_size
+             for b in (1024.0, 1.0, 0.5)]
+    assert sizes[0] == 4 and 1 < sizes[1] < 4 and sizes[2] == 1, "the budgets above must exercise the rule"
 
 
 CASES = {

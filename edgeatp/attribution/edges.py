@@ -108,8 +108,7 @@ class EdgePlan:
             if g.kind in ("q", "k", "v"):
                 base.append(Site("resid_pre", g.layer))
                 if g.qk:  # the softmax is recomputed: pattern gradients instead of the reader inputs'
-                    base += [Site("rot_q", g.layer), Site("rot_k", g.layer), Site("scores", g.layer),
-                             Site("pattern", g.layer)]
+                    base += [Site("rot_q", g.layer), Site("rot_k", g.layer), Site("scores", g.layer)]
                     grad.append(Site("pattern", g.layer))
                 else:
                     grad.append(Site(g.kind, g.layer))
@@ -178,32 +177,32 @@ class EdgeEstimator:
         self.n_above = above
 
     def prepare(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]) -> EdgeBatch:
-        factors = self.plan.layout.all_factors(source, base)
-        delta = self.plan.layout.deltas(factors).to(self.work)  # [b, T, W, d]
+        factors = self.plan.layout.all_factors(source, base, self.work)
+        delta = self.plan.layout.deltas(factors)  # [b, T, W, d], on the model's first device
         return EdgeBatch(delta, first_difference(delta), factors)
 
     def gradient_side(self, prep: EdgeBatch, point: dict[Site, torch.Tensor], grads: dict[Site, torch.Tensor]
                       ) -> dict[Any, torch.Tensor]:
         """Gradients ``[b, T', n, d]`` w.r.t. each contraction's reader inputs (positions from the
         first difference) and the pattern gradients of QK-fixed layers, for the sites this pass has."""
-        t0 = prep.start
+        t0, home = prep.start, prep.delta.device  # a split model's reader gradients join the differences there
         side: dict[Any, torch.Tensor] = {}
         for c in self.contractions:
             if c.key == "logits" or c.key[0] == "mlp":
                 site = Site("resid_final") if c.key == "logits" else Site("mlp_in", c.key[1])
                 if site in grads:
-                    side[c.key] = grads[site][:, t0:, None, :].to(self.work)
+                    side[c.key] = grads[site][:, t0:, None, :].to(home, self.work)
             else:
                 layer = c.key[1]
                 kinds = [k for k in "qkv" if any(x.kind == k for x in c.groups)]
                 if Site(kinds[0], layer) not in grads:
                     continue
-                g_qkv = {k: grads[Site(k, layer)][:, t0:] for k in kinds}
+                g_qkv = {k: grads[Site(k, layer)][:, t0:].to(self.work) for k in kinds}
                 g_in = self.model.reader_input_grads(layer, point[Site("resid_pre", layer)][:, t0:], g_qkv)
                 offset = {k: sum(g_qkv[j].shape[2] for j in kinds[:i]) for i, k in enumerate(kinds)}
                 idx = torch.cat([x.heads.to(g_in.device) + offset[x.kind] for x in c.groups])
                 whole = len(idx) == g_in.shape[2] and bool((idx == torch.arange(len(idx), device=idx.device)).all())
-                side[c.key] = (g_in if whole else g_in[:, :, idx]).to(self.work)
+                side[c.key] = (g_in if whole else g_in[:, :, idx]).to(home, self.work)
         for group in self.plan.groups:
             site = Site("pattern", group.layer)
             if group.qk and site in grads:
@@ -272,12 +271,12 @@ class EdgeEstimator:
         model = self.model
         qheads = self._query_heads(group)
         repeat = len(qheads) // len(group.heads)
-        Q = run.base[Site("rot_q", l)][:, :, qheads].to(dt)
-        K = model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(dt)
-        F0 = model.attention_score_fn(l, Q, K)
         inputs = ReaderInputs(model, l, group.kind, group.heads, run.base[Site("resid_pre", l)], t0, dt)
+        Q, K = inputs.unpatched(qheads, run.base[Site("rot_q", l)][:, :, qheads].to(dt),
+                                model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(dt))
+        F0 = model.attention_score_fn(l, Q, K)
         S = run.base[Site("scores", l)][:, qheads, t0:].to(dt)[:, None]  # [b, 1, n, T', T]
-        A = run.base[Site("pattern", l)][:, qheads, t0:].to(dt)[:, None]
+        A = torch.softmax(S, -1)  # the probabilities of these scores in dt, not the model's rounded ones
         Gs = [(p, G[:, qheads, t0:].to(dt)[:, None]) for p, G in Gs]
         for chunk in writer_chunks(self.plan.layout, prep.factors, prep.delta, group.writers, t0,
                                    self.budget.writer_chunk):
@@ -297,7 +296,7 @@ class EdgeEstimator:
                     est = key_fix(S, shift, G, ks)  # [b, c, n, T(key)]
                 est = est.sum(-1, keepdim=True) if not positional else est
                 est = est.unflatten(2, (len(group.heads), repeat)).sum(3)  # query heads -> their reader
-                vals = est.permute(0, 3, 1, 2).double()  # [b, positions, c, readers]
+                vals = est.permute(0, 3, 1, 2).double().to(plain.device)  # [b, positions, c, readers]
                 lo = t0 if positional and group.kind == "q" else 0
                 idx = (slice(None), slice(lo, lo + vals.shape[1]), ws[:, None], group.readers[None, :])
                 if p == 0:
@@ -316,7 +315,7 @@ def _reader_site(group: ReaderGroup) -> Site:
 def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph | None = None, *,
                     positions: bool = False, neurons: bool = False, graddrop: GradDropMode = "block",
                     ig_steps: int = 8, qk_readers: Sequence[Node] | None = None,
-                    memory_budget_mb: float = 1024.0) -> EdgeScores:
+                    memory_budget_mb: float | None = None) -> EdgeScores:
     """Scores for every edge of ``graph`` (default: the model's full writer→reader graph,
     position-aggregated unless ``positions``; ``neurons`` makes every MLP neuron a writer).
 
@@ -324,8 +323,9 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
     ``atp*`` (both), ``ig`` (integrated gradients over ``ig_steps`` points) or ``exact``
     (one patched forward per edge). ``qk_readers`` restricts the QK fix to some q/k readers
     (e.g. heads that passed a node-level filter); others keep plain AtP.
-    ``memory_budget_mb`` bounds the large intermediate buffers by choosing the pairs per batch
-    and the writers per QK-fix chunk; the estimated peak is reported in ``meta["peak_buffer_mb"]``.
+    ``memory_budget_mb`` (default: the setup's) bounds the device memory of a batch, activation
+    caches and large intermediate buffers, by choosing the pairs per batch and the writers per QK-fix
+    chunk; the estimated peak is reported in ``meta["peak_buffer_mb"]``.
     """
     m = get_method(method, "edge")
     model = setup.model
@@ -340,14 +340,17 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
         raise option_error("{ig_steps} must be at least 1")
     plan = EdgePlan.build(model, graph, m.qk_fix, qk_readers)
     units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
+    memory_budget_mb = setup.memory_budget_mb if memory_budget_mb is None else memory_budget_mb
     if memory_budget_mb <= 0:
         raise option_error("{memory_budget_mb} must be positive")
     g = plan.graph
     budget = MemoryBudget.fit(g.n_writers, g.n_readers, g.P, setup.pairs.n_positions, model.shape.d_model,
-                              model.shape.n_heads, plan.has_qk, setup.batch_size, memory_budget_mb)
+                              model.shape.n_heads, plan.has_qk, setup.batch_size, memory_budget_mb,
+                              setup.device_mb_per_pair(plan.needs, 1 + len(units)))
     est = EdgeEstimator(model, plan, budget, units)
     with model.ungrouped(graph.ungrouped):
-        stats, per_pair, per_abs = estimate_pairs(setup.with_(batch_size=budget.batch_size), m, est,
+        fitted = setup.with_(batch_size=budget.batch_size, memory_budget_mb=memory_budget_mb)
+        stats, per_pair, per_abs = estimate_pairs(fitted, m, est,
                                                   f"edge {m.name}", units=units, ig_steps=ig_steps,
                                                   same_length=graph.positional)
     cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)

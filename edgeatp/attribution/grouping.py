@@ -209,7 +209,7 @@ class GroupEstimator:
             else:
                 x = lin[fam]  # [b, T, n]
                 v = (x * m[: x.shape[1]].to(x.device)).sum((1, 2))
-            total = v if total is None else total + v
+            total = v if total is None else total + v.to(total.device)  # layers may live on several devices
         return total  # type: ignore[return-value]
 
 

@@ -97,7 +97,7 @@ class NodeTerms:
         """``[b, T, n]`` per-position linear estimates of a family, float64."""
         kind, layer = fam
         s = Site(NODE_SITE[kind], layer)
-        prod = ((run.source[s] - run.base[s]) * side[s]).double()
+        prod = (run.source[s].double() - run.base[s].double()) * side[s].double()
         if kind is NodeKind.NEURON:
             return prod
         return prod.sum(-1) if kind in (NodeKind.HEAD, *QK, NodeKind.V) else prod.sum(-1, keepdim=True)
@@ -109,13 +109,14 @@ class NodeTerms:
         kind, layer = fam
         model = self.model
         score = model.attention_score_fn
-        Q, K = run.base[Site("rot_q", layer)], model.expand_kv(run.base[Site("rot_k", layer)])
+        Q, K = run.base[Site("rot_q", layer)].double(), model.expand_kv(run.base[Site("rot_k", layer)]).double()
         F0 = score(layer, Q, K)
         if kind is NodeKind.Q:
-            shift = score(layer, run.source[Site("rot_q", layer)], K) - F0
+            shift = score(layer, run.source[Site("rot_q", layer)].double(), K) - F0
         else:
-            shift = score(layer, Q, model.expand_kv(run.source[Site("rot_k", layer)])) - F0
-        return run.base[Site("scores", layer)].double(), run.base[Site("pattern", layer)].double(), shift.double()
+            shift = score(layer, Q, model.expand_kv(run.source[Site("rot_k", layer)]).double()) - F0
+        S = run.base[Site("scores", layer)].double()
+        return S, torch.softmax(S, -1), shift  # probabilities of these scores, not the model's rounded ones
 
     @staticmethod
     def pattern_grad(side: dict[Any, torch.Tensor], fam: Family) -> torch.Tensor:
@@ -185,11 +186,11 @@ class NodeEstimator:
         out = torch.zeros(b, len(self.index), dtype=torch.float64, device=run.base_metric.device)
         for (fam, aggregated), (cols, pos, js) in self.layout.items():
             if aggregated:
-                out[:, cols] = agg[fam][:, js.to(out.device)]
+                out[:, cols] = agg[fam][:, js.to(agg[fam].device)].to(out.device)
             else:
                 pp = per_pos[fam]
                 inside = pos < pp.shape[1]  # positions beyond this batch's prompts hold only padding
-                out[:, cols[inside]] = pp[:, pos[inside].to(out.device), js[inside].to(out.device)]
+                out[:, cols[inside]] = pp[:, pos[inside].to(pp.device), js[inside].to(pp.device)].to(out.device)
         return out
 
 
@@ -219,8 +220,9 @@ def attribute_nodes(setup: Setup, method: str | Method = "atp*",
         raise option_error("{ig_steps} must be at least 1")
     units = graddrop_units(model.shape.n_layers, model.shape.attn_only, graddrop) if m.graddrop else []
     est = NodeEstimator(model, index, m.qk_fix, units, setup.pairs.n_positions)
-    stats, per_pair, per_abs = estimate_pairs(setup, m, est, f"node {m.name}", units=units, ig_steps=ig_steps)
+    fitted = setup.fit(setup.device_mb_per_pair(est.needs, 1 + len(units)))  # pairs per batch within the budget
+    stats, per_pair, per_abs = estimate_pairs(fitted, m, est, f"node {m.name}", units=units, ig_steps=ig_steps)
     cost = m.cost(graddrop_terms=len(units), ig_steps=ig_steps, reference=setup.metric.needs_reference)
-    meta = {"graddrop": graddrop if m.graddrop else None, "n_terms": len(units), "batch_size": setup.batch_size,
+    meta = {"graddrop": graddrop if m.graddrop else None, "n_terms": len(units), "batch_size": fitted.batch_size,
             "ig_steps": ig_steps if m.kind is Kind.INTEGRATED else None, "model": model.name}
     return NodeScores(stats, m.name, setup.direction, setup.metric.name, cost, meta, per_pair, per_abs, index)

@@ -20,7 +20,7 @@ GradDrop combination ``Σ_l |Î_l| / n_terms``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Mapping, Protocol, Sequence
 
 import torch
 
@@ -117,15 +117,15 @@ class GradRun:
     dropped at the sites :func:`relation` calls ``below`` only (:meth:`full` completes it).
     """
 
-    source: dict[Site, torch.Tensor]
-    base: dict[Site, torch.Tensor]
-    point: dict[Site, torch.Tensor]
-    grads: list[dict[Site, torch.Tensor]]
+    source: Mapping[Site, torch.Tensor]
+    base: Mapping[Site, torch.Tensor]
+    point: Mapping[Site, torch.Tensor]
+    grads: list[Mapping[Site, torch.Tensor]]
     units: list[Unit]
     base_metric: torch.Tensor
     parallel: bool = False
 
-    def full(self, i: int) -> dict[Site, torch.Tensor]:
+    def full(self, i: int) -> Mapping[Site, torch.Tensor]:
         """Pass ``i``'s gradient at every site: recomputed below the dropped unit, zero inside it,
         the ordinary gradient above it."""
         if i == 0:
@@ -138,8 +138,8 @@ class GradRun:
 
 
 def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequence[Unit] = (),
-                 source: dict[Site, torch.Tensor] | None = None, alpha: float = 0.0,
-                 base: dict[Site, torch.Tensor] | None = None) -> GradRun:
+                 source: Mapping[Site, torch.Tensor] | None = None, alpha: float = 0.0,
+                 base: Mapping[Site, torch.Tensor] | None = None) -> GradRun:
     """One batch's activations and gradients of the summed per-pair metric on the base run.
 
     ``units`` adds one truncated backward per GradDrop unit. ``source`` reuses source-run
@@ -150,7 +150,8 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
     model, metric = setup.model, setup.metric
     ref = setup.reference(batch)
     if source is None:
-        _, source = capture(model, batch.source, [*needs.act, EMBED] if alpha else needs.act, logits=False)
+        _, source = capture(model, batch.source, [*needs.act, EMBED] if alpha else needs.act, logits=False,
+                            cache=setup.new_cache())
     kept: dict[Site, torch.Tensor] = {}
     src0 = source.get(EMBED)
     shape = model.shape
@@ -179,19 +180,27 @@ def gradient_run(setup: Setup, batch: PairBatch, needs: SiteNeeds, units: Sequen
         sites = list(dict.fromkeys([*needs.grad, *(fed for cut in cuts for _, fed in cut)]))
         got = torch.autograd.grad(value.sum(), [kept[s] for s in sites], retain_graph=bool(units), allow_unused=True)
         plain = {s: (g if g is not None else torch.zeros_like(kept[s])).detach() for s, g in zip(sites, got)}
-        grads = [{s: plain[s] for s in needs.grad}]
+        grads = [_kept(setup, {s: plain[s] for s in needs.grad})]
         for i, (unit, cut) in enumerate(zip(units, cuts)):
             below = [s for s in needs.grad if relation(unit, s, shape.parallel_attn_mlp) == "below"]
             got = torch.autograd.grad([kept[start] for start, _ in cut], [kept[s] for s in below],
                                       grad_outputs=[plain[fed] for _, fed in cut], retain_graph=i < len(units) - 1,
                                       allow_unused=True) if below else ()
-            grads.append({s: (g if g is not None else torch.zeros_like(kept[s])).detach() for s, g in zip(below, got)})
-    point = {s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])}
+            grads.append(_kept(setup, {s: (g if g is not None else torch.zeros_like(kept[s])).detach()
+                                       for s, g in zip(below, got)}))
+    point = _kept(setup, {s: kept[s].detach() for s in dict.fromkeys([*needs.act, *needs.base])})
     if not alpha:
         base = point
     elif base is None:
         raise ValueError("a run at an integration point needs the base run's activations")
     return GradRun(source, base, point, grads, list(units), value.detach(), shape.parallel_attn_mlp)
+
+
+def _kept(setup: Setup, values: dict[Site, torch.Tensor]) -> Mapping[Site, torch.Tensor]:
+    """``values`` where the setup keeps a run's activations and gradients (see :meth:`Setup.new_cache`)."""
+    cache = setup.new_cache()
+    cache.update(values)
+    return cache
 
 
 class Estimator(Protocol):
@@ -218,8 +227,8 @@ class Estimator(Protocol):
 def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integrated gradients: gradient sides averaged over ``steps`` midpoints from base to source."""
-    _, source = capture(setup.model, batch.source, [*est.needs.act, EMBED], logits=False)
-    _, base = capture(setup.model, batch.base, est.needs.act, logits=False)
+    _, source = capture(setup.model, batch.source, [*est.needs.act, EMBED], logits=False, cache=setup.new_cache())
+    _, base = capture(setup.model, batch.base, est.needs.act, logits=False, cache=setup.new_cache())
     prep = est.prepare(source, base)
     mean: dict[Any, torch.Tensor] = {}
     run = None
@@ -235,7 +244,9 @@ def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
 def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: str, *, units: Sequence[Unit] = (),
                    ig_steps: int = 8, same_length: bool = False) -> tuple[PairStats, torch.Tensor | None,
                                                                             torch.Tensor | None]:
-    """The one loop over prompt pairs: every batch's estimates, collected with their GradDrop magnitudes."""
+    """The one loop over prompt pairs: every batch's estimates, collected with their GradDrop magnitudes
+    (batches small enough for the setup's memory budget)."""
+    setup = setup.fit(setup.device_mb_per_pair(est.needs, 1 + len(units)))
     acc = setup.accumulator(est.shape)
     for batch in setup.batches(description, same_length=same_length):
         if method.kind is Kind.INTEGRATED:

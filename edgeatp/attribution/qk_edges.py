@@ -12,7 +12,7 @@ their queries and keys do not move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -30,6 +30,13 @@ class WriterChunk:
     delta: torch.Tensor
     coef: torch.Tensor
     basis: torch.Tensor | None
+
+    def to(self, device: torch.device) -> "WriterChunk":
+        """The chunk on ``device`` (a split model's readers may live on a later device than the writers)."""
+        if self.delta.device == device:
+            return self
+        return replace(self, delta=self.delta.to(device), coef=self.coef.to(device),
+                       basis=None if self.basis is None else self.basis.to(device))
 
 
 def first_difference(delta: torch.Tensor) -> int:
@@ -73,7 +80,7 @@ class ReaderInputs:
                  start: int, dtype: torch.dtype) -> None:
         self.model, self.layer, self.kind, self.heads, self.start = model, layer, kind, heads, start
         self.x = resid[:, start:].to(dtype)
-        self.proj = model.normed_projection(layer, kind, heads)
+        self.proj = model.normed_projection(layer, kind, heads, dtype)
         if self.proj is not None:
             self.W, self.bias = self.proj.W.to(dtype), self.proj.b.to(dtype)
             self.xc = _centre(self.x) if self.proj.centred else self.x
@@ -81,6 +88,7 @@ class ReaderInputs:
 
     def patched(self, chunk: WriterChunk) -> torch.Tensor:
         """``[b, c, T', n, d_head]`` pre-rotary inputs when each chunk writer's difference is added."""
+        chunk = chunk.to(self.x.device)
         b, T, c = self.x.shape[0], self.x.shape[1], chunk.delta.shape[2]
         proj = self.proj
         if proj is None:  # a norm without a closed form: project every patched residual exactly
@@ -97,6 +105,18 @@ class ReaderInputs:
             new = new / ((self.xc[:, :, None, :] + dc).pow(2).mean(-1, keepdim=True) + proj.eps).sqrt()
         new = new + self.bias
         return new.view(b, T, c, len(self.heads), -1).permute(0, 2, 1, 3, 4)
+
+    def unpatched(self, qheads: torch.Tensor, Q: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base run's post-rotary queries and keys of ``qheads`` ``[b, T, n_q, e]`` with these
+        readers' inputs from the first differing position recomputed the way :meth:`patched` computes
+        them, so that the score shifts of a low-precision model do not count its rounding as a change."""
+        zero = self.x.new_zeros(*self.x.shape[:2], 1, self.x.shape[-1])
+        new = self.patched(WriterChunk(torch.zeros(1, dtype=torch.long), zero, zero, None))[:, 0]  # [b, T', n, e]
+        new = self.model.rotate(self.layer, new, offset=self.start)
+        new = new.repeat_interleave(len(qheads) // len(self.heads), dim=2)
+        out = (Q if self.kind == "q" else K).clone()
+        out[:, self.start:] = new
+        return (out, K) if self.kind == "q" else (Q, out)
 
 
 def score_shifts(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, F0: torch.Tensor,

@@ -182,13 +182,15 @@ class ModelAdapter:
         d_model]`` (``W_O``, with a post-norm's centring and weight folded in and its per-position
         scale folded into the coefficients): each head's write has rank ``d_head``."""
         W_O = self.backend.W_O(layer)
-        return self._post_factors(layer, "attn", z.to(W_O.dtype), W_O, scale)
+        dt = torch.promote_types(z.dtype, W_O.dtype)  # float32 activations of a bfloat16 model stay float32
+        return self._post_factors(layer, "attn", z.to(dt), W_O.to(dt), scale)
 
     def neuron_factors(self, layer: int, post: torch.Tensor, scale: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-neuron writes as coefficients ``[b, p, N, 1]`` times a basis ``[N, 1, d_model]`` (rank one)."""
         W_out = self.backend.W_out(layer)
-        return self._post_factors(layer, "mlp", post.to(W_out.dtype)[..., None], W_out[:, None, :], scale)
+        dt = torch.promote_types(post.dtype, W_out.dtype)
+        return self._post_factors(layer, "mlp", post.to(dt)[..., None], W_out.to(dt)[:, None, :], scale)
 
     def _post_factors(self, layer: int, which: str, coef: torch.Tensor, basis: torch.Tensor,
                       scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +206,8 @@ class ModelAdapter:
         if scale is None:
             raise ValueError("post-normalised writes need the norm's scale")
         basis = norm.centre(basis)
-        return coef / scale[:, :, None, :].to(coef.dtype), basis * norm.weight if norm.weight is not None else basis
+        weighted = basis * norm.weight.to(basis.dtype) if norm.weight is not None else basis
+        return coef / scale[:, :, None, :].to(coef.dtype), weighted
 
     def head_writes(self, layer: int, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head residual writes ``[b, p, H, d_model]`` from ``hook_z`` values ``[b, p, H, d_head]``
@@ -231,33 +234,43 @@ class ModelAdapter:
         ``[..., n, d_head]``. Exact: same LayerNorm and weights.
         """
         W, b = self.qkv_weights(layer, kind)
-        return torch.einsum("...nd,nde->...ne", self._ln1(layer, resid), W[heads]) + b[heads]
+        normed = self._ln1(layer, resid)
+        return torch.einsum("...nd,nde->...ne", normed, W[heads].to(normed.dtype)) + b[heads].to(normed.dtype)
 
     def qkv_all_heads(self, layer: int, kind: str, resid: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """``hook_q|k|v`` values ``[..., n, d_head]`` of the given heads (default all) reading residuals ``[..., d_model]``."""
         W, b = self.qkv_weights(layer, kind)
         if heads is not None:
             W, b = W[heads], b[heads]
-        return torch.einsum("...d,hde->...he", self._ln1(layer, resid), W) + b
+        normed = self._ln1(layer, resid)
+        return torch.einsum("...d,hde->...he", normed, W.to(normed.dtype)) + b.to(normed.dtype)
 
     def _ln1(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
-        """The attention input norm of a block applied to residuals ``[..., d_model]``."""
-        return self.backend.norm(layer, "ln1")(resid)
+        """The attention input norm of a block applied to residuals ``[..., d_model]``, computed in at
+        least float32 and returned in ``resid``'s dtype, as TransformerLens' own norms do (so float32
+        residuals of a bfloat16 model keep their precision)."""
+        norm = self.backend.norm(layer, "ln1")
+        if not isinstance(norm, NormParts):
+            return norm(resid)
+        return norm(resid.to(torch.promote_types(resid.dtype, torch.float32))).to(resid.dtype)
 
-    def normed_projection(self, layer: int, kind: str, heads: torch.Tensor) -> "NormedProjection | None":
+    def normed_projection(self, layer: int, kind: str, heads: torch.Tensor, dtype: torch.dtype | None = None
+                          ) -> "NormedProjection | None":
         """The block's input norm and the q/k/v projection of ``heads`` as one closed form (``None``
-        for a norm without one), so projections of ``x + Δ`` split into ``x``'s and ``Δ``'s parts."""
+        for a norm without one), so projections of ``x + Δ`` split into ``x``'s and ``Δ``'s parts;
+        folded in ``dtype`` (default: the weights')."""
         parts = self.backend.norm(layer, "ln1")
         if not isinstance(parts, NormParts):
             return None
         W, b = self.qkv_weights(layer, kind)
-        W, b = W[heads], b[heads]
+        dt = dtype or W.dtype
+        W, b = W[heads].to(dt), b[heads].to(dt)
         n, d, e = W.shape
         Wf, bf = W.permute(1, 0, 2).reshape(d, n * e), b.reshape(n * e)
         if parts.bias is not None:
-            bf = bf + parts.bias @ Wf
+            bf = bf + parts.bias.to(dt) @ Wf
         if parts.weight is not None:
-            Wf = parts.weight[:, None] * Wf
+            Wf = parts.weight.to(dt)[:, None] * Wf
         return NormedProjection(Wf, bf, parts.centred, parts.scaled, parts.eps)
 
     def rotate(self, layer: int, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -279,14 +292,16 @@ class ModelAdapter:
         so the weight and ``1/σ`` go into the small factors and two in-place passes finish it.
         """
         W = torch.cat([self.qkv_weights(layer, kind)[0] for kind in grads])  # [R, d, e]
-        delta = torch.cat([g.to(W.dtype) for g in grads.values()], dim=2).detach()  # [b, p, R, e]
+        delta = torch.cat(list(grads.values()), dim=2).detach()  # [b, p, R, e]
+        dt = torch.promote_types(delta.dtype, W.dtype)  # gradients handed over in float32 stay float32
+        W, delta = W.to(dt), delta.to(dt)
         b, p, R, e = delta.shape
         parts = self.backend.norm(layer, "ln1")
         if not isinstance(parts, NormParts):
             return self.norm_vjp(parts, resid.detach(), torch.einsum("bphe,hde->bphd", delta, W))
         if parts.weight is not None:
-            W = W * parts.weight[:, None].to(W.dtype)
-        xc = parts.centre(resid.detach().to(W.dtype).reshape(b * p, -1))
+            W = W * parts.weight[:, None].to(dt)
+        xc = parts.centre(resid.detach().to(dt).reshape(b * p, -1))
         if parts.scaled:
             sigma = parts.scale_of(xc)  # [bp, 1]
             delta = delta / sigma.view(b, p, 1, 1)

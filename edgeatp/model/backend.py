@@ -69,7 +69,7 @@ class NormParts:
         g = u * self.weight if self.weight is not None else u
         if not self.scaled:
             return self.centre(g)
-        xc = self.centre(x)
+        xc = self.centre(x.to(torch.promote_types(x.dtype, u.dtype)))  # float32 cotangents: float32 throughout
         scale = self.scale_of(xc)[:, :, None, :]  # [b, p, 1, 1]
         xhat = (xc / scale.squeeze(2))[:, :, None, :]
         out = g - xhat * (g * xhat).mean(-1, keepdim=True)

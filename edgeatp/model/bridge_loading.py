@@ -19,7 +19,7 @@ from .checkpoint import (BOS_BY_CONVENTION, Checkpoint, _first_line, adds_bos, a
 
 # ---------------------------------------------------------------------------------------- zoo
 def zoo_bridge(name: str) -> ModelAdapter:
-    """A shipped zoo model as a bridge around TransformerLens' native model (float32, CPU)."""
+    """A shipped zoo model as a bridge around TransformerLens' native model (float32, on torch's default device)."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -27,7 +27,8 @@ def zoo_bridge(name: str) -> ModelAdapter:
 
     entry = zoo.entry(name)
     cfg = TransformerBridgeConfig.from_dict({**entry.config, "architecture": "TransformerLensNative"})
-    bridge = TransformerBridge.boot_native(cfg, device="cpu", dtype=torch.float32, model_name=f"zoo:{name}")
+    bridge = TransformerBridge.boot_native(cfg, device=torch.get_default_device(), dtype=torch.float32,
+                                           model_name=f"zoo:{name}")
     bridge.load_state_dict(native_state_dict(zoo.state_dict(name), entry.config), strict=True)
     bridge.eval()
     tok = WordTokenizer(entry.vocab, bos="BOS", name=f"zoo:{name}")
@@ -130,8 +131,8 @@ def boot_transformers(name: str, hf_model: Any, tokenizer: Any, dtype: torch.dty
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device="cpu",
-                                                     dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer,
+                                                     device=hf_model.device, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - any failure inside TransformerLens becomes one line
         raise ModelError(f"{name}: TransformerLens cannot bridge this model ({_first_line(exc)})") from exc
     return bridge.eval()

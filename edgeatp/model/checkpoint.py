@@ -350,7 +350,7 @@ def translate(path: Path, raw: dict, arch: str, c: Any, dtype: torch.dtype, prep
         with _neutral_copy(raw) as neutral, _translation_scope(arch, c):
             cfg = loading.get_pretrained_model_config(
                 neutral, hf_cfg=c.to_dict(), fold_ln=ALIASES.get(arch, arch) not in POST_NORM_ARCHITECTURES,
-                device="cpu", dtype=dtype, default_prepend_bos=prepend_bos)
+                device=str(torch.get_default_device()), dtype=dtype, default_prepend_bos=prepend_bos)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure inside TransformerLens becomes one line

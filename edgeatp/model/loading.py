@@ -17,12 +17,13 @@ from ..timings import mark
 from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
 from .checkpoint import load_checkpoint
+from .devices import place
 
 BACKENDS = ("auto", "hooked", "bridge")
 
 
 def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               allow_download: bool = False, backend: str = "auto") -> ModelAdapter:
+               allow_download: bool = False, backend: str = "auto", n_devices: int = 1) -> ModelAdapter:
     """Load a model from any supported spec and wrap it in a :class:`ModelAdapter`.
 
     ``spec`` may be ``"zoo:NAME"`` (shipped models), a local Hugging Face checkpoint directory
@@ -33,6 +34,8 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     convert the weights — in place when you pass your own model. ``backend`` picks the
     TransformerLens class names and folders are loaded as: ``hooked`` (``HookedTransformer``),
     ``bridge`` (``TransformerBridge``) or ``auto``, the one :func:`default_backend` names.
+    ``n_devices`` splits the layers of a ``HookedTransformer`` over that many devices from
+    ``device`` on (``cuda:0``, ``cuda:1``, ...; see :mod:`edgeatp.model.devices`).
     """
     torch_dtype = _parse_dtype(dtype)
     torch_device = _parse_device(device)
@@ -49,7 +52,7 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
                 adapter = load_checkpoint(text, dtype=torch_dtype) if kind == "hooked" else \
                     _bridge_loading().checkpoint_bridge(text, dtype=torch_dtype)
         else:
-            adapter = _load_pretrained(text, allow_download, kind)
+            adapter = _load_pretrained(text, allow_download, kind, torch_dtype)
     elif _is_model_object(spec):
         tok = spec.tokenizer
         adapter = ModelAdapter(spec, HFTokenizer(tok) if tok is not None else None,
@@ -60,7 +63,14 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     if backend != "auto" and adapter.backend.kind != kind:
         raise ModelError(f"{{backend}} {backend} was asked for, but the model given runs on the "
                          f"{adapter.backend.kind} backend", backend="backend")
-    adapter.backend.convert(torch_dtype, torch_device)
+    if n_devices == 1:
+        adapter.backend.convert(torch_dtype, torch_device)
+    elif adapter.backend.kind != "hooked":
+        raise ModelError("{n_devices} splits HookedTransformer models only; load the model with {backend} hooked",
+                         n_devices="n_devices", backend="backend")
+    else:
+        adapter.backend.convert(torch_dtype, None)
+        place(adapter.model, torch_device or adapter.device, n_devices)
     return adapter
 
 
@@ -129,7 +139,7 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
-def _load_pretrained(name: str, allow_download: bool, backend: str) -> ModelAdapter:
+def _load_pretrained(name: str, allow_download: bool, backend: str, dtype: torch.dtype | None) -> ModelAdapter:
     """A TransformerLens pretrained model, from the local Hugging Face cache unless told otherwise."""
     if backend == "bridge":
         return _load_pretrained_bridge(name, allow_download)
@@ -151,7 +161,8 @@ def _load_pretrained(name: str, allow_download: bool, backend: str) -> ModelAdap
             allow_download="allow_download")
     with _hf_offline(offline):
         try:
-            model = HookedTransformer.from_pretrained(name, device="cpu")
+            model = HookedTransformer.from_pretrained(name, device=torch.get_default_device(),
+                                                      dtype=dtype or torch.float32)
         except OSError as exc:
             raise ModelError(f"could not load {name!r} from the local cache: {str(exc).splitlines()[0]}") from None
     tok = HFTokenizer(model.tokenizer, name) if model.tokenizer is not None else None

@@ -8,6 +8,7 @@ writes off their sites (:class:`WriterLayout`) and how to capture site values in
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -89,24 +90,28 @@ class WriterLayout:
         out = list(self.groups)
         return out + [s for s in (self.scale_site(site) for site in self.groups) if s is not None]
 
-    def factors(self, site: Site, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def factors(self, site: Site, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This site's writer differences source − base as coefficients ``[b, T, n, r]`` times a
         per-writer basis ``[n, r, d_model]`` (rank ``d_head`` for heads, one for neurons); ``None``
-        basis for dense writers (embedding, whole MLPs), whose coefficients are the differences."""
+        basis for dense writers (embedding, whole MLPs), whose coefficients are the differences.
+        Computed in ``dtype`` when given (float32 for a bfloat16 model: low-precision activations
+        must not cancel) and kept on the model's first device (a split model's layers live on several)."""
         _, sel = self.groups[site]
+        home = self.adapter.device
+        src, bas = (source[site], base[site]) if dtype is None else (source[site].to(dtype), base[site].to(dtype))
         if site.kind not in ("z", "mlp_post"):
-            return (source[site] - base[site])[:, :, None, :], None
+            return (src - bas)[:, :, None, :].to(home), None
         factor = self.adapter.head_factors if site.kind == "z" else self.adapter.neuron_factors
         scale_site = self.scale_site(site)
-        coef_s, basis = factor(site.layer, source[site][:, :, sel], source[scale_site] if scale_site else None)
-        coef_b, _ = factor(site.layer, base[site][:, :, sel], base[scale_site] if scale_site else None)
-        return coef_s - coef_b, basis[sel]
+        coef_s, basis = factor(site.layer, src[:, :, sel], source[scale_site] if scale_site else None)
+        coef_b, _ = factor(site.layer, bas[:, :, sel], base[scale_site] if scale_site else None)
+        return (coef_s - coef_b).to(home), basis[sel].to(home)
 
-    def all_factors(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor]
-                    ) -> dict[Site, tuple[torch.Tensor, torch.Tensor | None]]:
+    def all_factors(self, source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor],
+                    dtype: torch.dtype | None = None) -> dict[Site, tuple[torch.Tensor, torch.Tensor | None]]:
         """:meth:`factors` of every writer site."""
-        return {site: self.factors(site, source, base) for site in self.groups}
+        return {site: self.factors(site, source, base, dtype) for site in self.groups}
 
     def deltas(self, factors: dict[Site, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """``[b, T, W, d]`` dense writer differences in graph writer order, from :meth:`all_factors`."""
@@ -127,10 +132,11 @@ def expand(coef: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     return torch.einsum("btnr,nrd->btnd", coef.to(basis.dtype), basis)
 
 
-def capture(adapter: "ModelAdapter", tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True
-            ) -> tuple[torch.Tensor | None, dict[Site, torch.Tensor]]:
-    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient)."""
-    cache: dict[Site, torch.Tensor] = {}
+def capture(adapter: "ModelAdapter", tokens: torch.Tensor, sites: Sequence[Site], logits: bool = True,
+            cache: MutableMapping | None = None) -> tuple[torch.Tensor | None, MutableMapping]:
+    """Logits (``None`` unless ``logits``) and the values at ``sites`` of one forward (no gradient),
+    kept in ``cache`` (default: a dict; see :class:`edgeatp.memory.HostCache`)."""
+    cache = {} if cache is None else cache
 
     def keep(site: Site) -> FwdHook:
         def fn(t: torch.Tensor) -> None:

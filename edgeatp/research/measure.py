@@ -149,12 +149,13 @@ def shared_prefix(pairs: PromptPairs) -> int:
     return int(differ[0]) if len(differ) else pairs.n_positions - 1
 
 
-def workload_of(setup: Setup, level: str = "edge", positions: bool = False, memory_budget: float = 1024.0,
+def workload_of(setup: Setup, level: str = "edge", positions: bool = False, memory_budget: float | None = None,
                 graddrop: str = "block") -> Workload:
-    """The planner's workload of attribution runs on this setup."""
+    """The planner's workload of attribution runs on this setup (its memory budget unless given)."""
     p = setup.pairs
-    return Workload(level, setup.n_pairs, p.n_positions, shared_prefix(p), positions, setup.batch_size, memory_budget,
-                    graddrop)
+    budget = setup.memory_budget_mb if memory_budget is None else memory_budget
+    return Workload(level, setup.n_pairs, p.n_positions, shared_prefix(p), positions, setup.batch_size, budget,
+                    graddrop, offload=setup.offload)
 
 
 def attribution_call(setup: Setup, work: Workload, method: str) -> Callable[[], Any]:

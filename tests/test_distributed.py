@@ -1,0 +1,138 @@
+"""Data-parallel runs over prompt pairs (torch.distributed, gloo on CPU): two processes give what one
+gives, only rank 0 speaks, and a failing rank stops every rank with a clear message.
+
+Each torchrun launch costs three interpreter start-ups (the launcher and two workers), so there are
+two launches that check several things each.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeatp.distributed import SINGLE, Ranks
+
+from .dist_work import workload
+from .test_model import WORDS, _word_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 60  # the collectives' backstop in these runs: the failures below are reported before it
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 ARGS`` with this checkout first on the path."""
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_shards_split_the_pairs_into_contiguous_blocks_once():
+    for n in (0, 1, 5, 24):
+        for world in (1, 2, 3):
+            parts = [Ranks(r, world).shard(n) for r in range(world)]
+            assert torch.equal(torch.cat(parts), torch.arange(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert SINGLE.is_main and not SINGLE.active
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(WORDS), n_positions=16,
+                                    bos_token_id=0, eos_token_id=0))
+    path = tmp_path_factory.mktemp("gpt2-local")
+    hf.save_pretrained(path)
+    _word_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _close(a, b, name: str) -> None:
+    """Same results up to 1e-6 relative (float32 models; batches are composed differently)."""
+    if isinstance(a, torch.Tensor) and a.dtype == torch.bool:
+        assert torch.equal(a, b), name
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape, name
+        scale = a.abs().max().clamp(min=1e-12)
+        assert ((a - b).abs().max() / scale) <= 1e-6, name
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), name
+        for x, y in zip(a, b):
+            _close(x, y, name)
+    elif isinstance(a, float):  # faithfulness and the like: numbers of order one
+        assert abs(a - b) <= 1e-6 * max(abs(a), 1.0), name
+    else:
+        assert a == b, name
+
+
+def test_two_gloo_processes_give_the_single_process_results_and_fail_together(tmp_path, checkpoint):
+    res = torchrun(str(ROOT / "tests" / "dist_work.py"), str(tmp_path), checkpoint)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parallel = torch.load(tmp_path / "results.pt")
+    single = workload(checkpoint)
+    assert set(parallel) == set(single)
+    for name, value in single.items():
+        _close(value, parallel[name], name)
+    assert torch.equal(single["circuit"], parallel["circuit"])  # the identical circuit
+
+    rank0, rank1 = (json.loads((tmp_path / f"caught{r}.json").read_text()) for r in (0, 1))
+    assert rank1["bad data"][0] == "DataError" and "outside zoo:ioi's vocabulary" in rank1["bad data"][1]
+    assert rank0["bad data"][0] == "RankFailed"
+    assert rank0["bad data"][1].startswith("rank 1 of 2 failed, so every rank stopped: ")
+    assert "outside zoo:ioi's vocabulary" in rank0["bad data"][1]
+    assert rank1["hook"][:2] == ["RuntimeError", "boom in a hook"]
+    assert rank0["hook"][:2] == ["RankFailed", "rank 1 of 2 failed, so every rank stopped: RuntimeError: boom in a hook"]
+    assert max(r[s][2] for r in (rank0, rank1) for s in ("bad data", "hook")) < TIMEOUT / 2  # no waiting for timeouts
+    # the command: each rank exits with one line (non-zero), rank 1 names its error, rank 0 names rank 1
+    cmd0, cmd1 = rank0["command"], rank1["command"]
+    assert cmd0["exit_code"] == 2 and cmd1["exit_code"] == 1
+    assert cmd0["output"].splitlines()[-1] == ("error: rank 1 of 2 failed, so every rank stopped: "
+                                               "RuntimeError: boom in a hook")
+    assert cmd1["output"].strip() == ("Error: rank 1: internal error (RuntimeError: boom in a hook); rerun with "
+                                      "--debug for the traceback and please report it")
+    assert not (tmp_path / "cli-failure" / "circuit.json").exists()
+
+
+def _circuit(folder: Path) -> dict:
+    return json.loads((folder / "circuit.json").read_text())
+
+
+def test_torchrun_discover_matches_one_process_and_only_rank_0_speaks(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeatp.cli import main
+
+    args = ["discover", "--model", "zoo:induction", "--n-pairs", "20", "--batch-size", "8", "--format", "json",
+            "--verify", "6", "--sample-below", "4"]
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")], catch_exceptions=False)
+    assert one.exit_code == 0, one.output
+    two = torchrun("-m", "edgeatp", *args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("edge circuit by atp-qk") == 1 and two.stdout.count("wrote ") == 1
+    assert "error" not in two.stderr.lower()
+    a, b = _circuit(tmp_path / "one"), _circuit(tmp_path / "two")
+    assert a["edges"]["in_graph"] == b["edges"]["in_graph"] and a["n_edges"] == b["n_edges"]
+    _close(torch.tensor(a["edges"]["score"]), torch.tensor(b["edges"]["score"]), "scores")
+    _close(torch.tensor(a["edges"]["signed"]), torch.tensor(b["edges"]["signed"]), "signed")
+    _close([a["faithfulness"], a["necessity"], *a["curve"]["faithfulness"], *a["curve"]["necessity"]],
+           [b["faithfulness"], b["necessity"], *b["curve"]["faithfulness"], *b["curve"]["necessity"]], "faithfulness")
+    _close(a["verification"]["rank_correlation"], b["verification"]["rank_correlation"], "verification")
+
+
+def test_a_rank_that_stops_answering_times_out_with_one_line(tmp_path):
+    """Rank 1 sleeps past a 4-second collective timeout: rank 0 gives up at the first combination
+    point instead of waiting for ever, and both name the lost processes and the timeout option."""
+    res = torchrun(str(ROOT / "tests" / "dist_work.py"), "--hang", str(tmp_path), "4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"hang{r}.json").read_text()) for r in (0, 1))
+    for name, message, _ in (rank0, rank1):
+        assert name == "DistributedError"
+        assert message.startswith("lost the other processes of the data-parallel run at ")
+        assert message.endswith("within the collective timeout (collective_timeout); see the other ranks' output")
+    assert rank0[2] < 12 <= rank1[2]  # the timeout ends rank 0's wait, before rank 1 wakes up at 12 s
