@@ -598,14 +598,12 @@ def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memor
 def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], prev: dict[str, int] | None
             ) -> dict[str, int]:
     """Live bytes beyond the weights in each phase of a batch with terms ``t``; ``prev``: the previous
-    batch's terms (its runs live on through this batch's runs, its differences through this batch's
-    differences, its estimates until this batch's are made)."""
+    batch's terms (its runs and differences are freed before this batch's runs are made; its estimates
+    live until this batch's are made)."""
     units = units_of(spec, work, method)
     copies = spec.weight_copies * spec.dtype_bytes  # kept by the autograd graph while it lives
     stats = 5 * 8 * t["entries"] if prev else 0  # running statistics, merged batch by batch
     last = (3 if units else 1) * prev["score"] if prev else 0
-    prev_delta = prev.get("deltas", 0) if prev else 0
-    prev_run = 2 * prev["cache"] + prev["kept"] + prev["grads"] if prev else 0
     held = 2 * t["cache"] + t["kept"] + t["grads"]  # a batch's runs, once its backward passes are done
     edge = work.level == "edge"
     scores = (6 if units else 3) * t["score"]
@@ -614,14 +612,14 @@ def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], 
         mean = t["sides"] if edge else t["plain"]  # the gradient sides' running mean
         point = t["cache"] + t["kept"] + t["grads"]  # one path point's run and gradients
         base = stats + last + 3 * t["cache"] + t.get("deltas", 0) + mean
-        # the previous point's run and gradient side live on through the next point's backward
-        out["backward"] = base + point + t.get("sides", 0) + t["saved"] + copies + t["kept"] + t["transient"]
-        out["gradient_side"] = base + 2 * point + t.get("reader_grads", 0)
+        # each point's run is freed before the next point's is made
+        out["backward"] = base + t["saved"] + copies + t["kept"] + t["transient"]
+        out["gradient_side"] = base + point + t.get("reader_grads", 0)
     else:
-        out["backward"] = stats + last + prev_run + prev_delta + 2 * t["cache"] + t["saved"] + copies + t["kept"] \
+        out["backward"] = stats + last + 2 * t["cache"] + t["saved"] + copies + t["kept"] \
             + t["grads"] - t["layer_grads"] + t["transient"]
         if edge:
-            out["prepare"] = stats + last + held + prev_delta + 2 * t["delta"]
+            out["prepare"] = stats + last + held + 2 * t["delta"]
             out["estimate"] = stats + last + held + t["deltas"] + t["reader_grads"] + scores
             if "qk_fix" in t:
                 out["qk_fix"] = stats + last + held + t["deltas"] + (2 if units else 1) * t["score"] + t["qk_fix"]

@@ -233,12 +233,26 @@ def _integrated(setup: Setup, batch: PairBatch, est: Estimator, steps: int
     mean: dict[Any, torch.Tensor] = {}
     run = None
     for k in range(steps):
+        run = None  # the previous point's run is freed before the next one is made
         run = gradient_run(setup, batch, est.needs, source=source, alpha=(k + 0.5) / steps, base=base)
-        side = est.gradient_side(prep, run.point, run.grads[0])
-        for key, value in side.items():
+        for key, value in est.gradient_side(prep, run.point, run.grads[0]).items():
             mean[key] = mean[key] + value / steps if key in mean else value / steps
     assert run is not None
     return est.estimate(prep, run, [mean])
+
+
+def _estimate_batch(setup: Setup, batch: PairBatch, method: Method, est: Estimator, units: Sequence[Unit],
+                    ig_steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch's plain estimates and dropped passes' magnitudes; its runs and buffers are freed on
+    return, before the next batch's runs are made."""
+    if method.kind is Kind.INTEGRATED:
+        with torch.no_grad():
+            return _integrated(setup, batch, est, ig_steps)
+    run = gradient_run(setup, batch, est.needs, units)
+    passes = run.grads if est.partial_passes else [run.full(i) for i in range(len(run.grads))]
+    with torch.no_grad():
+        prep = est.prepare(run.source, run.base)
+        return est.estimate(prep, run, (est.gradient_side(prep, run.point, g) for g in passes))
 
 
 def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: str, *, units: Sequence[Unit] = (),
@@ -249,15 +263,7 @@ def estimate_pairs(setup: Setup, method: Method, est: Estimator, description: st
     setup = setup.fit(setup.device_mb_per_pair(est.needs, 1 + len(units)))
     acc = setup.accumulator(est.shape)
     for batch in setup.batches(description, same_length=same_length):
-        if method.kind is Kind.INTEGRATED:
-            with torch.no_grad():
-                plain, dropped = _integrated(setup, batch, est, ig_steps)
-        else:
-            run = gradient_run(setup, batch, est.needs, units)
-            passes = run.grads if est.partial_passes else [run.full(i) for i in range(len(run.grads))]
-            with torch.no_grad():
-                prep = est.prepare(run.source, run.base)
-                plain, dropped = est.estimate(prep, run, (est.gradient_side(prep, run.point, g) for g in passes))
+        plain, dropped = _estimate_batch(setup, batch, method, est, units, ig_steps)
         magnitude = None
         if est.n_terms is not None and dropped is not None:
             magnitude = graddrop_magnitude(plain, dropped, est.n_terms)
