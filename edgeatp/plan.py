@@ -208,12 +208,14 @@ class MemoryBudget:
 
     @classmethod
     def fit(cls, n_writers: int, n_readers: int, P: int, T: int, d_model: int, n_heads: int, qk: bool,
-            batch_size: int, budget_mb: float, cache_mb: float = 0.0) -> "MemoryBudget":
+            batch_size: int, budget_mb: float, cache_mb: float = 0.0, integrated: bool = False) -> "MemoryBudget":
         """Per pair: writer differences ``[T, W, d]`` and one pass's reader gradients ``[T, R, d]``
         (float32), the signed and GradDrop estimates ``[P, W, R]`` (float64) and ``cache_mb`` of the
         runs' activation caches and autograd graph; per (pair, writer) of a QK chunk: about a dozen
-        ``[H, T, T]`` softmax buffers."""
-        per_pair = (4 * T * (n_writers + n_readers) * d_model + 2 * 8 * P * n_writers * n_readers) / MB + cache_mb
+        ``[H, T, T]`` softmax buffers. Integrated gradients keep the differences and the reader
+        gradients' running mean through every path point's run and gradients: those count twice."""
+        buffers = 4 * T * (n_writers + n_readers) * d_model * (2 if integrated else 1)
+        per_pair = (buffers + 2 * 8 * P * n_writers * n_readers) / MB + cache_mb
         bs = max(1, min(batch_size, int(budget_mb // max(per_pair, 1e-9))))
         if not qk:
             return cls(bs, n_writers, round(bs * per_pair, 1))
@@ -277,7 +279,7 @@ def edge_budget(spec: ModelSpec, work: Workload, method: Method) -> MemoryBudget
     size = _graph_size(spec.shape)
     return MemoryBudget.fit(size.writers, size.readers, work.seq_len if work.positions else 1, work.seq_len,
                             spec.shape.d_model, spec.shape.n_heads, method.qk_fix, work.batch_size, work.memory_budget,
-                            pair_cache_mb(spec, work, method))
+                            pair_cache_mb(spec, work, method), method.kind is Kind.INTEGRATED)
 
 
 def batch_of(spec: ModelSpec, work: Workload, method: Method) -> int:

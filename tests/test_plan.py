@@ -104,7 +104,7 @@ def test_the_batch_rule_is_the_one_attribution_uses(offload):
     model = tiny_model(d_model=32, n_heads=4)
     for budget in (1024.0, 1.0, 0.5, 0.02):
         setup = Setup(model, random_pairs(n=6, length=10), batch_size=4, memory_budget_mb=budget, offload=offload)
-        for method in ("atp", "atp-qk", "atp*"):
+        for method in ("atp", "atp-qk", "atp*", "ig"):
             scores = attribute_edges(setup, method)
             rule = edge_budget(model.spec, workload_of(setup), get_method(method, "edge"))
             assert (scores.meta["batch_size"], scores.meta["writer_chunk"], scores.meta["peak_buffer_mb"]) == \

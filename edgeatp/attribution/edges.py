@@ -346,7 +346,7 @@ def attribute_edges(setup: Setup, method: str | Method = "atp", graph: EdgeGraph
     g = plan.graph
     budget = MemoryBudget.fit(g.n_writers, g.n_readers, g.P, setup.pairs.n_positions, model.shape.d_model,
                               model.shape.n_heads, plan.has_qk, setup.batch_size, memory_budget_mb,
-                              setup.device_mb_per_pair(plan.needs, 1 + len(units)))
+                              setup.device_mb_per_pair(plan.needs, 1 + len(units)), m.kind is Kind.INTEGRATED)
     est = EdgeEstimator(model, plan, budget, units)
     with model.ungrouped(graph.ungrouped):
         fitted = setup.with_(batch_size=budget.batch_size, memory_budget_mb=memory_budget_mb)
