@@ -560,12 +560,14 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
               help="Megabytes of device memory for a batch of attribution, as for discover (batches fit it).")
 @click.option("--offload", is_flag=True, help="Cached activations and gradients in host memory, as for discover.")
+@click.option("--n-devices", type=click.IntRange(1), default=1, show_default=True,
+              help="The model's layers split over this many devices, as for discover: memory is given per device.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: int, method: str | None, level: str,
-             positions: bool, dtype: str | None, batch_size: int, memory_budget: float, offload: bool, as_json: bool,
-             debug: bool) -> None:
+             positions: bool, dtype: str | None, batch_size: int, memory_budget: float, offload: bool, n_devices: int,
+             as_json: bool, debug: bool) -> None:
     """What a run would cost, from the model's config alone: graph size, passes, peak memory, time."""
     from .model_config import describe_model
     from .plan import Workload, plan
@@ -576,7 +578,8 @@ def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: 
     if shared_prefix >= T:
         raise EdgeatpError(f"--shared-prefix {shared_prefix} leaves no token that differs in prompts of {T} tokens; "
                            "use a smaller --shared-prefix or a larger --seq-len")
-    work = Workload(level, n_pairs, T, shared_prefix, positions, batch_size, memory_budget, offload=offload)
+    work = Workload(level, n_pairs, T, shared_prefix, positions, batch_size, memory_budget, offload=offload,
+                    n_devices=n_devices)
     methods = [method] if method is not None else None
     if method is not None:
         from .methods import get_method
@@ -611,7 +614,8 @@ def _plan_text(p: Any) -> str:
              f"workload: {w.n_pairs} pairs x {w.seq_len} tokens (prompts differ from token {w.shared_prefix}), "
              f"{w.level} level, {'per position' if w.positions else 'aggregated over positions'}, "
              f"batch size {w.batch_size}, memory budget {w.memory_budget:g} MB"
-             + (", caches offloaded to the host" if w.offload else ""),
+             + (", caches offloaded to the host" if w.offload else "")
+             + (f", layers split over {w.n_devices} devices" if w.n_devices > 1 else ""),
              f"graph: {g.writers:,} writers, {g.readers:,} readers, {g.edges:,} edges; {g.nodes:,} node-level sites "
              f"in {g.components:,} components", "",
              f"{'method':<8}{'forwards':>12}{'backwards':>11}{'(equiv.)':>10}{'batch':>7}{'device peak':>13}"
@@ -622,9 +626,13 @@ def _plan_text(p: Any) -> str:
                      f"{_count(m.passes.backward_equivalents):>10}{mem.batch_size:>7}{_size(mem.device_peak):>13}"
                      f"{_size(mem.fixed['weights']):>10}{_size(mem.host):>11}{_count(m.time) + 'x':>13}  "
                      f"{m.as_dict()['device']}")
+    if w.n_devices > 1:
+        lines += ["", "device peak per device (the first holds the embedding, the gathered differences and estimates; "
+                  "the last the unembedding):"]
+        lines += [f"  {name:<8}" + ", ".join(_size(v) for v in m.memory.per_device) for name, m in p.methods.items()]
     lines += ["", "forwards: passes over every pair; backwards: calls per batch (equiv.: in full backwards, GradDrop's "
               "being truncated); time: expected, in units of one plain forward+backward over the same pairs; device "
-              "peak: live tensors on the model's device at the largest phase of a batch (no allocator caching); host: "
+              "peak: live tensors on the model's (fullest) device at the largest phase of a batch (no allocator caching); host: "
               "per-pair estimates kept for analyses (and offloaded caches); device: the smallest common accelerator memory that holds the "
               "peak with 10% to spare."]
     return "\n".join(lines)

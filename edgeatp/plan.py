@@ -89,23 +89,44 @@ class ModelSpec:
     @property
     def params(self) -> int:
         """Parameters of the HookedTransformer (TransformerLens 3.9 keeps every bias, zero or not)."""
+        return self.embed_params + self.shape.n_layers * self.block_params + self.head_params
+
+    @property
+    def embed_params(self) -> int:
+        """The token (and learned position) embedding's parameters: they live with the first block."""
+        return self.d_vocab * self.shape.d_model + (self.n_ctx * self.shape.d_model if self.learned_positions else 0)
+
+    @property
+    def block_params(self) -> int:
+        """One block's parameters: norms, attention with every bias, the MLP."""
         s = self.shape
         d, dh, H, kv, m = s.d_model, s.d_head, s.n_heads, s.kv_heads, self.d_mlp
-        norm = {"LN": 2 * d, "RMS": d}.get(self.norm or "", 0)
         attn = (H + 2 * kv) * dh * (d + 1) + H * dh * d + d  # W_Q, W_K, W_V with biases; W_O, b_O
         mlp = 0 if s.attn_only else self.mlp_matrices * d * m + m + d
         norms = (1 if s.attn_only else 2) * (2 if self.post_norm else 1)
-        embed = self.d_vocab * d + (self.n_ctx * d if self.learned_positions else 0)
-        return embed + s.n_layers * (norms * norm + attn + mlp) + norm + (d + 1) * self.d_vocab_out
+        return norms * self._norm_params + attn + mlp
+
+    @property
+    def head_params(self) -> int:
+        """The final norm's and the unembedding's parameters: they live with the last block."""
+        return self._norm_params + (self.shape.d_model + 1) * self.d_vocab_out
+
+    @property
+    def _norm_params(self) -> int:
+        return {"LN": 2 * self.shape.d_model, "RMS": self.shape.d_model}.get(self.norm or "", 0)
 
     @property
     def weight_copies(self) -> int:
         """Numbers TransformerLens 3.9 copies out of the weights in one forward (rearranged W_Q/W_K/W_V,
         contiguous W_O, transposed gated-MLP matrices and W_U): a backward-able forward keeps them all."""
+        return self.shape.n_layers * self.block_weight_copies + self.shape.d_model * self.d_vocab_out
+
+    @property
+    def block_weight_copies(self) -> int:
+        """One block's share of :attr:`weight_copies` (the rest is the unembedding's, on the last device)."""
         s = self.shape
         attn = (2 * s.n_heads + 2 * s.kv_heads) * s.d_head * s.d_model
-        mlp = 3 * s.d_model * self.d_mlp if self.gated_mlp else 0
-        return s.n_layers * (attn + mlp) + s.d_model * self.d_vocab_out
+        return attn + (3 * s.d_model * self.d_mlp if self.gated_mlp else 0)
 
     def layer_flops(self, T: int) -> float:
         """Matrix-multiply flops of one block's forward over one prompt of ``T`` tokens."""
@@ -137,12 +158,14 @@ class Workload:
     graddrop: str = "block"
     ig_steps: int = IG_STEPS
     offload: bool = False  # cached activations and gradients in host memory
+    n_devices: int = 1  # the model's blocks split over this many devices, as TransformerLens splits them
 
     def __post_init__(self) -> None:
         if self.level not in ("edge", "node", "neuron"):
             raise ValueError(f"unknown level {self.level!r}")
-        if min(self.n_pairs, self.seq_len, self.batch_size, self.ig_steps) < 1 or self.memory_budget <= 0:
-            raise ValueError("pairs, tokens, batch size, IG steps and the memory budget must be positive")
+        if min(self.n_pairs, self.seq_len, self.batch_size, self.ig_steps, self.n_devices) < 1 \
+                or self.memory_budget <= 0:
+            raise ValueError("pairs, tokens, batch size, IG steps, devices and the memory budget must be positive")
         if not 0 <= self.shared_prefix < self.seq_len:
             raise ValueError("the shared prefix must be shorter than the prompts")
 
@@ -482,10 +505,12 @@ class Memory:
     host: int
     batch_size: int
     writer_chunk: int | None = None
+    per_device: tuple[int, ...] = ()  # each device's peak when the model is split (fixed parts included)
 
     @property
     def device_peak(self) -> int:
-        return sum(self.fixed.values()) + max(self.phases.values())
+        """The peak of the fullest device."""
+        return max(self.per_device) if self.per_device else sum(self.fixed.values()) + max(self.phases.values())
 
     @property
     def peak_phase(self) -> str:
@@ -497,6 +522,7 @@ class Memory:
                 "fixed": {k: _mb(v) for k, v in self.fixed.items()},
                 "parts": {k: _mb(v) for k, v in self.parts.items()},
                 "phases": {k: _mb(v) for k, v in self.phases.items()},
+                "per_device": [_mb(v) for v in self.per_device] or None,
                 "batch_size": self.batch_size, "writer_chunk": self.writer_chunk}
 
 
@@ -580,10 +606,21 @@ def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memor
     batches = math.ceil(work.n_pairs / b)
     later = ([b] if batches > 2 else []) + ([work.n_pairs - b * (batches - 1)] if batches > 1 else [])
     first = _batch_terms(spec, work, method, b)
-    phases = _phases(spec, work, method, first, None)
-    for size in later:
-        later = _phases(spec, work, method, _batch_terms(spec, work, method, size), first)
-        phases = {k: max(v, later[k]) for k, v in phases.items()}
+    rest = [_batch_terms(spec, work, method, size) for size in later]
+
+    def peak_phases(device: int | None) -> dict[str, int]:
+        """Each phase's largest live bytes over the batches, on one device of a split model (or all)."""
+        on = (lambda t: t) if device is None else (lambda t: _on_device(spec, work, t, device))
+        copies = _device_copies(spec, work, device)
+        phases = _phases(spec, work, method, on(first), None, copies)
+        for t in rest:
+            phases = {k: max(v, p) for (k, v), p in zip(phases.items(), _phases(spec, work, method, on(t), on(first),
+                                                                               copies).values())}
+        return phases
+
+    phases = peak_phases(None)
+    per_device = tuple(_device_weights(spec, work, k) + max(peak_phases(k).values()) for k in range(work.n_devices)) \
+        if work.n_devices > 1 else ()
     entries = first["entries"]
     copies = spec.weight_copies * spec.dtype_bytes
     parts = {"weight_copies": copies, "source_cache": first["cache"], "base_run": first["saved"] + first["kept"],
@@ -594,16 +631,55 @@ def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memor
     host += first.get("offloaded", 0)
     qk = method.qk_fix and method.kind is Kind.GRADIENT and work.level == "edge"
     return Memory({"weights": spec.params * spec.dtype_bytes}, phases, parts, host, b,
-                  edge_budget(spec, work, method).writer_chunk if qk else None)
+                  edge_budget(spec, work, method).writer_chunk if qk else None, per_device)
 
 
-def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], prev: dict[str, int] | None
-            ) -> dict[str, int]:
+#: Batch terms that live with their layers on a split model (the rest is gathered on the first device).
+LAYER_TERMS = frozenset({"cache", "kept", "grads", "plain", "layer_grads", "saved", "offloaded"})
+
+
+def block_counts(n_layers: int, n_devices: int) -> list[int]:
+    """Blocks on each device of a split model: TransformerLens puts block ``i`` on device ``i·n // L``."""
+    counts = [0] * n_devices
+    for i in range(n_layers):
+        counts[i * n_devices // n_layers] += 1
+    return counts
+
+
+def _on_device(spec: ModelSpec, work: Workload, t: dict[str, int], device: int) -> dict[str, int]:
+    """A batch's terms on one device of a split model: per-layer activations, gradients and autograd's
+    saved tensors by its share of the blocks; the largest transient of a backward on every device;
+    writer differences, reader gradients, the QK fix's buffers and the estimates on the first device."""
+    share = block_counts(spec.shape.n_layers, work.n_devices)[device] / spec.shape.n_layers
+    return {k: int(v * share) if k in LAYER_TERMS else v if k == "transient" or device == 0 else 0
+            for k, v in t.items()}
+
+
+def _device_weights(spec: ModelSpec, work: Workload, device: int) -> int:
+    """Weight bytes on one device of a split model: its blocks, the embedding on the first, the final
+    norm and unembedding on the last."""
+    blocks = block_counts(spec.shape.n_layers, work.n_devices)[device]
+    own = blocks * spec.block_params + (spec.embed_params if device == 0 else 0) \
+        + (spec.head_params if device == work.n_devices - 1 else 0)
+    return own * spec.dtype_bytes
+
+
+def _device_copies(spec: ModelSpec, work: Workload, device: int | None) -> int:
+    """Bytes of TransformerLens' weight copies on one device (all of them when ``device`` is None)."""
+    if device is None:
+        return spec.weight_copies * spec.dtype_bytes
+    blocks = block_counts(spec.shape.n_layers, work.n_devices)[device]
+    head = spec.shape.d_model * spec.d_vocab_out if device == work.n_devices - 1 else 0
+    return (blocks * spec.block_weight_copies + head) * spec.dtype_bytes
+
+
+def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], prev: dict[str, int] | None,
+            copies: int) -> dict[str, int]:
     """Live bytes beyond the weights in each phase of a batch with terms ``t``; ``prev``: the previous
     batch's terms (its runs and differences are freed before this batch's runs are made; its estimates
-    live until this batch's are made)."""
+    live until this batch's are made); ``copies``: TransformerLens' weight copies, which the autograd
+    graph keeps while it lives."""
     units = units_of(spec, work, method)
-    copies = spec.weight_copies * spec.dtype_bytes  # kept by the autograd graph while it lives
     stats = 5 * 8 * t["entries"] if prev else 0  # running statistics, merged batch by batch
     last = (3 if units else 1) * prev["score"] if prev else 0
     held = 2 * t["cache"] + t["kept"] + t["grads"]  # a batch's runs, once its backward passes are done
@@ -651,8 +727,11 @@ def _exact_memory(spec: ModelSpec, work: Workload) -> Memory:
     dense = (T if work.positions else 1) * counts.writers * counts.readers
     host = 8 * n * (counts.edges + dense) + 2 * counts.edges * dense if edge else 8 * n * counts.nodes
     parts = {"source_cache": int(cache), "patch_writes": writes + masks, "forward": forward}
+    counts_on = block_counts(s.n_layers, work.n_devices)
+    per_device = tuple(_device_weights(spec, work, k) + int(cache * c / s.n_layers) + forward
+                       + (writes + masks if k == 0 else 0) for k, c in enumerate(counts_on)) if work.n_devices > 1 else ()
     return Memory({"weights": spec.params * dt}, {"patched_forward": int(cache + writes + masks + forward)}, parts,
-                  host, pair_rows)
+                  host, pair_rows, per_device=per_device)
 
 
 # ------------------------------------------------------------------------------------ the plan

@@ -175,6 +175,46 @@ def test_graddrop_passes_and_sublayer_units():
     assert 1.8 < equiv <= 2.0
 
 
+@pytest.mark.parametrize("case", ["gpt2-like", "llama-gqa"])
+def test_split_models_weights_per_device_follow_transformerlens(case):
+    """Weights per device of a split model: the loaded model's parameters of the blocks TransformerLens
+    puts on each device (block i on device i·n // L), the embedding on the first, the unembedding and
+    final norm on the last."""
+    from edgeatp.model.devices import block_devices
+    from edgeatp.plan import _device_weights, block_counts
+
+    model = tiny_model(n_layers=5, **CASES[case])
+    spec, ht = model.spec, model.model
+    size = lambda module: sum(p.numel() for p in module.parameters()) * spec.dtype_bytes  # noqa: E731
+    for n in (2, 3, 5):
+        cuda = [d.index for d in block_devices(torch.device("cuda:0"), n, spec.shape.n_layers)]
+        assert block_counts(spec.shape.n_layers, n) == [cuda.count(k) for k in range(n)]
+        work = Workload(n_devices=n)
+        expected = [sum(size(ht.blocks[i]) for i in range(spec.shape.n_layers) if cuda[i] == k) for k in range(n)]
+        expected[0] += size(ht.embed) + (size(ht.pos_embed) if spec.learned_positions else 0)
+        expected[-1] += size(ht.unembed) + (size(ht.ln_final) if hasattr(ht, "ln_final") else 0)
+        assert [_device_weights(spec, work, k) for k in range(n)] == expected
+        assert sum(expected) == spec.params * spec.dtype_bytes == size(ht)
+
+
+def test_split_models_peaks_per_device():
+    """Splitting moves per-layer memory off the first device but keeps the gathered buffers there: every
+    device's peak is below the one-device peak, the first device's is the largest, and one device is the
+    unsplit plan."""
+    spec = describe_model(str(FIXTURES / "Meta-Llama-3-8B"))
+    one = plan(spec, Workload(n_pairs=1000, memory_budget=16384))
+    for n in (2, 4):
+        split = plan(spec, Workload(n_pairs=1000, memory_budget=16384, n_devices=n))
+        for name, m in split.methods.items():
+            peaks = m.memory.per_device
+            assert len(peaks) == n and max(peaks) == peaks[0] == m.memory.device_peak, name
+            assert all(p < one.methods[name].memory.device_peak for p in peaks), name
+            assert m.memory.batch_size == one.methods[name].memory.batch_size  # the batch rule does not change
+    assert plan(spec, Workload(n_pairs=1000, n_devices=1)).methods["atp"].memory.per_device == ()
+    res = run("plan", "--model", str(FIXTURES / "Meta-Llama-3-8B"), "--n-devices", "4", "--json")
+    assert len(json.loads(res.stdout)["methods"]["atp*"]["memory_mb"]["per_device"]) == 4
+
+
 def run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
