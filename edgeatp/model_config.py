@@ -185,7 +185,7 @@ def _pretrained_spec(name: str, dtype: str | None) -> ModelSpec:
                          "TransformerLens pretrained name") from None
     try:
         with _hf_offline(True):
-            cfg = loading.get_pretrained_model_config(official, fold_ln=True, device="cpu",
+            cfg = loading.get_pretrained_model_config(official, fold_ln=True, device=None,
                                                       dtype=_parse_dtype(dtype or "float32"))
     except Exception:  # noqa: BLE001 - any failure to find the config offline means the same to the user
         raise ModelError(f"the config of {name!r} ({official}) is not known offline (not built into TransformerLens, "
