@@ -620,16 +620,15 @@ def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memor
         copies = _device_copies(spec, work, device)
         phases = _phases(spec, work, method, on(first), None, copies)
         for t in rest:
-            phases = {k: max(v, p) for (k, v), p in zip(phases.items(), _phases(spec, work, method, on(t), on(first),
-                                                                               copies).values())}
+            later_phases = _phases(spec, work, method, on(t), on(first), copies)
+            phases = {k: max(v, later_phases[k]) for k, v in phases.items()}
         return phases
 
     phases = peak_phases(None)
     per_device = tuple(_device_weights(spec, work, k) + max(peak_phases(k).values()) for k in range(work.n_devices)) \
         if work.n_devices > 1 else ()
     entries = first["entries"]
-    copies = spec.weight_copies * spec.dtype_bytes
-    parts = {"weight_copies": copies, "source_cache": first["cache"], "base_run": first["saved"] + first["kept"],
+    parts = {"weight_copies": _device_copies(spec, work, None), "source_cache": first["cache"], "base_run": first["saved"] + first["kept"],
              "gradients": first["grads"]}
     parts.update({k: first[k] for k in ("deltas", "reader_grads", "qk_fix") if k in first})
     parts["estimates"] = (6 if units_of(spec, work, method) else 3) * first["score"]
