@@ -94,18 +94,28 @@ def _zoo_spec(spec: str, dtype: str | None) -> ModelSpec:
                      bool(c.get("gated_mlp", False)), pos == "standard", pos == "rotary", act_fn=c.get("act_fn"))
 
 
-def _folder_spec(path: Path, dtype: str | None) -> ModelSpec | None:
-    """A checkpoint folder of a common family read from ``config.json`` as TransformerLens translates it
-    (LayerNorm folded), without importing torch; ``None`` for other families and for settings the loader
-    checks further (it refuses some of them with its own one-line error)."""
+def read_config(path: Path) -> dict:
+    """``config.json`` of a checkpoint folder as a dict, or a one-line error naming the file."""
     file = path / "config.json"
     if not file.is_file():
         raise ModelError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{file} is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict) or not _plain(raw):
+        raise ModelError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}); restore the file the model "
+                         "came with") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{file} is not a JSON object; restore the file the model came with")
+    return raw
+
+
+def _folder_spec(path: Path, dtype: str | None) -> ModelSpec | None:
+    """A checkpoint folder of a common family read from ``config.json`` as TransformerLens translates it
+    (LayerNorm folded), without importing torch; ``None`` for other families and for settings the loader
+    checks further (it refuses some of them with its own one-line error)."""
+    raw = read_config(path)
+    file = path / "config.json"
+    if not _plain(raw):
         return None
     arch = _architecture(raw)
     declared = raw.get("dtype") or raw.get("torch_dtype")

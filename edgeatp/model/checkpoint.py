@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..errors import ModelError
+from ..model_config import read_config
 
 if TYPE_CHECKING:
     from .adapter import ModelAdapter
@@ -116,21 +117,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------- preflight
-def read_config(path: Path) -> dict:
-    """``config.json`` of a checkpoint folder as a dict, or a one-line error naming the file."""
-    file = path / "config.json"
-    if not file.is_file():
-        raise ModelError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}); restore the file the model "
-                         "came with") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{file} is not a JSON object; restore the file the model came with")
-    return raw
-
-
 def architecture_of(path: Path, raw: dict) -> str:
     """The checkpoint's architecture (``architectures[0]``, else the one its ``model_type`` names)."""
     archs = raw.get("architectures")
