@@ -16,6 +16,7 @@ process stops with one message naming the failing rank; collectives also time ou
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,6 +195,12 @@ def process_group(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> I
     if not timeout_s > 0:
         raise option_error("{timeout} must be a positive number of seconds")
     import torch.distributed as dist
+
+    # torch.distributed.nn takes the default group as its functions' default argument when first
+    # imported (transformers imports it while loading a model): imported after the group was made,
+    # it keeps the destroyed group's threads alive until the interpreter exits, where tearing them
+    # down aborts the process now and then ("terminate called without an active exception").
+    importlib.import_module("torch.distributed.nn")
 
     accelerator = device is not None and torch.device(device).type == "cuda"
     if accelerator:

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgeatp as ea  # noqa: E402
 from edgeatp.attribution import attribute_edges, attribute_nodes  # noqa: E402
 from edgeatp.circuit import prune  # noqa: E402
-from edgeatp.distributed import guard  # noqa: E402
+from edgeatp.distributed import guard, process_group  # noqa: E402
 from edgeatp.model import Site  # noqa: E402
 from edgeatp.patching import patch_edges  # noqa: E402
 from edgeatp.setup import Setup  # noqa: E402
@@ -141,20 +141,23 @@ def hang(out: Path, timeout_s: float) -> None:
 
 
 def main() -> None:
-    import torch.distributed as dist
-
     if sys.argv[1] == "--hang":
         hang(Path(sys.argv[2]), float(sys.argv[3]))
         return
     out, checkpoint = Path(sys.argv[1]), sys.argv[2]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank = dist.get_rank()
-    results = workload(checkpoint)
-    if rank == 0:
-        torch.save(results, out / "results.pt")
-    caught = {**failures(rank), "command": failing_command(rank, out)}
-    (out / f"caught{rank}.json").write_text(json.dumps(caught))
-    dist.destroy_process_group()
+    with process_group(None, timeout_s=60) as ranks:
+        results = workload(checkpoint)
+        if ranks.is_main:
+            torch.save(results, out / "results.pt")
+        caught: dict[str, object] = {**failures(ranks.rank), "command": failing_command(ranks.rank, out)}
+    caught["threads after"] = _threads()
+    (out / f"caught{ranks.rank}.json").write_text(json.dumps(caught))
+
+
+def _threads() -> list[str]:
+    """The names of this process's threads (Linux; empty elsewhere)."""
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else []
 
 
 if __name__ == "__main__":
