@@ -36,8 +36,8 @@ from ..plan import MemoryBudget
 from ..scores import EdgeScores
 from ..setup import Setup
 from .passes import GradRun, SiteNeeds, estimate_pairs, nonzero_terms, relation
-from .qk_edges import ReaderInputs, first_difference, score_shifts, writer_chunks
-from .qk_fix import joint, key_fix, key_shift, per_query, softmax_change
+from .qk_edges import BaseScores, ReaderInputs, contract, first_difference, patched_scores, score_shifts, writer_chunks
+from .qk_fix import key_fix, key_shift
 
 
 def _selector(idx: torch.Tensor) -> slice | torch.Tensor:
@@ -263,46 +263,52 @@ class EdgeEstimator:
                   plain: torch.Tensor, dropped: torch.Tensor | None) -> None:
         """QK-fixed estimates of the group's edges for every gradient pass that has its pattern
         gradient, written into ``plain`` (pass 0) and added as ``|·|`` into ``dropped`` (the others).
-        A shared key's edge sums its query heads' recomputed softmaxes."""
+        A shared key's edge sums its query heads' recomputed softmaxes.
+
+        ``Σ G (softmax(S') - A)`` is computed as ``Σ G softmax(S') - Σ G A``: the first sum, over
+        every pass at once, is one batched product per chunk (:func:`contract`), the second one
+        per group."""
         l, dt, t0 = group.layer, self.work, prep.start
         if t0 >= prep.delta.shape[1]:
             return
         positional = self.plan.graph.positional
         model = self.model
         qheads = self._query_heads(group)
-        repeat = len(qheads) // len(group.heads)
         inputs = ReaderInputs(model, l, group.kind, group.heads, run.base[Site("resid_pre", l)], t0, dt)
         Q, K = inputs.unpatched(qheads, run.base[Site("rot_q", l)][:, :, qheads].to(dt),
                                 model.expand_kv(run.base[Site("rot_k", l)])[:, :, qheads].to(dt))
-        F0 = model.attention_score_fn(l, Q, K)
-        S = run.base[Site("scores", l)][:, qheads, t0:].to(dt)[:, None]  # [b, 1, n, T', T]
-        A = torch.softmax(S, -1)  # the probabilities of these scores in dt, not the model's rounded ones
-        Gs = [(p, G[:, qheads, t0:].to(dt)[:, None]) for p, G in Gs]
+        base = BaseScores.of(inputs, run.base[Site("scores", l)][:, qheads, t0:].to(dt), Q, K)
+        # the pattern gradients of every pass [b, n_q, T', T, p]; the probabilities in dt, not the model's rounded ones
+        G = torch.stack([g[:, qheads, t0:].to(dt) for _, g in Gs], -1).masked_fill(base.dead[..., None], 0.0)
+        A = torch.softmax(base.S, -1)
+        if not positional:
+            AG = torch.einsum("bnts,bntsp->bnp", A, G)[:, :, None]
+        elif group.kind == "q":
+            AG = torch.matmul(A[:, :, :, None], G)  # [b, n, T', 1, p]: each query row's own
+        else:
+            F0 = model.attention_score_fn(l, Q, K)
         for chunk in writer_chunks(self.plan.layout, prep.factors, prep.delta, group.writers, t0,
                                    self.budget.writer_chunk):
-            shift = score_shifts(inputs, qheads, Q, K, F0, chunk)
-            # the softmax recomputation does not depend on the gradient: once per chunk, not per pass
-            if group.kind == "q" or not positional:
-                dA = softmax_change(S, S + shift, A)
-            else:
+            if positional and group.kind == "k":  # each key alone: the closed form of single-key patches
+                S, shift = base.S[:, None], score_shifts(inputs, qheads, Q, K, F0, chunk)
                 ks = key_shift(S, shift)
-            ws = chunk.writers
-            for p, G in Gs:
-                if group.kind == "q":
-                    est = per_query(dA, G)  # [b, c, n, T']: rows are independent
-                elif not positional:
-                    est = joint(dA, G)[..., None]  # all key positions at once: not additive
-                else:
-                    est = key_fix(S, shift, G, ks)  # [b, c, n, T(key)]
-                est = est.sum(-1, keepdim=True) if not positional else est
-                est = est.unflatten(2, (len(group.heads), repeat)).sum(3)  # query heads -> their reader
-                vals = est.permute(0, 3, 1, 2).double().to(plain.device)  # [b, positions, c, readers]
-                lo = t0 if positional and group.kind == "q" else 0
-                idx = (slice(None), slice(lo, lo + vals.shape[1]), ws[:, None], group.readers[None, :])
+                est = torch.stack([key_fix(S, shift, G[:, None, ..., i], ks) for i in range(len(Gs))], -1)
+                est = est.transpose(1, 2)  # [b, n, c, T(key), p]
+            else:
+                P = torch.softmax(patched_scores(inputs, qheads, Q, K, base, chunk), -1)
+                if not positional:
+                    est = (contract(P, G, group.kind) - AG)[:, :, :, None]  # [b, n, c, 1, p]
+                else:  # per query row: rows are independent
+                    est = (torch.matmul(P.transpose(2, 3), G) - AG).transpose(2, 3)  # [b, n, c, T', p]
+            est = est.unflatten(1, (len(group.heads), -1)).sum(2)  # query heads -> their reader
+            vals = est.permute(0, 3, 2, 1, 4).double().to(plain.device)  # [b, positions, c, readers, p]
+            lo = t0 if positional and group.kind == "q" else 0
+            idx = (slice(None), slice(lo, lo + vals.shape[1]), chunk.writers[:, None], group.readers[None, :])
+            for i, (p, _) in enumerate(Gs):
                 if p == 0:
-                    plain[idx] = vals
+                    plain[idx] = vals[..., i]
                 elif dropped is not None:
-                    dropped[idx] += vals.abs()
+                    dropped[idx] += vals[..., i].abs()
 
 
 def _reader_site(group: ReaderGroup) -> Site:

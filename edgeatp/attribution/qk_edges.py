@@ -82,9 +82,12 @@ class ReaderInputs:
         self.x = resid[:, start:].to(dtype)
         self.proj = model.normed_projection(layer, kind, heads, dtype)
         if self.proj is not None:
-            self.W, self.bias = self.proj.W.to(dtype), self.proj.b.to(dtype)
+            W = self.proj.W.to(dtype)
+            self.W = _centre(W.T).T if self.proj.centred else W  # C W: centring folded into the projection
+            self.bias = self.proj.b.to(dtype)
             self.xc = _centre(self.x) if self.proj.centred else self.x
-            self.P0 = (self.xc @ self.W)[:, :, None, :]
+            self.P0 = (self.x @ self.W)[:, :, None, :]
+            self.xx = self.xc.pow(2).sum(-1)[:, :, None]  # [b, T', 1]
 
     def patched(self, chunk: WriterChunk) -> torch.Tensor:
         """``[b, c, T', n, d_head]`` pre-rotary inputs when each chunk writer's difference is added."""
@@ -94,16 +97,19 @@ class ReaderInputs:
         if proj is None:  # a norm without a closed form: project every patched residual exactly
             new = self.model.qkv_all_heads(self.layer, self.kind, self.x[:, :, None, :] + chunk.delta, self.heads)
             return new.to(self.x.dtype).permute(0, 2, 1, 3, 4)
-        dc = _centre(chunk.delta) if proj.centred else chunk.delta
+        delta = chunk.delta
         if chunk.basis is not None and _factored_is_cheaper(chunk.basis.shape[1], self.x.shape[-1], b * T):
-            basis = _centre(chunk.basis) if proj.centred else chunk.basis
-            composed = (basis.reshape(-1, basis.shape[-1]) @ self.W).view(c, basis.shape[1], -1)  # [c, r, X]
-            new = self.P0 + torch.einsum("btcr,crx->btcx", chunk.coef, composed)
+            composed = (chunk.basis.reshape(-1, delta.shape[-1]) @ self.W).view(c, chunk.basis.shape[1], -1)
+            new = torch.einsum("btcr,crx->btcx", chunk.coef, composed).add_(self.P0)
         else:
-            new = self.P0 + dc @ self.W
-        if proj.scaled:
-            new = new / ((self.xc[:, :, None, :] + dc).pow(2).mean(-1, keepdim=True) + proj.eps).sqrt()
-        new = new + self.bias
+            new = (delta @ self.W).add_(self.P0)
+        if proj.scaled:  # |C(x + Δ)|² = |Cx|² + 2 Cx·Δ + |Δ|² - d mean(Δ)², without forming C(x + Δ)
+            sq = torch.einsum("btd,btcd->btc", self.xc, delta).mul_(2).add_(self.xx)
+            sq.add_(torch.einsum("btcd,btcd->btc", delta, delta))
+            if proj.centred:
+                sq.sub_(delta.mean(-1).pow(2).mul_(delta.shape[-1]))
+            new.div_(sq.div_(delta.shape[-1]).clamp_(min=0).add_(proj.eps).sqrt_()[..., None])
+        new.add_(self.bias)
         return new.view(b, T, c, len(self.heads), -1).permute(0, 2, 1, 3, 4)
 
     def unpatched(self, qheads: torch.Tensor, Q: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,3 +146,61 @@ def score_shifts(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, K:
     shift = F.new_zeros(b, c, len(qheads), Tp, K.shape[1])
     shift[..., start:] = F - F0[:, None, :, start:, start:]
     return shift
+
+
+@dataclass(frozen=True)
+class BaseScores:
+    """The base run's scores of some query heads, query rows from the first differing position
+    ``[b, n_q, T', T]`` (masked entries ``-inf``; rows with every key masked set to 0, with their
+    gradients, so they add nothing and no NaN), and ``D = F0 - S`` on these rows: ``F - D`` are
+    the patched scores ``F`` moved by the model's own rounding of the base ones."""
+
+    S: torch.Tensor
+    D: torch.Tensor
+    dead: torch.Tensor
+    scale_on: str
+
+    @classmethod
+    def of(cls, inputs: ReaderInputs, S: torch.Tensor, Q: torch.Tensor, K: torch.Tensor) -> "BaseScores":
+        """From the model's scores ``S`` ``[b, n_q, T', T]`` and the inputs' base queries and keys
+        (see :meth:`ReaderInputs.unpatched`), recomputed with the scale on the side the writers
+        do not move (the smaller operand of every chunk's scores)."""
+        scale_on = "k" if inputs.kind == "q" else "q"
+        F0 = inputs.model.attention_score_fn(inputs.layer, Q[:, inputs.start:], K, scale_on)
+        dead = torch.isneginf(S).all(-1, keepdim=True)
+        S = S.masked_fill(dead, 0.0)
+        return cls(S, F0 - S, dead, scale_on)
+
+
+def patched_scores(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, base: BaseScores,
+                   chunk: WriterChunk) -> torch.Tensor:
+    """The scores of query heads ``qheads`` when each chunk writer's difference enters the readers'
+    inputs: ``[b, n_q, c, T', T]`` for query readers, ``[b, n_q, T', c, T]`` for key readers (the
+    layouts in which :func:`contract` is one batched product). Masked entries stay ``-inf``.
+
+    ``Q``, ``K`` as in :func:`score_shifts`; queries before the first differing position see only
+    unmoved keys, so only rows from it are returned.
+    """
+    model, layer, start = inputs.model, inputs.layer, inputs.start
+    new = inputs.patched(chunk)
+    b, c, Tp, n, e = new.shape
+    nq, T = len(qheads), K.shape[1]
+    new = model.rotate(layer, new.reshape(b * c, Tp, n, e), offset=start).view(b, c, Tp, n, e)
+    new = new.repeat_interleave(nq // n, dim=3).reshape(b, c * Tp, nq, e)
+    if inputs.kind == "q":
+        return model.attention_score_fn(layer, new, K, base.scale_on).view(b, nq, c, Tp, T).sub_(base.D[:, :, None])
+    F = model.attention_score_fn(layer, Q[:, start:], new, base.scale_on).view(b, nq, Tp, c, Tp)
+    X = F.new_empty(b, nq, Tp, c, T)
+    X[..., :start] = base.S[:, :, :, None, :start]
+    torch.sub(F, base.D[:, :, :, None, start:], out=X[..., start:])
+    return X
+
+
+def contract(P: torch.Tensor, G: torch.Tensor, kind: str) -> torch.Tensor:
+    """``[b, n_q, c, p]``: ``Σ_{t,s} P[t, s] G[t, s, p]`` for every chunk writer and gradient pass,
+    one batched matrix product; ``P`` in :func:`patched_scores`' layout, ``G`` ``[b, n_q, T', T, p]``."""
+    if kind == "q":
+        b, n, c, Tp, T = P.shape
+        return torch.bmm(P.view(b * n, c, Tp * T), G.view(b * n, Tp * T, -1)).view(b, n, c, -1)
+    b, n, Tp, c, T = P.shape
+    return torch.bmm(P.view(b * n * Tp, c, T), G.view(b * n * Tp, T, -1)).view(b, n, Tp, c, -1).sum(2)

@@ -335,10 +335,19 @@ class ModelAdapter:
         d = dim % x.dim()
         return x.unflatten(d, (self.shape.kv_heads, self.shape.group_size)).sum(d + 1)
 
-    def attention_score_fn(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def attention_score_fn(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale_on: str = "scores") -> torch.Tensor:
         """Unmasked, unbiased scores ``[b, n, Tq, Tk]`` of head-paired post-rotary q and k
-        ``[b, T, n, d_head]`` (the model's own scale and soft-cap; no key/value repetition)."""
-        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.backend.attn_scale(layer)
+        ``[b, T, n, d_head]`` (the model's own scale and soft-cap; no key/value repetition).
+        ``scale_on`` ``"q"`` or ``"k"`` divides that operand instead of the scores: one pass fewer
+        when it is the smaller, the same numbers up to rounding (compare only scores scaled alike)."""
+        scale = self.backend.attn_scale(layer)
+        qt, kt = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)
+        if scale_on == "q":
+            scores = (qt / scale) @ kt
+        elif scale_on == "k":
+            scores = qt @ (kt / scale)
+        else:
+            scores = qt @ kt / scale
         cap = self.backend.attn_softcap(layer)
         return scores if cap is None else cap * torch.tanh(scores / cap)
 
