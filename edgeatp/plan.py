@@ -446,9 +446,11 @@ def _edge_work(spec: ModelSpec, work: Workload, method: Method, b: int) -> float
         factored = dh * (d + b * Tm) < b * Tm * d  # a head's write through its rank-d_head factors
         per_head = (2 * dh * d * r * dh / b + 2 * Tm * dh * r * dh) if factored else 2 * Tm * d * r * dh
         projections = (w - dense) * per_head + dense * 2 * Tm * d * r * dh
-        per_writer = el * (5 * Tm * d + (3 + 6 * spec.rotary) * Tm * r * dh + Tm * n * dh) \
-            + 2 * Tm * T * n * dh + el * (10 if kind == "q" or not work.positions else 24) * n * Tm * T
-        total += projections + w * per_writer + w * reach[layer] * el * 3 * n * Tm * T
+        single_keys = kind == "k" and work.positions  # the closed form of single-key patches, per pass
+        per_writer = el * (3 * Tm * d + (3 + 6 * spec.rotary) * Tm * r * dh + Tm * n * dh) \
+            + 2 * Tm * T * n * dh + el * (24 if single_keys else 5) * n * Tm * T
+        per_pass = el * 3 * n * Tm * T if single_keys else 2 * n * Tm * T  # else one batched product
+        total += projections + w * per_writer + w * reach[layer] * per_pass
         total += el * 6 * n * Tm * T + 4 * T * T * n * dh  # base scores, probabilities and inputs per group
     return total
 
