@@ -125,6 +125,16 @@ class ReaderInputs:
         return (out, K) if self.kind == "q" else (Q, out)
 
 
+def _patched_heads(inputs: ReaderInputs, qheads: torch.Tensor, chunk: WriterChunk) -> tuple[torch.Tensor, int]:
+    """The readers' post-rotary queries or keys with each chunk writer's difference added, one per
+    query head of ``qheads`` (a shared key head repeated to each of its group), ``[b, c·T', n_q, e]``,
+    and the chunk's writer count ``c``."""
+    new = inputs.patched(chunk)
+    b, c, Tp, n, e = new.shape
+    new = inputs.model.rotate(inputs.layer, new.reshape(b * c, Tp, n, e), offset=inputs.start).view(b, c, Tp, n, e)
+    return new.repeat_interleave(len(qheads) // n, dim=3).reshape(b, c * Tp, len(qheads), e), c
+
+
 def score_shifts(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, F0: torch.Tensor,
                  chunk: WriterChunk) -> torch.Tensor:
     """``[b, c, n_q, T', T]`` changes of the scores of query heads ``qheads`` (query rows from the
@@ -135,10 +145,8 @@ def score_shifts(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, K:
     head feeds every query head of its group, so its patched key is repeated to each of them.
     """
     model, layer, start = inputs.model, inputs.layer, inputs.start
-    new = inputs.patched(chunk)
-    b, c, Tp, n, e = new.shape
-    new = model.rotate(layer, new.reshape(b * c, Tp, n, e), offset=start).view(b, c, Tp, n, e)
-    new = new.repeat_interleave(len(qheads) // n, dim=3).reshape(b, c * Tp, len(qheads), e)
+    new, c = _patched_heads(inputs, qheads, chunk)
+    b, Tp = new.shape[0], new.shape[1] // c
     if inputs.kind == "q":
         F = model.attention_score_fn(layer, new, K).unflatten(2, (c, Tp)).transpose(1, 2)
         return F - F0[:, None, :, start:, :]
@@ -182,11 +190,8 @@ def patched_scores(inputs: ReaderInputs, qheads: torch.Tensor, Q: torch.Tensor, 
     unmoved keys, so only rows from it are returned.
     """
     model, layer, start = inputs.model, inputs.layer, inputs.start
-    new = inputs.patched(chunk)
-    b, c, Tp, n, e = new.shape
-    nq, T = len(qheads), K.shape[1]
-    new = model.rotate(layer, new.reshape(b * c, Tp, n, e), offset=start).view(b, c, Tp, n, e)
-    new = new.repeat_interleave(nq // n, dim=3).reshape(b, c * Tp, nq, e)
+    new, c = _patched_heads(inputs, qheads, chunk)
+    b, Tp, nq, T = new.shape[0], new.shape[1] // c, len(qheads), K.shape[1]
     if inputs.kind == "q":
         return model.attention_score_fn(layer, new, K, base.scale_on).view(b, nq, c, Tp, T).sub_(base.D[:, :, None])
     F = model.attention_score_fn(layer, Q[:, start:], new, base.scale_on).view(b, nq, Tp, c, Tp)
