@@ -220,6 +220,18 @@ class EdgePatch:
                                {s: v[pair_rows.to(v.device)] for s, v in source.items()})
 
 
+@dataclass(frozen=True)
+class _Moved:
+    """What an edge mask moves into some readers: ``delta`` ``[r, T, n, d]`` added to their inputs
+    in batch rows ``rows`` for readers ``cols`` (of the site's), and where it moves anything
+    (``touched`` ``[r, T|1, n]``)."""
+
+    delta: torch.Tensor
+    touched: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
 def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayout, mask: torch.Tensor,
                     source: dict[Site, torch.Tensor]) -> list[tuple[Site, FwdHook]]:
     """Hooks that patch, for every row, the edges set in ``mask`` ``[rows, P, W, R]``: each patched
@@ -249,46 +261,50 @@ def edge_mask_hooks(adapter: ModelAdapter, graph: EdgeGraph, writers: WriterLayo
             deltas[site] = expand(*writers.factors(site, src, current))
         return deltas[site]
 
-    def summed(readers: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``[rows, T, n, d]`` weighted deltas into these readers and the ``[rows, T|1, n]`` touched flags,
-        on the readers' ``device`` (a split model's writers may live on earlier devices)."""
-        on = live[..., readers]
-        used = on.any(dim=3).any(dim=1).any(dim=0)  # [W]
-        if not bool(used.any()):
+    def summed(readers: list[int], device: torch.device) -> _Moved | None:
+        """What the mask moves into these readers, on their ``device`` (a split model's writers may
+        live on earlier devices), for only the rows and readers it touches."""
+        on = live[..., readers]  # [rows, T|1, W, n]
+        hit = on.any(dim=2).any(dim=1)  # [rows, n]
+        rows, cols = hit.any(1).nonzero()[:, 0], hit.any(0).nonzero()[:, 0]
+        if not len(rows):
             return None
-        parts, cols = [], []
+        on = on[rows][..., cols]
+        used = on.any(dim=3).any(dim=1).any(dim=0)  # [W]
+        parts, writer_cols = [], []
         for site, idx in site_writers.items():
             sel = used[idx].nonzero()[:, 0]
             if len(sel):
                 delta = site_delta(site)
-                parts.append(delta[:, :, sel.to(delta.device)].to(device))
-                cols.append(idx[sel])
-        D = torch.cat(parts, dim=2)  # [rows, T, w, d]
-        weights = mask[:, :, torch.cat(cols)][..., readers].to(device, D.dtype)  # [rows, T|1, w, n]
-        on = on.to(device)
+                parts.append(delta[rows.to(delta.device)][:, :, sel.to(delta.device)].to(device))
+                writer_cols.append(idx[sel])
+        D = torch.cat(parts, dim=2)  # [r, T, w, d]
+        reader_cols = torch.tensor(readers, device=mask.device)[cols]
+        weights = mask[rows][:, :, torch.cat(writer_cols)][..., reader_cols].to(device, D.dtype)  # [r, T|1, w, n]
         if weights.shape[1] == 1:  # one weight for all positions: one matrix product per row
             R, T_, w, d = D.shape
             out = torch.bmm(weights[:, 0].transpose(1, 2), D.permute(0, 2, 1, 3).reshape(R, w, T_ * d))
-            return out.view(R, -1, T_, d).transpose(1, 2), on.any(2)
-        return torch.matmul(D.transpose(2, 3), weights).transpose(2, 3), on.any(2)
+            moved = out.view(R, -1, T_, d).transpose(1, 2)
+        else:
+            moved = torch.matmul(D.transpose(2, 3), weights).transpose(2, 3)
+        return _Moved(moved, on.any(2).to(device), rows.to(device), cols.to(device))
 
     def attn_reader(kind: str, layer: int, readers: list[int], heads: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
             got = summed(readers, act.device)
             if got is None:
                 return None
-            D, touched = got
-            h = torch.tensor(heads, device=act.device)
-            new = adapter.qkv_from_residual(layer, kind, resid[layer][:, :, None, :] + D, h)
-            out = act.clone()
-            out[:, :, h] = torch.where(touched[..., None], new.to(act.dtype), act[:, :, h])
-            return out
+            h = torch.tensor(heads, device=act.device)[got.cols]
+            new = adapter.qkv_from_residual(layer, kind, resid[layer][got.rows][:, :, None, :] + got.delta, h)
+            pos = torch.arange(act.shape[1], device=act.device)
+            at = (got.rows[:, None, None], pos[None, :, None], h[None, None, :])  # [r, T, n] of act's first axes
+            return act.index_put(at, torch.where(got.touched[..., None], new.to(act.dtype), act[at]))
         return fn
 
     def resid_reader(readers: list[int]) -> FwdHook:
         def fn(act: torch.Tensor) -> torch.Tensor | None:
             got = summed(readers, act.device)
-            return None if got is None else act + got[0][:, :, 0].to(act.dtype)
+            return None if got is None else act.index_add(0, got.rows, got.delta[:, :, 0].to(act.dtype))
         return fn
 
     def keep_resid(layer: int) -> FwdHook:
