@@ -74,7 +74,7 @@ def describe_model(spec: str, dtype: str | None = None) -> ModelSpec:
         from .model.checkpoint import config_only
         from .model.loading import _parse_dtype
 
-        return _checked(config_only(path, _parse_dtype(dtype)), spec)
+        return _checked(config_only(path, _parse_dtype(dtype)), path.name)
     return _pretrained_spec(spec, dtype)
 
 
@@ -175,9 +175,9 @@ def _plain(raw: dict) -> bool:
 
 def _checked(cfg: Any, name: str) -> ModelSpec:
     """The description of a translated config the adapter accepts (its one-line refusal otherwise)."""
-    from .model.adapter import _validate_config
+    from .model.hooked import validate_config
 
-    _validate_config(cfg)
+    validate_config(cfg)
     return spec_of(cfg, name)
 
 

@@ -11,7 +11,7 @@ import io
 import itertools
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import pytest
@@ -23,6 +23,7 @@ import edgeatp
 from edgeatp.cli import main
 from edgeatp.errors import ModelError
 from edgeatp.model.checkpoint import hooked_transformer, open_checkpoint
+from edgeatp.model_config import describe_model
 
 from .test_attribution_edges import _split_input_reference
 
@@ -244,6 +245,23 @@ def test_families_the_adapter_refuses_fail_with_its_one_line_error(family, build
     with pytest.raises(ModelError, match=family.refused) as exc:
         edgeatp.load_model(str(folder))
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.folder)
+def test_the_planner_reads_every_family_from_its_config_json_alone(family, build, tmp_path):
+    # A folder with nothing but config.json (what `edgeatp plan` is given for a model not downloaded yet)
+    # describes the model the loader makes of the whole checkpoint, or gets the loader's one-line refusal.
+    folder, _ = build(family)
+    alone = tmp_path / family.folder
+    alone.mkdir()
+    shutil.copy(folder / "config.json", alone / "config.json")
+    if family.refused:
+        with pytest.raises(ModelError, match=family.refused) as exc:
+            describe_model(str(alone))
+        assert "\n" not in str(exc.value)
+        return
+    loaded = edgeatp.load_model(str(folder)).spec
+    assert describe_model(str(alone)) == replace(loaded, name=family.folder)
 
 
 # ------------------------------------------------------------------------------------------- refusals
