@@ -13,6 +13,7 @@ Nothing here imports torch until a model needs TransformerLens.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ def describe_model(spec: str, dtype: str | None = None) -> ModelSpec:
         fast = _folder_spec(path, dtype)
         if fast is not None:
             return fast
+        if _translation() is None:
+            raise _untranslatable(path, path.name)
         from .model.checkpoint import config_only
         from .model.loading import _parse_dtype
 
@@ -181,11 +184,31 @@ def _checked(cfg: Any, name: str) -> ModelSpec:
     return spec_of(cfg, name)
 
 
+def _translation() -> Any | None:
+    """TransformerLens 3.x's config translation (``None`` where only TransformerLens 4 is installed)."""
+    try:
+        import transformer_lens.loading_from_pretrained as loading
+    except ImportError:
+        return None
+    return loading
+
+
+def _untranslatable(folder: Path, label: str) -> ModelError:
+    """The one-line error for a config only TransformerLens 3.x's translation reads, where only 4 is installed."""
+    from .model.bridge import TL3_HINT
+
+    arch = _architecture(read_config(folder)) or "this"
+    return ModelError(f"{label}: edgeatp plan reads plain GPT-2, GPT-NeoX, Llama, Mistral and Qwen2 configs itself "
+                      f"and needs TransformerLens 3.x's translation for a {arch} config, which TransformerLens 4 does "
+                      f"not have; {TL3_HINT}")
+
+
 def _pretrained_spec(name: str, dtype: str | None) -> ModelSpec:
     """A TransformerLens pretrained name whose config TransformerLens knows offline (built in, or in the
-    local Hugging Face cache); a one-line error otherwise."""
-    import transformer_lens.loading_from_pretrained as loading
-
+    local Hugging Face cache; with TransformerLens 4, its cached folder); a one-line error otherwise."""
+    loading = _translation()
+    if loading is None:
+        return _cached_spec(name, dtype)
     from .model.loading import _hf_offline, _parse_dtype
 
     try:
@@ -201,3 +224,17 @@ def _pretrained_spec(name: str, dtype: str | None) -> ModelSpec:
         raise ModelError(f"the config of {name!r} ({official}) is not known offline (not built into TransformerLens, "
                          "not in the local Hugging Face cache); pass a folder with its config.json") from None
     return _checked(cfg, name)
+
+
+def _cached_spec(name: str, dtype: str | None) -> ModelSpec:
+    """A pretrained name as its folder in the local Hugging Face cache (TransformerLens 4 has no built-in configs)."""
+    from .model.bridge_loading import cached_snapshot
+
+    folder = cached_snapshot(name)
+    if folder is None:
+        raise ModelError(f"the config of {name!r} is not in the local Hugging Face cache (and edgeatp runs offline); "
+                         "pass a folder with its config.json")
+    fast = _folder_spec(folder, dtype)
+    if fast is None:
+        raise _untranslatable(folder, name)
+    return replace(fast, name=name)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,31 @@ def test_discover_runs_on_a_checkpoint_folder_under_the_bridge(agreement, tmp_pa
     if default_backend() == "bridge":  # TransformerLens 4: no HookedTransformer to fall back on
         res = CliRunner().invoke(main, [*args, "--backend", "hooked"])
         assert res.exit_code == 2 and "--backend hooked needs TransformerLens 3.x" in res.output
+
+
+# ------------------------------------------------------------------------------------------- planning
+def test_the_planner_reads_configs_under_either_version(agreement, tmp_path) -> None:
+    import transformers as tf
+
+    from edgeatp.model_config import describe_model
+
+    from .test_families import LLAMA
+
+    root, _ = agreement
+    folded = {"LN": "LNPre", "RMS": "RMSPre"}  # planned as HookedTransformer folds them; the bridge keeps the weights
+    for name in cases.CHECKPOINTS:  # read without TransformerLens: the loaded bridge's description
+        alone = tmp_path / name
+        alone.mkdir()
+        shutil.copy(root / name / "config.json", alone / "config.json")
+        loaded = ea.load_model(str(root / name), backend="bridge").spec
+        assert describe_model(str(alone)) == replace(loaded, name=name, norm=folded[loaded.norm])
+    gemma = _config_folder(tmp_path, "gemma-2-2b", tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8,
+                                                                   architectures=["Gemma2ForCausalLM"]))
+    if default_backend() == "hooked":  # TransformerLens 3.x translates every family it converts
+        assert describe_model(str(gemma)).shape.kv_heads == 2
+        return
+    with pytest.raises(ModelError, match="needs TransformerLens 3.x's translation for a Gemma2ForCausalLM config") as exc:
+        describe_model(str(gemma))
+    assert "\n" not in str(exc.value) and "gemma-2-2b" in str(exc.value)
+    res = CliRunner().invoke(main, ["plan", "--model", "gpt2"])  # no built-in configs: the cache or nothing
+    assert res.exit_code == 2 and "not in the local Hugging Face cache" in res.output
