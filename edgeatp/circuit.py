@@ -105,7 +105,7 @@ class CircuitMetrics:
 class RefinedSize:
     """One size of a circuit search: the ranking's top-``size`` circuit and the searched one (at most
     ``size`` edges), both measured exactly; ``found_by`` names the step that found it (ranking, mask,
-    greedy, exhaustive) and ``n_forwards`` what searching at this size spent."""
+    given circuit, greedy, exhaustive, or ``size N`` for a smaller size's better result) and ``n_forwards`` what searching at this size spent."""
 
     size: int
     edges: tuple[str, ...]

@@ -60,7 +60,7 @@ def helpfulness(scores: EdgeScores, ends: Endpoints) -> torch.Tensor:
     return scores.scores.double().cpu() * torch.sign(scores.signed.double().cpu() * towards_clean * side)
 
 
-def _top(graph: EdgeGraph, values: torch.Tensor, k: int) -> torch.Tensor:
+def top_edges(graph: EdgeGraph, values: torch.Tensor, k: int) -> torch.Tensor:
     """The ``[P, W, R]`` mask of the ``k`` existing edges with the largest values (ties in canonical order)."""
     coords = graph.all_coords
     flat = values[tuple(coords.T)]
@@ -99,8 +99,8 @@ def ranking_metrics(setup: Setup, scores: EdgeScores, grid: Sequence[float] = GR
     graph = scores.graph
     ends = endpoints(setup)
     sizes = grid_sizes(graph.n_edges, grid)
-    cpr_masks = [connected(graph, _top(graph, helpfulness(scores, ends), k)) for k in sizes]
-    cmd_masks = [connected(graph, _top(graph, score, k)) for k in sizes]
+    cpr_masks = [connected(graph, top_edges(graph, helpfulness(scores, ends), k)) for k in sizes]
+    cmd_masks = [connected(graph, top_edges(graph, score, k)) for k in sizes]
     values, forwards = _faithfulness_at(setup, graph, cpr_masks + cmd_masks, ends)
     f_cpr, f_cmd = values[: len(sizes)], values[len(sizes):]
     return CircuitMetrics(f"top-k of {scores.method}", graph.n_edges, tuple(grid),

@@ -276,11 +276,12 @@ def refined_circuit(setup: Setup, scores: EdgeScores, circuit: Circuit, cfg: Dis
     requested = circuit.selection.requested if circuit.selection is not None else None
     own = max(1, min(scores.graph.n_edges, requested or circuit.n_edges))  # the size the rule asked for
     result = refine(setup, scores, search_sizes(cfg.refine_sizes, scores.graph.n_edges, own),
-                    budget=cfg.refine_budget, seed=cfg.seed if seed is None else seed)
+                    budget=cfg.refine_budget, seed=cfg.seed if seed is None else seed, start=circuit.in_graph)
     by_target = circuit.selection is not None and circuit.selection.rule == "target"
     reach = [r for r in result.sizes if r.after.faithfulness is not None and r.after.faithfulness >= cfg.target]
     pick = reach[0] if by_target and reach else result.at(own)
-    log(f"refined: {pick.after.n_edges} edges, faithfulness {pick.before.faithfulness:.3f} -> "
+    given = circuit.faithfulness if circuit.faithfulness is not None else pick.before.faithfulness
+    log(f"refined: {circuit.n_edges} edges, faithfulness {given:.3f} -> {pick.after.n_edges} edges, "
         f"{pick.after.faithfulness:.3f} ({result.n_forwards} forwards)")
     mib = refined_metrics(result.refinement, scores.graph.n_edges)
     chosen = pick.after.with_(curve=circuit.curve, units=circuit.units, meta=circuit.meta, kv_view=circuit.kv_view,

@@ -15,17 +15,21 @@ with the best exact faithfulness:
    sizes stacked in one forward; the candidates ordered by the learned gates seed step 3.
 3. **Exact local search**: from the best of the seeds (the ranking's top-``k`` circuit, the
    ranking, the exact re-ranking and the mask order filled to ``k`` connected edges (the
-   re-ranking's top ``k`` too), the previous size's result grown
-   to ``k``), passes of single-edge removals and additions, all evaluated exactly, many circuits
+   re-ranking's top ``k`` too), the signed ranking's top ``k`` (MIB's CPR circuit), a given circuit cut to ``k`` edges in score order, the previous
+   size's result as it is and grown to ``k``), passes of single-edge removals and additions, all
+   evaluated exactly, many circuits
    stacked per forward; when no single move helps, swaps of the most promising removals and
-   additions; then seeded random restarts while the size's budget lasts. When every circuit of
+   additions; then seeded random restarts while the size's budget lasts (and they still reach
+   circuits not yet run). When every circuit of
    at most ``k`` candidate edges fits the budget, they are all run instead (``exhaustive``: the
    result is then the best circuit of the candidates).
 
 Circuits are kept connected (dangling edges — on no input→logits path — change nothing in a
 whole-circuit run, so they only waste the size). The search ranks circuits by exact runs only, and
 every reported circuit, before and after, is measured again at the end (faithfulness and
-necessity): no estimate is ever reported as a result. Costs are forwards as
+necessity): no estimate is ever reported as a result. What is reported at size ``k`` is the best of
+those final measurements within ``k`` edges (the search's result, the ranking's and the signed
+ranking's circuits, the given circuit, a smaller size's result), so it is never worse than any of them. Costs are forwards as
 :class:`~edgeatp.patching.PatchEffects` counts them (a training step's backward counts two); the
 budget bounds everything, the final check included; ``seed`` makes the search deterministic.
 """
@@ -43,6 +47,7 @@ import torch
 from .circuit import Circuit, Refinement, RefinedSize, Selection, circuit_from_edges, connected, select_top_k
 from .errors import option_error
 from .graph import EdgeGraph
+from .mib import helpfulness, top_edges
 from .patching import edge_sources, patch_edges, sweep_forwards, weighted_run
 from .progress import Bar, silent
 from .scores import EdgeScores
@@ -57,7 +62,7 @@ MASK_SHARE = 0.3  # of the search budget, for the learned mask
 EXACT_SHARE = 0.25  # the most of the search budget exact single-edge effects of the candidates may take
 PASSES = 4  # greedy passes per size the candidate count is sized for
 SWAP_WIDTH = 4  # the best removals times the best additions tried as swaps
-RESTART_PATIENCE = 3  # restarts in a row without improvement end a size's search
+RESTART_PATIENCE = 3  # restarts in a row that find no new circuit to run end a size's search
 KICK = 2  # edges swapped at random by a restart
 MASK_LR = 0.5
 MASK_INIT = 0.5  # initial log-alpha of the ranking's first edge (the k-th sits at the gate's middle)
@@ -232,8 +237,9 @@ def _search_size(ev: _Evaluator, k: int, seeds: dict[str, Key], rng: random.Rand
     start = max(got, key=lambda c: (got[c], -len(c)))
     best, best_value = _local_search(ev, start, got[start], k, n_cand)
     found = origin[start] if best == start else "greedy"
-    misses = 0
-    while ev.left > 0 and misses < RESTART_PATIENCE and best:
+    stale = 0  # restarts run while the size's budget lasts and they still reach circuits not yet run
+    while ev.left > 0 and stale < RESTART_PATIENCE and best:
+        spent = ev.spent
         kicked = set(best)
         for e in rng.sample(sorted(kicked), min(KICK, len(kicked))):
             kicked.discard(e)
@@ -245,9 +251,8 @@ def _search_size(ev: _Evaluator, k: int, seeds: dict[str, Key], rng: random.Rand
             break
         key, value = _local_search(ev, key, got[key], k, n_cand)
         if value > best_value + IMPROVEMENT:
-            best, best_value, found, misses = key, value, "greedy", 0
-        else:
-            misses += 1
+            best, best_value, found = key, value, "greedy"
+        stale = stale + 1 if ev.spent == spent else 0
     return best, found
 
 
@@ -342,17 +347,25 @@ def _candidate_count(setup: Setup, n_edges: int, sizes: Sequence[int], greedy_bu
 
 
 def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: int = DEFAULT_BUDGET, seed: int = 0,
-           candidates: int | None = None, objective: Objective = "faithfulness") -> SearchResult:
+           candidates: int | None = None, objective: Objective = "faithfulness",
+           start: torch.Tensor | None = None) -> SearchResult:
     """Search, at each size, for the circuit of at most that many edges with the best exact
     faithfulness (``objective="distance"``: closest to 1), starting from the top ``candidates``
-    edges of ``scores`` (default: as many as the budget affords), within ``budget`` forwards; every
-    circuit reported is measured exactly at the end. See the module docstring for the steps."""
+    edges of ``scores`` (default: as many as the budget affords) and from ``start`` (a circuit's
+    ``[P, W, R]`` edge mask, e.g. the one being refined: its edges join the candidates), within
+    ``budget`` forwards; every circuit reported is measured exactly at the end and is no worse than
+    the ranking's, the start's or a smaller size's. See the module docstring for the steps."""
     ks = _check_options(scores, sizes, budget, candidates, objective)
     graph = scores.graph
+    if start is not None and tuple(start.shape) != tuple(graph.full_mask.shape):
+        raise option_error(f"{{start}} must be an edge mask of shape {tuple(graph.full_mask.shape)} (positions, "
+                           f"writers, readers), got {tuple(start.shape)}")
     inner = setup.with_(progress=silent)
     ends = endpoints(inner)
     before = {k: circuit_from_edges(scores, select_top_k(scores, k), "top_k", k) for k in ks}
-    final_cost = 2 * sweep_forwards(inner, 2 * len(ks))
+    helpful = helpfulness(scores, ends)  # MIB's CPR order: edges that carry the behaviour first
+    signed = {k: connected(graph, top_edges(graph, helpful, k)) for k in ks}
+    final_cost = 2 * sweep_forwards(inner, (3 if start is None else 4) * len(ks))
     search_budget = budget - ends.n_forwards - final_cost
     if search_budget < 0:
         raise option_error(f"{{budget}} {budget} is below the {ends.n_forwards + final_cost} forwards that measuring "
@@ -360,7 +373,14 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
     mask_budget = int(MASK_SHARE * search_budget)
     M = candidates or _candidate_count(inner, graph.n_edges, ks, search_budget - mask_budget)
     values, coords = scores.flat()
-    coords = coords[torch.sort(values, descending=True, stable=True).indices[:M]]
+    ranked = coords[torch.sort(values, descending=True, stable=True).indices]
+    coords = ranked[:M]
+    # the edges of the signed ranking's circuits and of the start beyond the top M join the candidates
+    joining = top_edges(graph, helpful, max(ks)) | (start.bool() if start is not None else False)
+    beyond = ranked[M:]
+    coords = torch.cat([coords, beyond[joining[tuple(beyond.T)]]])
+    M = len(coords)
+    given = [] if start is None else start.bool()[tuple(coords.T)].nonzero().flatten().tolist()
     with setup.progress("circuit search", budget) as bar:
         bar.update(ends.n_forwards)
         ev = _Evaluator(inner, graph, coords, ends, objective, search_budget, bar)
@@ -373,20 +393,26 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
         for n_done, k in enumerate(ks):
             spent0 = ev.spent
             share = ev.left // (len(ks) - n_done)
-            seeds = {"ranking": ev.clean(range(k)), "ranking, filled": _fill(ev, ranking, k)}
+            seeds = {"ranking": ev.clean(range(k)), "ranking, filled": _fill(ev, ranking, k),
+                     "signed ranking": frozenset(ev.index[tuple(c)] for c in signed[k].nonzero().tolist())}
             if exact_order is not None:
                 seeds["exact re-ranking"] = ev.clean(exact_order[:k])
                 seeds["exact re-ranking, filled"] = _fill(ev, exact_order, k)
             if k in orders:
                 seeds["mask"] = _fill(ev, orders[k], k)
+            if given:
+                seeds["given circuit"] = _fill(ev, given, k)
             if found:
+                seeds["smaller size"] = found[max(found)][0]
                 seeds["smaller size, grown"] = _fill(ev, ranking, k, found[max(found)][0])
             reserve, ev.left = ev.left - share, share
             key, how = _search_size(ev, k, seeds, rng, M)
             ev.left += reserve
             found[k] = (key, how, ev.spent - spent0)
-        after = {k: circuit_from_edges(scores, ev.mask(found[k][0]), "refined", k) for k in ks}
-        masks = [before[k].in_graph for k in ks] + [after[k].in_graph for k in ks]
+        searched = {k: (ev.mask(found[k][0]), found[k][1]) for k in ks}
+        starts = {k: (ev.mask(_fill(ev, given, k)), "given circuit") for k in ks} if given else {}
+        masks = [before[k].in_graph for k in ks] + list(signed.values()) + \
+            [m for m, _ in (*searched.values(), *starts.values())]
         unique = list({_kept(m): m for m in masks}.values())
         f, nec, forwards = faithfulness_of(inner, graph, torch.stack(unique), ends)
         bar.update(forwards)
@@ -395,10 +421,18 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
     results, records = [], []
     for k in ks:
         fb, nb = measured[_kept(before[k].in_graph)]
-        fa, na = measured[_kept(after[k].in_graph)]
-        key, how, cost = found[k]
+        pool = [searched[k], *(searched[j][:1] + (f"size {j}",) for j in ks if j < k),
+                *((before[j].in_graph, "ranking") for j in ks if j <= k),
+                *((signed[j], "signed ranking") for j in ks if j <= k), *(starts[j] for j in starts if j <= k)]
+        mask, how = pool[0]
+        for other, label in pool[1:]:  # the search's own result unless a measured circuit within k beats it
+            if ev.value(measured[_kept(other)][0]) > ev.value(measured[_kept(mask)][0]) + IMPROVEMENT:
+                mask, how = other, label
+        fa, na = measured[_kept(mask)]
+        after = circuit_from_edges(scores, mask, "refined", k)
         b = before[k].with_(faithfulness=fb, necessity=nb)
-        a = after[k].with_(faithfulness=fa, necessity=na, selection=Selection("refined", k, k, after[k].n_edges))
+        a = after.with_(faithfulness=fa, necessity=na, selection=Selection("refined", k, k, after.n_edges))
+        cost = found[k][2]
         results.append(SizeResult(k, b, a, how, cost))
         records.append(RefinedSize(k, tuple(e.name for e in a.edges()), fa, na, b.n_edges, fb, nb, how, cost))
     record = Refinement(scores.method, objective, budget, seed, M, total, ends.clean, ends.corrupt, tuple(records))

@@ -113,6 +113,28 @@ def test_discover_refine_keeps_a_better_circuit_with_its_search_and_mib_metrics(
     assert "## Circuit search" in (tmp_path / "circuit.md").read_text()
 
 
+def test_refine_at_mibs_sizes_gives_the_searched_circuits_cpr_and_cmd_everywhere(tmp_path):
+    res = run("discover", "--model", "zoo:induction", "--n-pairs", "8", "--refine", "--refine-budget", "300",
+              "--refine-sizes", "mib", "--top-k", "6", "--verify", "0", "--sample-below", "0", "--out", str(tmp_path),
+              "--format", "json,md", "--json")
+    assert res.exit_code == 0, res.output
+    circuit = read_circuit(tmp_path / "circuit.json")
+    ranking, refined = circuit.circuit_metrics
+    assert ranking.label == "top-k of atp-qk" and refined.label == "refined from atp-qk"
+    searched = {r.size: r for r in circuit.refinement.sizes}
+    n = circuit.graph.n_edges
+    assert refined.n_edges == n and refined.grid == ranking.grid
+    for x, kept, f in zip(refined.grid, refined.cpr_sizes, refined.cpr_faithfulness):
+        k = int(x * n)
+        assert (kept, f) == ((0, 0.0) if k == 0 else (n, 1.0) if k >= n else
+                             (len(searched[k].edges), searched[k].faithfulness))
+    assert refined.cpr >= ranking.cpr - 1e-9
+    summary = json.loads(res.stdout)
+    assert [m["label"] for m in summary["circuit_metrics"]] == [ranking.label, refined.label]
+    assert summary["circuit_metrics"][1]["cpr"] == refined.cpr
+    assert "refined from atp-qk" in (tmp_path / "circuit.md").read_text()
+
+
 def test_refine_a_saved_circuit(discovered, tmp_path):
     res = run("refine", str(discovered / "circuit.json"), "--sizes", "4", "--refine-budget", "150", "--seed", "1",
               "--out", str(tmp_path / "better.json"), "--quiet")

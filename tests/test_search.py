@@ -1,5 +1,7 @@
 """Circuit search against brute force: every circuit of a restricted candidate set run exactly."""
 
+import random
+import re
 from contextlib import contextmanager
 from itertools import combinations
 from types import SimpleNamespace
@@ -11,8 +13,10 @@ from edgeatp.attribution.edges import attribute_edges
 from edgeatp.circuit import connected
 from edgeatp.errors import OptionError
 from edgeatp.patching import run_circuit
-from edgeatp.search import refine
+from edgeatp.progress import silent
+from edgeatp.search import _Evaluator, _fill, _search_size, _train_masks, refine
 from edgeatp.setup import Setup
+from edgeatp.verification import endpoints
 
 from .conftest import random_pairs, tiny_model
 
@@ -26,13 +30,13 @@ def _problem(direction: str = "noising", batch_size: int = 32):
     return setup, scores
 
 
-def _brute_force(setup: Setup, scores, k: int) -> tuple[float, dict[frozenset, float]]:
-    """Faithfulness of every subset of the top candidates with at most ``k`` edges, each run
+def _brute_force(setup: Setup, scores, k: int, n: int = N_CAND) -> tuple[float, dict[frozenset, float]]:
+    """Faithfulness of every subset of the top ``n`` candidates with at most ``k`` edges, each run
     exactly with run_circuit, normalised by the empty and the full circuit's runs."""
     g = scores.graph
     values, coords = scores.flat()
-    cand = coords[torch.sort(values, descending=True, stable=True).indices[:N_CAND]]
-    subsets = [frozenset(c) for j in range(k + 1) for c in combinations(range(N_CAND), j)]
+    cand = coords[torch.sort(values, descending=True, stable=True).indices[:n]]
+    subsets = [frozenset(c) for j in range(k + 1) for c in combinations(range(n), j)]
     masks = torch.zeros(len(subsets), *g.full_mask.shape, dtype=torch.bool)
     for i, s in enumerate(subsets):
         for j in s:
@@ -96,10 +100,89 @@ def test_budgeted_search_is_exact_bounded_deterministic_and_no_worse_than_the_ra
 
 def test_the_learned_mask_runs_within_the_budget():
     setup, scores = _problem()
-    result = refine(setup, scores, [4, 6], budget=900, candidates=20, seed=1)
-    assert result.n_forwards <= 900
+    result = refine(setup, scores, [4, 6], budget=400, candidates=20, seed=1)
+    assert result.n_forwards <= 400
     for r in result.sizes:
         assert r.after.n_edges <= r.size and r.after.faithfulness >= r.before.faithfulness - 1e-12
+
+
+def _evaluator(setup: Setup, scores, budget: int) -> _Evaluator:
+    """The search's exact evaluator over every edge of the graph, in score order."""
+    values, coords = scores.flat()
+    inner = setup.with_(progress=silent)
+    return _Evaluator(inner, scores.graph, coords[torch.sort(values, descending=True, stable=True).indices],
+                      endpoints(inner), "faithfulness", budget, SimpleNamespace(update=lambda n=1: None))
+
+
+def _names(scores, mask) -> frozenset:
+    return frozenset(scores.graph.edge_at(tuple(c)).name for c in mask.nonzero().tolist())
+
+
+@pytest.fixture(scope="module")
+def every_edge():
+    """The problem run one circuit per forward, and the exact faithfulness of every circuit of at
+    most 3 of its 29 edges (4090 circuits)."""
+    setup, scores = _problem(batch_size=5)
+    return setup, scores, _brute_force(setup.with_(batch_size=160), scores, 3, n=scores.graph.n_edges)[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_local_search_and_restarts_climb_from_a_useless_start_to_the_optimum(seed, every_edge):
+    # every edge a candidate: the 4090 circuits are far beyond the budget, so only the moves and
+    # restarts can find the best one; the ranking's own top-k circuits keep nothing of the behaviour
+    setup, scores, table = every_edge
+    for k in (2, 3):
+        ev = _evaluator(setup, scores, 400)
+        start = ev.clean(range(k))
+        assert ev.run([start])[start] < 0.01
+        key, how = _search_size(ev, k, {"ranking": start}, random.Random(seed), scores.graph.n_edges)
+        optimum = max(v for c, v in table.items() if len(c) <= k)
+        assert how == "greedy" and len(key) <= k and ev.spent <= 400
+        assert abs(table[_names(scores, ev.mask(key))] - optimum) < 1e-9
+
+
+def test_the_learned_mask_orders_edges_better_than_the_ranking_it_starts_from(every_edge):
+    setup, scores, _ = every_edge
+    ev = _evaluator(setup, scores, 100)
+    orders = _train_masks(ev, [2, 3], 100, seed=0)
+    assert ev.spent <= 100 and sorted(orders) == [2, 3]
+    check = _evaluator(setup, scores, 100)
+    for k, order in orders.items():
+        mask_circuit, ranking_circuit = _fill(check, order, k), check.clean(range(k))
+        got = check.run([mask_circuit, ranking_circuit])
+        assert got[mask_circuit] > got[ranking_circuit] + 0.1
+
+
+def test_nothing_reported_is_worse_than_the_start_the_ranking_or_a_smaller_size(every_edge):
+    setup, scores, table = every_edge
+    best3 = max(table, key=table.get)
+    start = torch.zeros_like(scores.graph.full_mask)
+    for c in scores.graph.all_coords.tolist():
+        if scores.graph.edge_at(tuple(c)).name in best3:
+            start[tuple(c)] = True
+    values, _ = scores.flat()
+    order = torch.sort(values, descending=True, stable=True).indices.tolist()
+    assert any(order.index(i) >= N_CAND for i, c in enumerate(scores.graph.all_coords.tolist())
+               if scores.graph.edge_at(tuple(c)).name in best3), "the start needs an edge beyond the candidates"
+    plain, started = (refine(setup, scores, [1, 2, 3], budget=30, candidates=N_CAND, seed=0, start=s)
+                      for s in (None, start))
+    assert plain.at(3).after.faithfulness < table[best3] - 0.05  # too few forwards to find it alone
+    assert abs(started.at(3).after.faithfulness - table[best3]) < 1e-9
+    assert _names(scores, started.at(3).after.in_graph) == best3
+    for result in (plain, started):
+        assert result.n_forwards <= 30
+        afters = [r.after.faithfulness for r in result.sizes]
+        assert afters == sorted(afters), "a size may keep a smaller size's circuit"
+        assert all(r.after.faithfulness >= r.before.faithfulness - 1e-12 for r in result.sizes)
+    # a budget that affords nothing but measuring the circuits at the end: the start still wins there
+    with pytest.raises(OptionError, match="is below the") as exc:
+        refine(setup, scores, [1, 2, 3], budget=1, candidates=N_CAND, start=start)
+    least = int(re.search(r"below the (\d+) forwards", str(exc.value))[1])
+    bare = refine(setup, scores, [1, 2, 3], budget=least, candidates=N_CAND, start=start)
+    assert bare.at(3).found_by == "given circuit" and abs(bare.at(3).after.faithfulness - table[best3]) < 1e-9
+    assert bare.n_forwards <= least
+    with pytest.raises(OptionError, match=r"start must be an edge mask of shape"):
+        refine(setup, scores, [3], start=start[0])
 
 
 @pytest.mark.parametrize("kwargs, message", [
