@@ -490,6 +490,18 @@ def test_json_errors_are_clear(edit: Callable[[dict], Any], message: str) -> Non
         circuit_from_json(data)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["edges"].__setitem__(0, "m1->a0.h0<q>"), "edge 'm1->a0.h0<q>' of the size-4 circuit is not an edge"),
+    (lambda r: r["edges"].__setitem__(0, r["edges"][0] + "@3"), "is not an edge of the graph"),
+    (lambda r: r["edges"].append(r["edges"][-1]), "the size-4 circuit lists 5 edges"),
+])
+def test_a_refinement_naming_edges_the_graph_lacks_is_refused(edit: Callable[[dict], Any], message: str) -> None:
+    data = circuit_to_json(refined_circuit())
+    edit(data["refinement"]["sizes"][0])
+    with pytest.raises(EdgeatpError, match=re.escape(message)):
+        circuit_from_json(data)
+
+
 def test_json_reading_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(EdgeatpError, match="does not exist"):
         circuit_from_json(str(tmp_path / "nope.json"))

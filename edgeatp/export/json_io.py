@@ -264,10 +264,19 @@ def _curve_from(d: dict[str, Any]) -> FaithfulnessCurve:
                              decode_real(d["corrupt_metric"], "curve.corrupt_metric"), str(d.get("label", "")))
 
 
-def _refinement_from(d: dict[str, Any] | None) -> Refinement | None:
-    """Rebuild :class:`Refinement` from its JSON data."""
+def _refinement_from(d: dict[str, Any] | None, graph: EdgeGraph) -> Refinement | None:
+    """Rebuild :class:`Refinement` from its JSON data (its circuits' edges checked against the graph)."""
     if d is None:
         return None
+    lookup = _edge_lookup(graph)
+    for r in d["sizes"]:
+        if len(r["edges"]) > int(r["size"]):
+            raise EdgeatpError(f"refinement: the size-{r['size']} circuit lists {len(r['edges'])} edges")
+        for name in map(str, r["edges"]):
+            base, at, pos = name.partition("@")
+            if base not in lookup or bool(at) != graph.positional or (at and not (pos.isdigit() and int(pos) < graph.P)):
+                raise EdgeatpError(f"refinement: edge {name!r} of the size-{r['size']} circuit is not an edge of the "
+                                   "graph described in the file")
     sizes = tuple(RefinedSize(int(r["size"]), tuple(map(str, r["edges"])), decode_real(r["faithfulness"], "refinement"),
                               decode_real(r["necessity"], "refinement"), int(r["before_edges"]),
                               decode_real(r["before_faithfulness"], "refinement"),
@@ -384,7 +393,7 @@ def _from_native(d: dict[str, Any]) -> Circuit:
                    _optional_real(d["faithfulness"], "faithfulness"), _optional_real(d["necessity"], "necessity"),
                    None if d["curve"] is None else _curve_from(d["curve"]),
                    None if d["verification"] is None else _verification_from(d["verification"], 2, None), meta,
-                   _kv_view_from(d.get("kv_view"), graph), _refinement_from(d.get("refinement")),
+                   _kv_view_from(d.get("kv_view"), graph), _refinement_from(d.get("refinement"), graph),
                    tuple(_metrics_from(m) for m in d.get("circuit_metrics", ())))
 
 
