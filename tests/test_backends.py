@@ -67,6 +67,30 @@ def test_both_backends_give_the_same_scores_effects_and_circuit(case: str, agree
         assert err <= RTOL * scale, f"{case}, {key}: off by {err:.2e} (largest value {scale:.2e})"
 
 
+def test_the_scores_the_bridge_hooks_are_masked_by_sliding_windows(agreement, tmp_path) -> None:
+    # the QK fix and score patches read the mask from these scores: the window must be in them
+    root, _ = agreement
+    # Qwen2 with sliding windows from its second layer on (TransformerLens 3.x ignores them: no reference)
+    qwen = shutil.copytree(root / "qwen2-gqa", tmp_path / "qwen2-swa")
+    config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": cases.WINDOW,
+                                                  "max_window_layers": 1,
+                                                  "layer_types": ["full_attention", "sliding_attention"]}))
+    for folder, case, windowed in ((root / "mistral-swa", "mistral-swa", [True, True]),
+                                   (qwen, "qwen2-gqa", [False, True])):
+        adapter = ea.load_model(str(folder), backend="bridge")
+        pairs, _ = load_inputs(cases.discover_config(case, root, "bridge"), adapter)
+        T = pairs.clean.shape[1]
+        assert T > cases.WINDOW + 1, "the prompts are longer than the window"
+        query, key = torch.arange(T)[:, None], torch.arange(T)[None]
+        for layer, window in enumerate(windowed):
+            seen: list[torch.Tensor] = []
+            adapter.forward(pairs.clean[:2], [(Site("scores", layer), seen.append)])
+            visible = (key <= query) & ((query - key < cases.WINDOW) | (not window))
+            assert torch.equal(torch.isfinite(seen[0]), visible.expand_as(seen[0])), (folder.name, layer)
+            assert torch.isneginf(seen[0][..., ~visible]).all()
+
+
 # ------------------------------------------------------------------------------------------- bridge objects
 def _bridge(folder: Path) -> Any:
     """A TransformerBridge a user booted on a checkpoint folder (model and tokenizer loaded by transformers)."""
@@ -103,7 +127,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
 
 
-@pytest.mark.parametrize("case", ["zoo:llama-induction", "pythia", "llama-gqa"])
+@pytest.mark.parametrize("case", ["zoo:llama-induction", "pythia", "llama-gqa", "qwen2-gqa"])
 def test_a_users_bridge_is_left_as_it_was_on_every_exit_path(case: str, agreement) -> None:
     root, _ = agreement
     adapter = ea.load_model(case if case.startswith("zoo:") else _bridge(root / case), backend="bridge")
@@ -149,10 +173,11 @@ def _config_folder(root: Path, name: str, config: Any) -> Path:
 def test_architectures_the_bridge_cannot_open_are_refused_in_one_line(agreement, tmp_path) -> None:
     import transformers as tf
 
-    from .test_families import H, L, NH, P, V
+    from .test_families import LLAMA, H, L, NH, P, V
 
     root, _ = agreement
     configs = {
+        "gemma-2-2b": tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8, architectures=["Gemma2ForCausalLM"]),
         "gpt-j-6b": tf.GPTJConfig(vocab_size=V, n_embd=H, n_head=NH, n_layer=L, n_positions=P, rotary_dim=4,
                                   architectures=["GPTJForCausalLM"]),
         "gpt-neo-125m": tf.GPTNeoConfig(vocab_size=V, hidden_size=H, num_heads=NH, num_layers=L,
@@ -235,7 +260,10 @@ def test_the_planner_reads_configs_under_either_version(agreement, tmp_path) -> 
         alone.mkdir()
         shutil.copy(root / name / "config.json", alone / "config.json")
         loaded = ea.load_model(str(root / name), backend="bridge").spec
-        assert describe_model(str(alone)) == replace(loaded, name=name, norm=folded[loaded.norm])
+        # planned as TransformerLens 3.x translates Mistral, 2048 positions at most (the planner only
+        # takes min(32, n_ctx) of it); the bridge keeps max_position_embeddings
+        n_ctx = 2048 if name == "mistral-swa" else loaded.n_ctx
+        assert describe_model(str(alone)) == replace(loaded, name=name, norm=folded[loaded.norm], n_ctx=n_ctx)
     gemma = _config_folder(tmp_path, "gemma-2-2b", tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8,
                                                                    architectures=["Gemma2ForCausalLM"]))
     if default_backend() == "hooked":  # TransformerLens 3.x translates every family it converts
