@@ -186,7 +186,8 @@ def test_architectures_the_bridge_cannot_open_are_refused_in_one_line(agreement,
                                  word_embed_proj_dim=H, architectures=["OPTForCausalLM"]),
     }
     for name, config in configs.items():
-        with pytest.raises(ModelError, match=f"not {config.architectures[0]} yet; install TransformerLens 3.x") as exc:
+        with pytest.raises(ModelError, match=f"not {config.architectures[0]} yet; use an environment with "
+                           r"TransformerLens 3.x \(pip install 'edgeatp\[tl3\]' in a fresh virtualenv\) for it$") as exc:
             ea.load_model(str(_config_folder(tmp_path, name, config)), backend="bridge")
         assert "\n" not in str(exc.value) and name in str(exc.value)
     # a bridge a user booted on one: its attention runs inside Hugging Face code
@@ -243,6 +244,18 @@ def test_discover_runs_on_a_checkpoint_folder_under_the_bridge(agreement, tmp_pa
     if default_backend() == "bridge":  # TransformerLens 4: no HookedTransformer to fall back on
         res = CliRunner().invoke(main, [*args, "--backend", "hooked"])
         assert res.exit_code == 2 and "--backend hooked needs TransformerLens 3.x" in res.output
+
+
+def test_splitting_layers_over_devices_is_refused_on_the_bridge_in_one_line() -> None:
+    with pytest.raises(ModelError, match="n_devices splits HookedTransformer models") as exc:
+        ea.load_model("zoo:induction", backend="bridge", device="cpu", n_devices=2)
+    message = str(exc.value)
+    assert "\n" not in message
+    if default_backend() == "hooked":
+        assert message.endswith("load the model with backend hooked")
+    else:  # TransformerLens 4 alone: no HookedTransformer to load it with here
+        assert "which this environment lacks; use an environment with TransformerLens 3.x" in message
+        assert "backend hooked" not in message
 
 
 # ------------------------------------------------------------------------------------------- planning

@@ -47,7 +47,9 @@ ARCHITECTURES = {
 }
 #: The families of :data:`ARCHITECTURES`, as error messages name them.
 FAMILY_NAMES = "GPT-2, GPT-NeoX, Llama, Mistral and Qwen2"
-TL3_HINT = "install TransformerLens 3.x beside edgeatp (pip install 'transformer-lens>=3.9,<4') for it"
+#: Where HookedTransformer is: a separate environment, since installing TransformerLens 3.x beside 4 downgrades it.
+TL3_ENV = "an environment with TransformerLens 3.x (pip install 'edgeatp[tl3]' in a fresh virtualenv)"
+TL3_HINT = f"use {TL3_ENV} for it"
 
 
 class BridgeBackend(Backend):
