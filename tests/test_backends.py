@@ -177,7 +177,8 @@ def test_architectures_the_bridge_cannot_open_are_refused_in_one_line(agreement,
 
     root, _ = agreement
     configs = {
-        "gemma-2-2b": tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8, architectures=["Gemma2ForCausalLM"]),
+        "gemma-2-2b": tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8,
+                                      architectures=["Gemma2ForCausalLM"]),
         "gpt-j-6b": tf.GPTJConfig(vocab_size=V, n_embd=H, n_head=NH, n_layer=L, n_positions=P, rotary_dim=4,
                                   architectures=["GPTJForCausalLM"]),
         "gpt-neo-125m": tf.GPTNeoConfig(vocab_size=V, hidden_size=H, num_heads=NH, num_layers=L,
@@ -185,9 +186,9 @@ def test_architectures_the_bridge_cannot_open_are_refused_in_one_line(agreement,
         "opt-125m": tf.OPTConfig(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L, ffn_dim=64,
                                  word_embed_proj_dim=H, architectures=["OPTForCausalLM"]),
     }
+    hint = r"use an environment with TransformerLens 3.x \(pip install 'edgeatp\[tl3\]' in a fresh virtualenv\)"
     for name, config in configs.items():
-        with pytest.raises(ModelError, match=f"not {config.architectures[0]} yet; use an environment with "
-                           r"TransformerLens 3.x \(pip install 'edgeatp\[tl3\]' in a fresh virtualenv\) for it$") as exc:
+        with pytest.raises(ModelError, match=f"not {config.architectures[0]} yet; {hint} for it$") as exc:
             ea.load_model(str(_config_folder(tmp_path, name, config)), backend="bridge")
         assert "\n" not in str(exc.value) and name in str(exc.value)
     # a bridge a user booted on one: its attention runs inside Hugging Face code
@@ -244,6 +245,22 @@ def test_discover_runs_on_a_checkpoint_folder_under_the_bridge(agreement, tmp_pa
     if default_backend() == "bridge":  # TransformerLens 4: no HookedTransformer to fall back on
         res = CliRunner().invoke(main, [*args, "--backend", "hooked"])
         assert res.exit_code == 2 and "--backend hooked needs TransformerLens 3.x" in res.output
+    # a circuit found with --backend hooked (under TransformerLens 3.x) is verified and refined on the bridge
+    found = json.loads((tmp_path / "circuit.json").read_text())
+    found["meta"]["config"]["backend"] = "hooked"
+    hooked = tmp_path / "hooked.json"
+    hooked.write_text(json.dumps(found))
+    for command in (["verify", str(hooked), "--verify", "2", "--sample-below", "0", "--out",
+                     str(tmp_path / "v.json")],
+                    ["refine", str(hooked), "--sizes", "2", "--refine-budget", "20", "--out",
+                     str(tmp_path / "r.json")]):
+        res = CliRunner().invoke(main, [*command, "--backend", "bridge", "--quiet"])
+        assert res.exit_code == 0, res.output
+        if default_backend() == "bridge":  # the recorded backend is only a default, refused where it is missing
+            res = CliRunner().invoke(main, command)
+            assert res.exit_code == 2 and f"{hooked} records --backend hooked, used unless --backend is given; " \
+                "--backend hooked needs TransformerLens 3.x" in res.output and len(res.output.splitlines()) == 1
+    assert ea.read_circuit(tmp_path / "v.json").faithfulness == pytest.approx(saved.faithfulness, abs=1e-5)
 
 
 def test_splitting_layers_over_devices_is_refused_on_the_bridge_in_one_line() -> None:
