@@ -37,6 +37,9 @@ DEFAULT_FORMATS = "json,dot,svg,md"
 FLAG_NAMES = {"n_verify": "--verify", "memory_budget_mb": "--memory-budget", "top": "--verify",
               "m": "--bound-samples", "samples": "--bound-samples", "p": "--bound-p", "out_dir": "--out",
               "overwrite": "--force", "budget": "--refine-budget"}
+BACKEND_HELP = ("TransformerLens model class: hooked (HookedTransformer, TL 3.x), bridge (TransformerBridge, TL 4.x or "
+                "3.9), auto (hooked where TransformerLens has it).")
+RECORDED_BACKEND_HELP = BACKEND_HELP[:-1] + "; default: the one the circuit was found with."
 
 
 def flag(option: str) -> str:
@@ -273,8 +276,7 @@ def main() -> None:
 @click.option("--format", "fmt", default=DEFAULT_FORMATS, show_default=True, help=f"Comma list of {', '.join(FORMATS)}.")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="TransformerLens model class: hooked (HookedTransformer, TL 3.x), bridge (TransformerBridge, "
-                   "TL 4.x or 3.9), auto (hooked where TransformerLens has it).")
+              help=BACKEND_HELP)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -376,14 +378,15 @@ def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: An
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Where to write the verified circuit (default: replace the input and its report set).")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=None, help=RECORDED_BACKEND_HELP)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def verify(circuit_file: str, model_spec: str | None, task: str | None, data: str | None, n_pairs: int | None,
            n_verify: int, sample_below: int, bound: bool, batch_size: int, seed: int | None, device: str | None,
-           n_devices: int | None, collective_timeout: float, out: str | None, allow_download: bool, quiet: bool,
-           as_json: bool, debug: bool) -> None:
+           n_devices: int | None, collective_timeout: float, out: str | None, allow_download: bool,
+           backend: str | None, quiet: bool, as_json: bool, debug: bool) -> None:
     """Re-verify a saved circuit with exact patches and whole-circuit runs, and rewrite its files."""
     if task and data:
         raise EdgeatpError("give either --task or --data, not both")
@@ -413,8 +416,8 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
 
         result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs,
                           n_verify=n_verify, sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
-                          device=local_device(device), n_devices=n_devices, allow_download=allow_download,
-                          progress=silent if quiet_text else for_stream(sys.stderr))
+                          device=local_device(device), n_devices=n_devices, backend=backend,
+                          allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
         if ranks.is_main:  # only rank 0 writes and speaks
             existing = set_files(target.parent, target.stem) if not out else []
             formats = _formats_of(existing, target.stem) or ["json"]
@@ -449,12 +452,14 @@ def _report(result: Any, target: Path, formats: list[str], quiet: bool, as_json:
               help="Where to write the refined circuit (default: NAME-refined.json next to the input, with the "
                    "input's other formats).")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=None, help=RECORDED_BACKEND_HELP)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | None, data: str | None,
-               batch_size: int, out: str | None, allow_download: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+               batch_size: int, out: str | None, allow_download: bool, backend: str | None, quiet: bool,
+               as_json: bool, debug: bool) -> None:
     """Search a saved edge circuit's sizes for more faithful circuits with exact whole-circuit runs."""
     from .config import parse_sizes
 
@@ -475,7 +480,8 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
 
     try:
         result = refine_saved(source, sizes=sizes, budget=budget, seed=seed, data=data, batch_size=batch_size,
-                              allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr),
+                              backend=backend, allow_download=allow_download,
+                              progress=silent if quiet_text else for_stream(sys.stderr),
                               log=lambda s: _say(quiet_text, s))
     except EdgeatpError as exc:  # this command's flag for the sizes is --sizes
         exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}

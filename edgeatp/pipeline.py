@@ -23,9 +23,10 @@ from .attribution.nodes import attribute_nodes
 from .circuit import (Circuit, FaithfulnessCurve, Selection, circuit_from_edges, coarse_edge_units, group_circuit,
                       node_circuit, prune, top_k_circuits)
 from .config import DiscoverConfig, check_config, parse_sizes
-from .errors import EdgeatpError, OptionError
+from .errors import EdgeatpError, ModelError, OptionError
 from .graph import EdgeGraph, node_set
 from .model import ModelAdapter, load_model
+from .model.loading import resolve_backend
 from .progress import Progress, silent
 from .scores import EdgeScores
 from .setup import Setup
@@ -368,13 +369,13 @@ def resolve_data_path(circuit_file: Path, circuit: Circuit, recorded: str) -> st
 def reverify(path: Path, *, model: str | None = None, task: str | None = None, data: str | None = None,
              n_pairs: int | None = None, n_verify: int = 20, sample_below: int = 20, bound: bool = False,
              batch_size: int = 32, seed: int | None = None, device: str | None = None, n_devices: int | None = None,
-             allow_download: bool = False, progress: Progress = silent) -> DiscoverResult:
-    """Verify a saved circuit again (on its own data unless told otherwise): its own faithfulness
-    and necessity, and fresh exact patches of its top edges (or components, or groups)."""
+             backend: str | None = None, allow_download: bool = False, progress: Progress = silent) -> DiscoverResult:
+    """Verify a saved circuit again (on its own data and backend unless told otherwise): its own
+    faithfulness and necessity, and fresh exact patches of its top edges (or components, or groups)."""
     overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "n_verify": n_verify,
                                  "sample_below": sample_below, "bound": bound}
     with _saved(path, overrides, model=model, task=task, data=data, n_pairs=n_pairs, seed=seed, device=device,
-                n_devices=n_devices, progress=progress) as (circuit, cfg, setup, label):
+                n_devices=n_devices, backend=backend, progress=progress) as (circuit, cfg, setup, label):
         circuit = _reverified(setup, cfg, circuit)
         meta = {**circuit.meta, "reverified": {"data": label, "n_pairs": setup.n_pairs,
                                                "data_fingerprint": setup.pairs.fingerprint()}}
@@ -382,11 +383,12 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
 
 
 def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, seed: int | None = None,
-                 data: str | None = None, batch_size: int = 32, allow_download: bool = False,
-                 progress: Progress = silent, log: Log = lambda s: None) -> DiscoverResult:
+                 data: str | None = None, batch_size: int = 32, backend: str | None = None,
+                 allow_download: bool = False, progress: Progress = silent,
+                 log: Log = lambda s: None) -> DiscoverResult:
     """Search a saved edge circuit's sizes for better circuits (on its own model and data, from its
-    stored estimates as the ranking; ``seed`` seeds the search, default the recorded seed), measure
-    them exactly and verify the result again."""
+    stored estimates as the ranking; ``seed`` seeds the search, default the recorded seed; ``backend``
+    default the recorded one), measure them exactly and verify the result again."""
     from .export import read_circuit
 
     saved = read_circuit(path)
@@ -395,7 +397,8 @@ def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, se
                           "with {level} edge)", level="level")
     overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "refine": True,
                                  "refine_budget": budget, "refine_sizes": sizes}
-    with _saved(path, overrides, data=data, progress=progress, circuit=saved) as (circuit, cfg, setup, label):
+    with _saved(path, overrides, data=data, backend=backend, progress=progress,
+                circuit=saved) as (circuit, cfg, setup, label):
         scores = _stored_scores(circuit)
         circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))
         circuit = refined_circuit(setup, scores, circuit, cfg, log, seed)
@@ -409,11 +412,12 @@ def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, se
 @contextmanager
 def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, task: str | None = None,
            data: str | None = None, n_pairs: int | None = None, seed: int | None = None, device: str | None = None,
-           n_devices: int | None = None, progress: Progress = silent,
+           n_devices: int | None = None, backend: str | None = None, progress: Progress = silent,
            circuit: Circuit | None = None) -> Iterator[tuple[Circuit, DiscoverConfig, Setup, str]]:
     """A saved circuit (read from ``path`` unless given) with its recorded configuration (updated by
     ``overrides`` and any of the other arguments given), its model loaded and its data (the recorded
-    data unless other data is given, refused when it changed)."""
+    data unless other data is given, refused when it changed). The recorded backend is only a
+    default: ``backend`` replaces it."""
     from .export import read_circuit
 
     circuit = circuit if circuit is not None else read_circuit(path)
@@ -424,7 +428,7 @@ def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, t
     base = DiscoverConfig.from_dict(recorded, f"{path}'s saved configuration") if recorded else DiscoverConfig()
     overrides = dict(overrides)
     overrides.update({k: v for k, v in {"model": model, "n_pairs": n_pairs, "seed": seed, "device": device,
-                                        "n_devices": n_devices}.items() if v is not None})
+                                        "n_devices": n_devices, "backend": backend}.items() if v is not None})
     own_data = not (task or data)
     if task or data:
         overrides.update(task=task, data=data)
@@ -432,6 +436,8 @@ def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, t
         overrides["data"] = resolve_data_path(path, circuit, base.data)
     cfg = replace(base, **overrides)
     check_config(cfg)
+    if backend is None:
+        _recorded_backend(path, cfg.backend)
     with loaded_model(cfg) as adapter:
         setup, label = make_setup(cfg, adapter, progress)
         if circuit.graph.shape != adapter.shape:
@@ -445,6 +451,15 @@ def _saved(path: Path, overrides: dict[str, Any], *, model: str | None = None, t
                               f"on ({recorded_print.get('n_pairs')} pairs with another content); pass the original "
                               "file, or {data}/{task} to verify on other data on purpose", data="data", task="task")
         yield circuit, cfg, setup, label
+
+
+def _recorded_backend(path: Path, backend: str) -> None:
+    """Refuse, in one line naming the file, a backend recorded in a saved circuit that this environment lacks."""
+    try:
+        resolve_backend(backend)
+    except ModelError as exc:
+        raise ModelError(f"{path} records {{backend}} {backend}, used unless {{backend}} is given; {exc.template}",
+                         **exc.options) from None
 
 
 def _reverified(setup: Setup, cfg: DiscoverConfig, circuit: Circuit) -> Circuit:

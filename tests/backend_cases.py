@@ -1,11 +1,12 @@
 """The backend-agreement cases: the models, the prompt pairs and every number both backends must give.
 
-The cases are the zoo models and tiny GPT-2, GPT-NeoX (parallel, partial rotary) and Llama
-(grouped-query) checkpoints written here. :func:`results` computes, on one backend, node and edge
-scores of every method (the edge QK fix with rotary at the prompts' first differing position,
-GradDrop per block and, where blocks have MLPs, per sublayer), the per-query-head (ungrouped) view
-of grouped models, and the circuit ``edgeatp discover`` finds with its faithfulness and
-verification patches.
+The cases are the zoo models and tiny GPT-2, GPT-NeoX (parallel, partial rotary), Llama
+(grouped-query), Mistral (grouped-query, a sliding window of :data:`WINDOW` positions, shorter than
+the prompts) and Qwen2 (grouped-query, query/key/value biases) checkpoints written here.
+:func:`results` computes, on one backend, node and edge scores of every method (the edge QK fix
+with rotary at the prompts' first differing position, GradDrop per block and, where blocks have
+MLPs, per sublayer), the per-query-head (ungrouped) view of grouped models, and the circuit
+``edgeatp discover`` finds with its faithfulness and verification patches.
 
 The reference is always the HookedTransformer backend. Where TransformerLens 4 has none,
 ``python -m tests.backend_cases FOLDER`` is run with a TransformerLens 3.x Python: it writes the
@@ -26,7 +27,8 @@ import torch  # noqa: E402
 
 METHODS = ("atp", "atp-qk", "atp-gd", "atp*", "ig", "exact")
 ZOO = ("induction", "ioi", "dup", "llama-induction")
-CHECKPOINTS = ("gpt2", "pythia", "llama-gqa")
+CHECKPOINTS = ("gpt2", "pythia", "llama-gqa", "mistral-swa", "qwen2-gqa")
+WINDOW = 4
 CASES = tuple(f"zoo:{n}" for n in ZOO) + CHECKPOINTS
 N_PAIRS = 8
 
@@ -41,6 +43,8 @@ def checkpoint_configs() -> dict[str, Any]:
         "gpt2": tf.GPT2Config(vocab_size=V, n_embd=H, n_head=NH, n_layer=L, n_positions=P),
         "pythia": tf.GPTNeoXConfig(**NEOX, use_parallel_residual=True),
         "llama-gqa": tf.LlamaConfig(**LLAMA, num_key_value_heads=2),
+        "mistral-swa": tf.MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=WINDOW),
+        "qwen2-gqa": tf.Qwen2Config(**LLAMA, num_key_value_heads=2),
     }
 
 

@@ -67,6 +67,30 @@ def test_both_backends_give_the_same_scores_effects_and_circuit(case: str, agree
         assert err <= RTOL * scale, f"{case}, {key}: off by {err:.2e} (largest value {scale:.2e})"
 
 
+def test_the_scores_the_bridge_hooks_are_masked_by_sliding_windows(agreement, tmp_path) -> None:
+    # the QK fix and score patches read the mask from these scores: the window must be in them
+    root, _ = agreement
+    # Qwen2 with sliding windows from its second layer on (TransformerLens 3.x ignores them: no reference)
+    qwen = shutil.copytree(root / "qwen2-gqa", tmp_path / "qwen2-swa")
+    config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": cases.WINDOW,
+                                                  "max_window_layers": 1,
+                                                  "layer_types": ["full_attention", "sliding_attention"]}))
+    for folder, case, windowed in ((root / "mistral-swa", "mistral-swa", [True, True]),
+                                   (qwen, "qwen2-gqa", [False, True])):
+        adapter = ea.load_model(str(folder), backend="bridge")
+        pairs, _ = load_inputs(cases.discover_config(case, root, "bridge"), adapter)
+        T = pairs.clean.shape[1]
+        assert T > cases.WINDOW + 1, "the prompts are longer than the window"
+        query, key = torch.arange(T)[:, None], torch.arange(T)[None]
+        for layer, window in enumerate(windowed):
+            seen: list[torch.Tensor] = []
+            adapter.forward(pairs.clean[:2], [(Site("scores", layer), seen.append)])
+            visible = (key <= query) & ((query - key < cases.WINDOW) | (not window))
+            assert torch.equal(torch.isfinite(seen[0]), visible.expand_as(seen[0])), (folder.name, layer)
+            assert torch.isneginf(seen[0][..., ~visible]).all()
+
+
 # ------------------------------------------------------------------------------------------- bridge objects
 def _bridge(folder: Path) -> Any:
     """A TransformerBridge a user booted on a checkpoint folder (model and tokenizer loaded by transformers)."""
@@ -103,7 +127,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
 
 
-@pytest.mark.parametrize("case", ["zoo:llama-induction", "pythia", "llama-gqa"])
+@pytest.mark.parametrize("case", ["zoo:llama-induction", "pythia", "llama-gqa", "qwen2-gqa"])
 def test_a_users_bridge_is_left_as_it_was_on_every_exit_path(case: str, agreement) -> None:
     root, _ = agreement
     adapter = ea.load_model(case if case.startswith("zoo:") else _bridge(root / case), backend="bridge")
@@ -149,10 +173,12 @@ def _config_folder(root: Path, name: str, config: Any) -> Path:
 def test_architectures_the_bridge_cannot_open_are_refused_in_one_line(agreement, tmp_path) -> None:
     import transformers as tf
 
-    from .test_families import H, L, NH, P, V
+    from .test_families import LLAMA, H, L, NH, P, V
 
     root, _ = agreement
     configs = {
+        "gemma-2-2b": tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8,
+                                      architectures=["Gemma2ForCausalLM"]),
         "gpt-j-6b": tf.GPTJConfig(vocab_size=V, n_embd=H, n_head=NH, n_layer=L, n_positions=P, rotary_dim=4,
                                   architectures=["GPTJForCausalLM"]),
         "gpt-neo-125m": tf.GPTNeoConfig(vocab_size=V, hidden_size=H, num_heads=NH, num_layers=L,
@@ -160,8 +186,9 @@ def test_architectures_the_bridge_cannot_open_are_refused_in_one_line(agreement,
         "opt-125m": tf.OPTConfig(vocab_size=V, hidden_size=H, num_attention_heads=NH, num_hidden_layers=L, ffn_dim=64,
                                  word_embed_proj_dim=H, architectures=["OPTForCausalLM"]),
     }
+    hint = r"use an environment with TransformerLens 3.x \(pip install 'edgeatp\[tl3\]' in a fresh virtualenv\)"
     for name, config in configs.items():
-        with pytest.raises(ModelError, match=f"not {config.architectures[0]} yet; install TransformerLens 3.x") as exc:
+        with pytest.raises(ModelError, match=f"not {config.architectures[0]} yet; {hint} for it$") as exc:
             ea.load_model(str(_config_folder(tmp_path, name, config)), backend="bridge")
         assert "\n" not in str(exc.value) and name in str(exc.value)
     # a bridge a user booted on one: its attention runs inside Hugging Face code
@@ -218,6 +245,34 @@ def test_discover_runs_on_a_checkpoint_folder_under_the_bridge(agreement, tmp_pa
     if default_backend() == "bridge":  # TransformerLens 4: no HookedTransformer to fall back on
         res = CliRunner().invoke(main, [*args, "--backend", "hooked"])
         assert res.exit_code == 2 and "--backend hooked needs TransformerLens 3.x" in res.output
+    # a circuit found with --backend hooked (under TransformerLens 3.x) is verified and refined on the bridge
+    found = json.loads((tmp_path / "circuit.json").read_text())
+    found["meta"]["config"]["backend"] = "hooked"
+    hooked = tmp_path / "hooked.json"
+    hooked.write_text(json.dumps(found))
+    for command in (["verify", str(hooked), "--verify", "2", "--sample-below", "0", "--out",
+                     str(tmp_path / "v.json")],
+                    ["refine", str(hooked), "--sizes", "2", "--refine-budget", "20", "--out",
+                     str(tmp_path / "r.json")]):
+        res = CliRunner().invoke(main, [*command, "--backend", "bridge", "--quiet"])
+        assert res.exit_code == 0, res.output
+        if default_backend() == "bridge":  # the recorded backend is only a default, refused where it is missing
+            res = CliRunner().invoke(main, command)
+            assert res.exit_code == 2 and f"{hooked} records --backend hooked, used unless --backend is given; " \
+                "--backend hooked needs TransformerLens 3.x" in res.output and len(res.output.splitlines()) == 1
+    assert ea.read_circuit(tmp_path / "v.json").faithfulness == pytest.approx(saved.faithfulness, abs=1e-5)
+
+
+def test_splitting_layers_over_devices_is_refused_on_the_bridge_in_one_line() -> None:
+    with pytest.raises(ModelError, match="n_devices splits HookedTransformer models") as exc:
+        ea.load_model("zoo:induction", backend="bridge", device="cpu", n_devices=2)
+    message = str(exc.value)
+    assert "\n" not in message
+    if default_backend() == "hooked":
+        assert message.endswith("load the model with backend hooked")
+    else:  # TransformerLens 4 alone: no HookedTransformer to load it with here
+        assert "which this environment lacks; use an environment with TransformerLens 3.x" in message
+        assert "backend hooked" not in message
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -235,7 +290,10 @@ def test_the_planner_reads_configs_under_either_version(agreement, tmp_path) -> 
         alone.mkdir()
         shutil.copy(root / name / "config.json", alone / "config.json")
         loaded = ea.load_model(str(root / name), backend="bridge").spec
-        assert describe_model(str(alone)) == replace(loaded, name=name, norm=folded[loaded.norm])
+        # planned as TransformerLens 3.x translates Mistral, 2048 positions at most (the planner only
+        # takes min(32, n_ctx) of it); the bridge keeps max_position_embeddings
+        n_ctx = 2048 if name == "mistral-swa" else loaded.n_ctx
+        assert describe_model(str(alone)) == replace(loaded, name=name, norm=folded[loaded.norm], n_ctx=n_ctx)
     gemma = _config_folder(tmp_path, "gemma-2-2b", tf.Gemma2Config(**LLAMA, num_key_value_heads=2, head_dim=8,
                                                                    architectures=["Gemma2ForCausalLM"]))
     if default_backend() == "hooked":  # TransformerLens 3.x translates every family it converts

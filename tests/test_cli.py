@@ -146,6 +146,50 @@ def test_refine_a_saved_circuit(discovered, tmp_path):
     assert after.refinement.budget == 150 and (tmp_path / "better.json").is_file()
 
 
+def _recorded_with(circuit_file, backend: str, dest):
+    """A copy of a saved circuit that records ``--backend backend`` (as one found with it would)."""
+    saved = json.loads(circuit_file.read_text())
+    saved["meta"]["config"]["backend"] = backend
+    dest.write_text(json.dumps(saved))
+    return dest
+
+
+def test_verify_and_refine_take_a_backend_over_the_recorded_one(discovered, tmp_path, monkeypatch):
+    import edgeatp.model.loading as loading
+    import edgeatp.pipeline as pipeline
+
+    used = []
+
+    def spy(*args, **kwargs):
+        model = loading.load_model(*args, **kwargs)
+        used.append(model.backend.kind)
+        return model
+
+    monkeypatch.setattr(pipeline, "load_model", spy)
+    hooked = _recorded_with(discovered / "circuit.json", "hooked", tmp_path / "hooked.json")
+    res = run("verify", str(hooked), "--out", str(tmp_path / "a.json"), "--verify", "2", "--sample-below", "0",
+              "--json")
+    assert res.exit_code == 0, res.output
+    res = run("verify", str(hooked), "--backend", "bridge", "--out", str(tmp_path / "b.json"), "--verify", "2",
+              "--sample-below", "0", "--json")
+    assert res.exit_code == 0, res.output
+    res = run("refine", str(hooked), "--backend", "bridge", "--sizes", "4", "--refine-budget", "40",
+              "--out", str(tmp_path / "c.json"), "--quiet")
+    assert res.exit_code == 0, res.output
+    assert used == ["hooked", "bridge", "bridge"]
+    a, b = read_circuit(tmp_path / "a.json"), read_circuit(tmp_path / "b.json")
+    assert b.faithfulness == pytest.approx(a.faithfulness, abs=1e-4), "both backends measure the same circuit"
+    # where TransformerLens 4 is the only install, the recorded hooked is refused unless --backend replaces it
+    monkeypatch.setattr(loading, "default_backend", lambda: "bridge")
+    for command in (["verify", str(hooked)], ["refine", str(hooked), "--sizes", "4"]):
+        res = CliRunner().invoke(main, command)
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().splitlines() == [
+            f"error: {hooked} records --backend hooked, used unless --backend is given; --backend hooked needs "
+            "TransformerLens 3.x (HookedTransformer), which this environment lacks; use --backend bridge, or an "
+            "environment with TransformerLens 3.x (pip install 'edgeatp[tl3]' in a fresh virtualenv)"]
+
+
 def test_listings():
     res = run("models")
     assert res.exit_code == 0 and "zoo:ioi" in res.output and "zoo:induction" in res.output

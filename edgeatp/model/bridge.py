@@ -9,7 +9,8 @@ closes the gaps while a run is prepared and undoes every change afterwards:
 * ``hook_mlp_in`` is the residual itself, so its hook works on a private copy (the MLP's input,
   as in HookedTransformer), and ``resid_mid`` is read there, before the copy (the bridge's
   ``hook_resid_mid`` sees only what the MLP's norm reads);
-* masked pre-softmax scores are ``finfo.min`` outside compatibility mode, shown as ``-inf``;
+* masked pre-softmax scores are ``finfo.min`` outside compatibility mode, shown as ``-inf`` (the
+  causal mask, and Mistral's and Qwen2's sliding windows layer by layer, as Hugging Face builds them);
 * GPT-NeoX attention never fires ``hook_rot_q``/``hook_rot_k``, and TransformerLens' native
   attention fires ``hook_attn_scores`` after the softmax: their instances get a rotary wrapper
   and a forward with HookedTransformer's hook order for the duration of the run;
@@ -40,9 +41,15 @@ ARCHITECTURES = {
     "GPT2LMHeadModel": "JointQKVAttentionBridge",
     "GPTNeoXForCausalLM": "JointQKVPositionEmbeddingsAttentionBridge",
     "LlamaForCausalLM": "PositionEmbeddingsAttentionBridge",
+    "MistralForCausalLM": "PositionEmbeddingsAttentionBridge",
+    "Qwen2ForCausalLM": "PositionEmbeddingsAttentionBridge",
     "TransformerLensNative": "AttentionBridge",
 }
-TL3_HINT = "install TransformerLens 3.x beside edgeatp (pip install 'transformer-lens>=3.9,<4') for it"
+#: The families of :data:`ARCHITECTURES`, as error messages name them.
+FAMILY_NAMES = "GPT-2, GPT-NeoX, Llama, Mistral and Qwen2"
+#: Where HookedTransformer is: a separate environment, since installing TransformerLens 3.x beside 4 downgrades it.
+TL3_ENV = "an environment with TransformerLens 3.x (pip install 'edgeatp[tl3]' in a fresh virtualenv)"
+TL3_HINT = f"use {TL3_ENV} for it"
 
 
 class BridgeBackend(Backend):
@@ -168,7 +175,7 @@ class BridgeBackend(Backend):
     @contextmanager
     def ungrouped(self) -> Iterator[None]:
         saved = self._ungrouped
-        hf = [b.attn.original_component for b in self.model.blocks if self.architecture == "LlamaForCausalLM"]
+        hf = [b.attn.original_component for b in self.model.blocks if self._hf_attention]
         groups = [a.num_key_value_groups for a in hf]
         self._ungrouped = True
         try:
@@ -179,6 +186,12 @@ class BridgeBackend(Backend):
             self._ungrouped = saved
             for a, g in zip(hf, groups):
                 a.num_key_value_groups = g
+
+    @property
+    def _hf_attention(self) -> bool:
+        """Whether the bridge recomputes attention from the Hugging Face module's own projections,
+        scaling, rotary embedding and (sliding-window) mask: Llama, Mistral and Qwen2."""
+        return ARCHITECTURES[self.architecture] == "PositionEmbeddingsAttentionBridge"
 
     # ------------------------------------------------------------------ weights
     def qkv_weights(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +233,7 @@ class BridgeBackend(Backend):
         own = attn.original_component
         if self.architecture == "TransformerLensNative":
             return float(own.scale)
-        if self.architecture == "LlamaForCausalLM":
+        if self._hf_attention:
             return 1.0 / float(own.scaling)
         scale = math.sqrt(self.shape.d_head)  # what the bridge's own attention uses for GPT-2 and GPT-NeoX
         if getattr(self.cfg, "scale_attn_by_inverse_layer_idx", False):
@@ -256,8 +269,8 @@ def _architecture(model: Any) -> str:
         raise ModelError(f"edgeatp needs the TransformerBridge without compatibility mode (it changes the weights "
                          f"and cannot be undone); boot the {arch} model again without enable_compatibility_mode()")
     if arch not in ARCHITECTURES:
-        raise ModelError(f"edgeatp's TransformerBridge backend does not support {arch} yet (checked: GPT-2, GPT-NeoX, "
-                         f"Llama and TransformerLens-native models); {TL3_HINT}")
+        raise ModelError(f"edgeatp's TransformerBridge backend does not support {arch} yet (checked: {FAMILY_NAMES} "
+                         f"and TransformerLens-native models); {TL3_HINT}")
     for block in model.blocks:
         if type(block.attn).__name__ != ARCHITECTURES[arch]:
             raise ModelError(f"edgeatp's TransformerBridge backend cannot see inside {arch}'s attention "
@@ -271,8 +284,8 @@ def _architecture(model: Any) -> str:
 
 
 #: Norm modules whose maths :class:`NormParts` reproduces: LayerNorm (centred) or RMSNorm, with or without parameters.
-_NORM_CLASSES = {"LayerNorm": True, "NativeLayerNormPre": True, "LlamaRMSNorm": False, "NativeRMSNorm": False,
-                 "NativeRMSNormPre": False}
+_NORM_CLASSES = {"LayerNorm": True, "NativeLayerNormPre": True, "LlamaRMSNorm": False, "MistralRMSNorm": False,
+                 "Qwen2RMSNorm": False, "NativeRMSNorm": False, "NativeRMSNormPre": False}
 
 
 def _norm_of(arch: str, bridge_norm: Any) -> NormParts:

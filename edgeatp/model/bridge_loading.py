@@ -12,7 +12,7 @@ import torch
 from ..errors import ModelError
 from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
-from .bridge import ARCHITECTURES, TL3_HINT
+from .bridge import ARCHITECTURES, FAMILY_NAMES, TL3_HINT
 from .checkpoint import (BOS_BY_CONVENTION, Checkpoint, _first_line, adds_bos, architecture_of, check_weight_files,
                          checkpoint_dtype, load_tokenizer, read_config, read_weights)
 
@@ -108,7 +108,7 @@ def checkpoint_bridge(path: str | Path, dtype: torch.dtype | None = None, name: 
     if raw.get("auto_map"):
         raise ModelError(f"{what} needs the checkpoint's own Python code (trust_remote_code), which edgeatp never runs")
     if arch not in ARCHITECTURES or arch == "TransformerLensNative":
-        raise ModelError(f"{what}: edgeatp's TransformerBridge backend loads GPT-2, GPT-NeoX and Llama checkpoints, "
+        raise ModelError(f"{what}: edgeatp's TransformerBridge backend loads {FAMILY_NAMES} checkpoints, "
                          f"not {arch} yet; {TL3_HINT}")
     try:
         hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

@@ -16,6 +16,7 @@ from ..errors import ModelError
 from ..timings import mark
 from ..tokenizer import HFTokenizer, WordTokenizer
 from .adapter import ModelAdapter
+from .bridge import TL3_ENV
 from .checkpoint import load_checkpoint
 from .devices import place
 
@@ -66,8 +67,11 @@ def load_model(spec: Any, *, device: str | torch.device | None = None, dtype: st
     if n_devices == 1:
         adapter.backend.convert(torch_dtype, torch_device)
     elif adapter.backend.kind != "hooked":
-        raise ModelError("{n_devices} splits HookedTransformer models only; load the model with {backend} hooked",
-                         n_devices="n_devices", backend="backend")
+        if default_backend() == "hooked":
+            raise ModelError("{n_devices} splits HookedTransformer models only; load the model with {backend} hooked",
+                             n_devices="n_devices", backend="backend")
+        raise ModelError(f"{{n_devices}} splits HookedTransformer models (TransformerLens 3.x), which this environment "
+                         f"lacks; use {TL3_ENV}", n_devices="n_devices")
     else:
         adapter.backend.convert(torch_dtype, None)
         place(adapter.model, torch_device or adapter.device, n_devices)
@@ -91,7 +95,7 @@ def resolve_backend(backend: str) -> str:
     kind = default_backend() if backend == "auto" else backend
     if kind == "hooked" and default_backend() != "hooked":
         raise ModelError("{backend} hooked needs TransformerLens 3.x (HookedTransformer), which this environment "
-                         "lacks; use {backend} bridge or install 'transformer-lens>=3.9,<4'", backend="backend")
+                         f"lacks; use {{backend}} bridge, or {TL3_ENV}", backend="backend")
     if kind == "bridge":
         try:
             import transformer_lens.model_bridge  # noqa: F401
