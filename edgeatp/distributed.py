@@ -60,27 +60,33 @@ class Ranks:
         return torch.arange(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
     # ------------------------------------------------------------------ collectives
-    def check(self, phase: str, failure: tuple[str, dict[str, str]] | None = None) -> None:
+    def check(self, phase: str, failure: tuple[str, dict[str, str]] | None = None, layout: str = "") -> None:
         """Exchange every process's status at a combination point: raise :class:`RankFailed` when
         another process failed (``failure`` is this process's own: message template and options),
-        :class:`DistributedError` when the processes are not at the same point."""
+        :class:`DistributedError` when the processes are not at the same point or when what they are
+        about to combine differs (``layout``: this process's pair count and result shapes, which the
+        collectives need equal everywhere)."""
         if not self.active:
             return
         import torch.distributed as dist
 
         got: list[Any] = [None] * self.world
         with self._talking(phase):
-            dist.all_gather_object(got, (phase, failure))
-        failed = [(r, f) for r, (_, f) in enumerate(got) if f is not None and r != self.rank]
+            dist.all_gather_object(got, (phase, failure, layout))
+        failed = [(r, f) for r, (_, f, _) in enumerate(got) if f is not None and r != self.rank]
         if failure is not None:
             return
         if failed:
             rank, (template, options) = failed[0]
             more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
             raise RankFailed(f"rank {rank} of {self.world} failed{more}, so every rank stopped: {template}", **options)
-        phases = {p for p, _ in got}
+        phases = {p for p, _, _ in got}
         if len(phases) > 1:
             raise DistributedError(f"the {self.world} processes are at different steps ({', '.join(sorted(phases))}); "
+                                   "every rank must run the same command on the same data")
+        if len({lay for _, _, lay in got}) > 1:
+            ranks = "; ".join(f"rank {r}: {lay}" for r, (_, _, lay) in enumerate(got))
+            raise DistributedError(f"the {self.world} processes cannot combine their results at {phase} ({ranks}); "
                                    "every rank must run the same command on the same data")
 
     @contextmanager

@@ -99,7 +99,7 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
             setup.check_finite(value, "patched metric values")
             eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
             per_pair[batch.index[:, None], sets[None, :]] = eff.T
-    setup.ranks.check(description)  # a data-parallel run: every process patched its own pairs
+    setup.ranks.check(description, layout=f"{n} prompt pairs, {s} patch sets")  # every process patched its own pairs
     per_pair, base_metric = setup.ranks.sum_rows(per_pair, base_metric)
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
     return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]

@@ -163,5 +163,6 @@ class Setup:
     def _combine(self, stats: PairStats | None, shape: tuple[int, ...], rows: list[torch.Tensor | None]
                  ) -> tuple[PairStats | None, list[torch.Tensor | None]]:
         """Attribution results of every process of a data-parallel run, joined."""
-        self.ranks.check("attribution")
+        kept = ", per-pair rows" if any(r is not None for r in rows) else ""
+        self.ranks.check("attribution", layout=f"{self.n_pairs} prompt pairs, estimates {list(shape)}{kept}")
         return self.ranks.merge_stats(stats, shape), self.ranks.sum_rows(*rows)

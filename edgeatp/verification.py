@@ -63,7 +63,7 @@ def endpoints(setup: Setup) -> Endpoints:
         for i, tokens in enumerate((batch.clean, batch.corrupt)):
             logits, _ = capture(setup.model, tokens, [])
             totals[i] += setup.metric(logits, batch, ref).double().sum().to(totals.device)
-    setup.ranks.check("clean and corrupt runs")  # a data-parallel run: every process ran its own pairs
+    setup.ranks.check("clean and corrupt runs", layout=f"{setup.n_pairs} prompt pairs")  # each ran its own pairs
     clean, corrupt = setup.ranks.sum_values(totals.tolist())
     forwards = setup.n_batches() * (2 + int(setup.metric.needs_reference))  # one process's count (see sweep_forwards)
     ends = Endpoints(clean / setup.n_pairs, corrupt / setup.n_pairs, forwards)

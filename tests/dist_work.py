@@ -64,8 +64,8 @@ def workload(checkpoint: str) -> dict[str, object]:
 
 
 def failures(rank: int) -> dict[str, list]:
-    """Two runs in which rank 1 fails (bad data; an exception inside a forward hook): what each rank
-    caught and how long it took."""
+    """Runs in which rank 1 fails (bad data; an exception inside a forward hook) or has fewer pairs
+    than rank 0 (uneven pairs): what each rank caught and how long it took."""
     caught: dict[str, list] = {}
     model = ea.load_model("zoo:ioi")
     pairs = make_task("ioi", model.tokenizer, 8, seed=0)
@@ -74,13 +74,15 @@ def failures(rank: int) -> dict[str, list]:
         raise RuntimeError("boom in a hook")
 
     forward = model.forward
-    for scenario in ("bad data", "hook"):
+    for scenario in ("bad data", "hook", "uneven pairs"):
         start = time.time()
         try:
             with guard():
                 data = pairs
                 if rank == 1 and scenario == "bad data":
                     data = PromptPairs.from_lists([[0, 4, 999]], [[0, 5, 999]], [4], [[5]])
+                if rank == 1 and scenario == "uneven pairs":
+                    data = pairs.subset(range(7))
                 if rank == 1 and scenario == "hook":
                     model.forward = lambda tokens, fwd=(), logits=True: forward(  # type: ignore[method-assign]
                         tokens, [*fwd, (Site("pattern", 1), boom)], logits)

@@ -88,7 +88,13 @@ def test_two_gloo_processes_give_the_single_process_results_and_fail_together(tm
     assert "outside zoo:ioi's vocabulary" in rank0["bad data"][1]
     assert rank1["hook"][:2] == ["RuntimeError", "boom in a hook"]
     assert rank0["hook"][:2] == ["RankFailed", "rank 1 of 2 failed, so every rank stopped: RuntimeError: boom in a hook"]
-    assert max(r[s][2] for r in (rank0, rank1) for s in ("bad data", "hook")) < TIMEOUT / 2  # no waiting for timeouts
+    for caught in (rank0, rank1):  # pair counts that differ: one line naming them on every rank, not a gloo abort
+        assert caught["uneven pairs"][:2] == [
+            "DistributedError", "the 2 processes cannot combine their results at attribution (rank 0: 8 prompt "
+            "pairs, estimates [1, 11, 27], per-pair rows; rank 1: 7 prompt pairs, estimates [1, 11, 27], per-pair rows); "
+            "every rank must run the same command on the same data"]
+    scenarios = ("bad data", "hook", "uneven pairs")
+    assert max(r[s][2] for r in (rank0, rank1) for s in scenarios) < TIMEOUT / 2  # no waiting for timeouts
     # the command: each rank exits with one line (non-zero), rank 1 names its error, rank 0 names rank 1
     cmd0, cmd1 = rank0["command"], rank1["command"]
     assert cmd0["exit_code"] == 2 and cmd1["exit_code"] == 1
