@@ -396,7 +396,7 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
     _check_data(data)
     _check_circuit_file(circuit_file)
     if device is not None and not DEVICE_PATTERN.fullmatch(device):
-        raise EdgeatpError(f"--device {device!r} is unknown; use cpu, cuda, cuda:N or mps")
+        raise EdgeatpError(f"--device {device!r} is unknown; use cpu, cuda, cuda:N, mps or xpu")
     target = Path(out) if out else Path(circuit_file)
     from .export.files import check_writable
 

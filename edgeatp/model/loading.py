@@ -119,13 +119,29 @@ def _parse_device(device: str | torch.device | None) -> torch.device | None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"{{device}} {device!r}: this torch build has no CUDA device; use {{device}} cpu",
-                          device="device")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"{{device}} {device!r}: MPS is not available here; use {{device}} cpu", device="device")
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps or xpu") from None
+    if dev.type == "cpu":
+        return dev
+    counts = _accelerator_counts()
+    if dev.type not in counts:
+        raise ModelError(f"{{device}} {device!r}: edgeatp runs on cpu, cuda, mps or xpu devices; use one of those",
+                         device="device")
+    name = dev.type.upper()
+    if counts[dev.type] == 0:
+        raise ModelError(f"{{device}} {device!r}: this torch build has no {name} device; use {{device}} cpu",
+                         device="device")
+    if dev.index is not None and dev.index >= counts[dev.type]:
+        raise ModelError(f"{{device}} {device!r}: this machine has {counts[dev.type]} {name} device(s), numbered "
+                         f"from 0", device="device")
     return dev
+
+
+def _accelerator_counts() -> dict[str, int]:
+    """How many devices of each accelerator type edgeatp runs on this torch build reaches."""
+    xpu = getattr(torch, "xpu", None)  # torch 2.4 and newer
+    return {"cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "mps": int(torch.backends.mps.is_available()),
+            "xpu": xpu.device_count() if xpu is not None and xpu.is_available() else 0}
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
