@@ -95,12 +95,12 @@ def _rank_label() -> str:
 
 
 @contextmanager
-def _data_parallel(device: str | None, timeout: float) -> Iterator[Any]:
+def _data_parallel(device: str | None, timeout: float, n_devices: int = 1) -> Iterator[Any]:
     """This process's place in a torchrun run (a run of its own otherwise): joins the process group,
     silences every rank but 0 and makes a failure on any rank stop them all with one message."""
     from .distributed import guard, local_device, process_group
 
-    with process_group(local_device(device), timeout) as ranks, guard(ranks):
+    with process_group(local_device(device, n_devices), timeout) as ranks, guard(ranks):
         if not ranks.is_main:
             _quiet_libraries()
             warnings.simplefilter("ignore")
@@ -307,7 +307,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
 
     check_writable(Path(out))
     t0 = time.time()
-    with recording() as clock, _data_parallel(device, collective_timeout) as ranks:
+    with recording() as clock, _data_parallel(device, collective_timeout, n_devices) as ranks:
         from dataclasses import replace
 
         from .distributed import local_device
@@ -318,7 +318,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
         if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
             _quiet_libraries()
         mark("import")
-        result = run_discover(replace(cfg, device=local_device(device)),
+        result = run_discover(replace(cfg, device=local_device(device, n_devices)),
                               progress=silent if quiet_text else for_stream(sys.stderr),
                               log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
         if ranks.is_main:  # only rank 0 writes and speaks

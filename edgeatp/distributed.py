@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import EdgeatpError, option_error
+from .errors import EdgeatpError, OptionError, option_error
 from .scores import PairStats
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default: a phase's slowest rank may keep the others waiting this long
@@ -180,12 +180,22 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def local_device(device: str | None) -> str | None:
-    """The device of this process: a bare accelerator name (``cuda``) becomes the one of this node's
-    local rank (``cuda:1``), as torchrun starts one process per device."""
+def local_device(device: str | None, n_devices: int = 1) -> str | None:
+    """The first device of this process: under torchrun a bare accelerator name (``cuda``) becomes
+    the first of this process's own ``n_devices`` devices, ``cuda:LOCAL_RANK*n_devices`` (one
+    process per device, or per ``n_devices`` devices of a split model); refused in one line when the
+    node's processes need more devices than it has."""
     if device is None or not launched() or ":" in device or torch.device(device).type != "cuda":
         return device
-    return f"{device}:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if per_node * n_devices > have:
+        raise OptionError(f"{{device}} {device} under torchrun: {per_node} processes on this node with {{n_devices}} "
+                          f"{n_devices} each need {per_node * n_devices} CUDA devices, but this machine has {have}; "
+                          "start fewer processes per node (--nproc-per-node) or lower {n_devices}",
+                          device="device", n_devices="n_devices")
+    return f"{device}:{local * n_devices}"
 
 
 @contextmanager

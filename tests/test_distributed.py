@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeatp.distributed import SINGLE, Ranks
+from edgeatp.distributed import SINGLE, Ranks, local_device
 
 from .dist_work import workload
 from .test_model import WORDS, _word_tokenizer
@@ -38,6 +38,29 @@ def test_shards_split_the_pairs_into_contiguous_blocks_once():
             assert torch.equal(torch.cat(parts), torch.arange(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert SINGLE.is_main and not SINGLE.active
+
+
+def test_each_rank_of_a_node_takes_its_own_devices(monkeypatch):
+    """Under torchrun ``--device cuda --n-devices N`` gives local rank r the devices cuda:r*N onwards
+    (no two processes share one), and too few devices on the node are one line naming both flags."""
+    from edgeatp.cli import _one_line
+    from edgeatp.errors import OptionError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for local, n, first in ((0, 1, 0), (1, 1, 1), (0, 2, 0), (1, 2, 2)):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        assert local_device("cuda", n) == f"cuda:{first}"
+    assert (local_device("cuda:3", 2), local_device("cpu", 2), local_device(None, 2)) == ("cuda:3", "cpu", None)
+    with pytest.raises(OptionError) as caught:
+        local_device("cuda", 3)
+    assert _one_line(caught.value) == ("--device cuda under torchrun: 2 processes on this node with --n-devices 3 "
+                                       "each need 6 CUDA devices, but this machine has 4; start fewer processes per "
+                                       "node (--nproc-per-node) or lower --n-devices")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not launched by torchrun: the device as given
+    assert local_device("cuda", 2) == "cuda"
 
 
 @pytest.fixture(scope="module")
