@@ -2,7 +2,8 @@
 ``torchrun --nproc-per-node 2`` (gloo) as ``python tests/dist_work.py OUT CHECKPOINT``, which writes
 rank 0's results and what every rank caught in the failure scenarios (library calls and the
 ``discover`` command) into OUT; ``python tests/dist_work.py --hang OUT SECONDS`` lets rank 1 stop
-answering past the collective timeout."""
+answering past the collective timeout; ``python tests/dist_work.py --commands OUT`` runs the
+circuit commands of :data:`COMMANDS` into OUT/two."""
 
 from __future__ import annotations
 
@@ -120,6 +121,33 @@ def failing_command(rank: int, out: Path) -> dict[str, object]:
     return {"exit_code": res.exit_code, "output": res.output}
 
 
+def commands(folder: Path) -> list[list[str]]:
+    """``discover --refine`` and, on its circuit, ``refine``, ``verify`` and ``export``, writing into ``folder``."""
+    circuit = str(folder / "circuit.json")
+    return [["discover", "--model", "zoo:ioi", "--n-pairs", "10", "--batch-size", "4", "--top-k", "12", "--refine",
+             "--refine-budget", "200", "--refine-sizes", "6,12", "--verify", "6", "--sample-below", "4",
+             "--format", "json", "--out", str(folder), "--json"],
+            ["refine", circuit, "--sizes", "4,8", "--refine-budget", "150", "--batch-size", "4",
+             "--out", str(folder / "refined.json"), "--json"],
+            ["verify", circuit, "--verify", "6", "--sample-below", "4", "--batch-size", "4",
+             "--out", str(folder / "verified.json"), "--json"],
+            ["export", circuit, "--format", "mib"]]
+
+
+def run_commands(rank: int, out: Path) -> None:
+    """The :func:`commands` on every rank of the joined process group, as the command line runs them:
+    each one's exit status, standard output and standard error in OUT/commands{rank}.json."""
+    from click.testing import CliRunner
+
+    from edgeatp.cli import main as cli
+
+    ran = []
+    for args in commands(out / "two"):
+        res = CliRunner().invoke(cli, args)
+        ran.append({"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr})
+    (out / f"commands{rank}.json").write_text(json.dumps(ran))
+
+
 def hang(out: Path, timeout_s: float) -> None:
     """Rank 1 stops answering (it sleeps past the collective timeout) while rank 0 attributes: what
     each caught and how long it took, in OUT/hang{rank}.json."""
@@ -145,6 +173,10 @@ def hang(out: Path, timeout_s: float) -> None:
 def main() -> None:
     if sys.argv[1] == "--hang":
         hang(Path(sys.argv[2]), float(sys.argv[3]))
+        return
+    if sys.argv[1] == "--commands":
+        with process_group(None, timeout_s=60) as ranks:
+            run_commands(ranks.rank, Path(sys.argv[2]))
         return
     out, checkpoint = Path(sys.argv[1]), sys.argv[2]
     with process_group(None, timeout_s=60) as ranks:

@@ -158,6 +158,50 @@ def test_torchrun_discover_matches_one_process_and_only_rank_0_speaks(tmp_path):
     _close(a["verification"]["rank_correlation"], b["verification"]["rank_correlation"], "verification")
 
 
+def test_torchrun_refine_verify_and_export_match_one_process_and_only_rank_0_speaks(tmp_path):
+    """``discover --refine`` (its search spends and reports one process's forwards, so it takes the
+    same path) and, on its circuit, ``refine`` and ``verify``: the same circuits, faithfulness and
+    forward counts as one process, printed and written by rank 0 only; ``export`` is refused on every
+    rank in one line (it does no model work, and every rank would write the same files)."""
+    from click.testing import CliRunner
+
+    from edgeatp.cli import main
+
+    from .dist_work import commands
+
+    single = [CliRunner().invoke(main, args) for args in commands(tmp_path / "one")]
+    assert [r.exit_code for r in single] == [0, 0, 0, 0], [r.output for r in single]
+    res = torchrun(str(ROOT / "tests" / "dist_work.py"), "--commands", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"commands{r}.json").read_text()) for r in (0, 1))
+    assert [r["exit_code"] for r in rank0] == [0, 0, 0, 2] and [r["exit_code"] for r in rank1] == [0, 0, 0, 2]
+    assert all(r["stdout"] == "" and r["stderr"] == "" for r in rank1[:3])  # rank 1 neither prints nor warns
+    refused = ("render and export only read and write files, so every torchrun process would write the same ones; "
+               "run them as one process, without torchrun")
+    assert rank0[3]["stderr"] == f"error: {refused}\n" and rank1[3]["stderr"] == f"error: rank 1: {refused}\n"
+    for step, name in enumerate(("circuit", "refined", "verified")):
+        one, two = json.loads(single[step].stdout), json.loads(rank0[step]["stdout"])
+        a, b = (json.loads((tmp_path / f / f"{name}.json").read_text()) for f in ("one", "two"))
+        assert a["edges"]["in_graph"] == b["edges"]["in_graph"], name
+        _close_refinement(a["refinement"], b["refinement"])
+        assert a["verification"]["n_forwards"] == b["verification"]["n_forwards"], name
+        _close([a["faithfulness"], a["necessity"]], [b["faithfulness"], b["necessity"]], name)
+        assert set(one["outputs"]) == set(two["outputs"]), name
+    assert json.loads(rank0[0]["stdout"])["refinement"]["n_forwards"] <= 200
+    assert not (tmp_path / "two" / "circuit.mib.json").exists()
+
+
+def _close_refinement(a: dict, b: dict) -> None:
+    """Two searches' records: the same path, forwards and circuits, faithfulness up to float rounding."""
+    for one, two in zip(a["sizes"], b["sizes"]):
+        _close([one.pop(k) for k in ("faithfulness", "necessity", "before_faithfulness", "before_necessity")],
+               [two.pop(k) for k in ("faithfulness", "necessity", "before_faithfulness", "before_necessity")],
+               "refinement")
+    _close([a.pop("clean_metric"), a.pop("corrupt_metric")], [b.pop("clean_metric"), b.pop("corrupt_metric")],
+           "refinement")
+    assert a == b, "refinement"
+
+
 def test_a_rank_that_stops_answering_times_out_with_one_line(tmp_path):
     """Rank 1 sleeps past a 4-second collective timeout: rank 0 gives up at the first combination
     point instead of waiting for ever, and both name the lost processes and the timeout option."""
