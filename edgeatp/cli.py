@@ -153,8 +153,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _check_model_spec(spec: str) -> None:
-    """Reject model specs that cannot name anything, before any heavy import."""
+def _check_model_spec(spec: str, config_file: bool = False) -> None:
+    """Reject model specs that cannot name anything, before any heavy import (``config_file``: a
+    checkpoint's config.json names its model too, for commands that read only the config)."""
     if not spec.strip():
         raise EdgeatpError("--model is empty; pass zoo:NAME, a checkpoint folder or a model name")
     if spec.startswith("zoo:"):
@@ -164,7 +165,7 @@ def _check_model_spec(spec: str) -> None:
             raise EdgeatpError(f"--model {spec}: the zoo has {', '.join('zoo:' + n for n in ZOO)}")
         return
     path = Path(spec).expanduser()
-    if path.exists() and not path.is_dir():
+    if path.exists() and not path.is_dir() and not (config_file and path.name == "config.json"):
         raise EdgeatpError(f"--model {spec}: this is a file; pass the checkpoint folder that holds config.json")
     if not path.exists() and spec.startswith(("/", "./", "../", "~")):
         raise EdgeatpError(f"--model {spec}: no such folder; pass a checkpoint folder, zoo:NAME or a model name")
@@ -572,7 +573,7 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
 # ------------------------------------------------------------------------------------ plan
 @main.command("plan")
 @click.option("--model", "model_spec", default="zoo:ioi", show_default=True,
-              help="zoo:NAME, a checkpoint folder (its config.json is enough: no weights are read) or a "
+              help="zoo:NAME, a checkpoint folder or its config.json (the config is enough: no weights are read) or a "
                    "TransformerLens name whose config is known offline.")
 @click.option("--n-pairs", type=click.IntRange(1), default=64, show_default=True, help="Prompt pairs.")
 @click.option("--seq-len", type=click.IntRange(1), default=None,
@@ -601,8 +602,11 @@ def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: 
     from .model_config import describe_model
     from .plan import Workload, plan
 
-    _check_model_spec(model_spec)
+    _check_model_spec(model_spec, config_file=True)
     spec = describe_model(model_spec, dtype)
+    if seq_len is not None and seq_len > spec.n_ctx:
+        raise EdgeatpError(f"--seq-len {seq_len} is longer than {spec.name}'s context of {spec.n_ctx} tokens; "
+                           f"use --seq-len {spec.n_ctx} or fewer")
     T = seq_len if seq_len is not None else min(32, spec.n_ctx)
     if shared_prefix >= T:
         raise EdgeatpError(f"--shared-prefix {shared_prefix} leaves no token that differs in prompts of {T} tokens; "
