@@ -122,26 +122,25 @@ def _parse_device(device: str | torch.device | None) -> torch.device | None:
         raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps or xpu") from None
     if dev.type == "cpu":
         return dev
-    counts = _accelerator_counts()
-    if dev.type not in counts:
+    if dev.type not in ("cuda", "mps", "xpu"):
         raise ModelError(f"{{device}} {device!r}: edgeatp runs on cpu, cuda, mps or xpu devices; use one of those",
                          device="device")
-    name = dev.type.upper()
-    if counts[dev.type] == 0:
+    name, count = dev.type.upper(), _device_count(dev.type)
+    if count == 0:
         raise ModelError(f"{{device}} {device!r}: this torch build has no {name} device; use {{device}} cpu",
                          device="device")
-    if dev.index is not None and dev.index >= counts[dev.type]:
-        raise ModelError(f"{{device}} {device!r}: this machine has {counts[dev.type]} {name} device(s), numbered "
-                         f"from 0", device="device")
+    if dev.index is not None and dev.index >= count:
+        raise ModelError(f"{{device}} {device!r}: this machine has {count} {name} device(s), numbered from 0",
+                         device="device")
     return dev
 
 
-def _accelerator_counts() -> dict[str, int]:
-    """How many devices of each accelerator type edgeatp runs on this torch build reaches."""
-    xpu = getattr(torch, "xpu", None)  # torch 2.4 and newer
-    return {"cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            "mps": int(torch.backends.mps.is_available()),
-            "xpu": xpu.device_count() if xpu is not None and xpu.is_available() else 0}
+def _device_count(kind: str) -> int:
+    """How many devices of an accelerator type (cuda, mps, xpu) this torch build reaches."""
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)  # torch.cuda; torch.xpu from torch 2.4 on
+    return module.device_count() if module is not None and module.is_available() else 0
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
