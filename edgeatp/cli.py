@@ -91,19 +91,26 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _rank_label() -> str:
     """``rank N: `` before the errors of the other processes of a torchrun run (rank 0 speaks plainly)."""
     rank = os.environ.get("RANK", "0")
-    return f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != "0" else ""
+    return f"rank {rank}: " if _under_torchrun() and rank != "0" else ""
 
 
 @contextmanager
-def _data_parallel(device: str | None, timeout: float) -> Iterator[Any]:
-    """This process's place in a torchrun run (a run of its own otherwise): joins the process group,
-    silences every rank but 0 and makes a failure on any rank stop them all with one message."""
-    from .distributed import guard, local_device, process_group
+def _data_parallel(device: str | None, timeout: float | None = None, n_devices: int = 1) -> Iterator[Any]:
+    """This process's place in a torchrun run (a run of its own otherwise): joins the process group
+    (``timeout``: seconds of a collective, default torch's), silences every rank but 0 and makes a
+    failure on any rank stop them all with one message."""
+    from .distributed import DEFAULT_TIMEOUT_S, guard, local_device, process_group
 
-    with process_group(local_device(device), timeout) as ranks, guard(ranks):
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    with process_group(local_device(device, n_devices), timeout) as ranks, guard(ranks):
         if not ranks.is_main:
             _quiet_libraries()
             warnings.simplefilter("ignore")
@@ -149,8 +156,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _check_model_spec(spec: str) -> None:
-    """Reject model specs that cannot name anything, before any heavy import."""
+def _check_model_spec(spec: str, config_file: bool = False) -> None:
+    """Reject model specs that cannot name anything, before any heavy import (``config_file``: a
+    checkpoint's config.json names its model too, for commands that read only the config)."""
     if not spec.strip():
         raise EdgeatpError("--model is empty; pass zoo:NAME, a checkpoint folder or a model name")
     if spec.startswith("zoo:"):
@@ -160,7 +168,7 @@ def _check_model_spec(spec: str) -> None:
             raise EdgeatpError(f"--model {spec}: the zoo has {', '.join('zoo:' + n for n in ZOO)}")
         return
     path = Path(spec).expanduser()
-    if path.exists() and not path.is_dir():
+    if path.exists() and not path.is_dir() and not (config_file and path.name == "config.json"):
         raise EdgeatpError(f"--model {spec}: this is a file; pass the checkpoint folder that holds config.json")
     if not path.exists() and spec.startswith(("/", "./", "../", "~")):
         raise EdgeatpError(f"--model {spec}: no such folder; pass a checkpoint folder, zoo:NAME or a model name")
@@ -182,6 +190,17 @@ def _check_group(spec: str | None) -> None:
         from .groupspec import check_group_spec
 
         check_group_spec(spec)
+
+
+def _saved_devices(circuit_file: str, device: str | None, n_devices: int | None) -> tuple[str | None, int]:
+    """The device and device count a re-run of a saved circuit uses: the given ones, else the recorded
+    ones (under torchrun only the recorded device's type, as each process takes its own device)."""
+    from .export.schema import load_json_data
+
+    config = (load_json_data(Path(circuit_file)).get("meta") or {}).get("config") or {}
+    if device is None and config.get("device") and _under_torchrun():
+        device = str(config["device"]).split(":")[0]
+    return device, n_devices or int(config.get("n_devices") or 1)
 
 
 def _check_circuit_file(path: str) -> None:
@@ -309,7 +328,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
 
     check_writable(Path(out))
     t0 = time.time()
-    with recording() as clock, _data_parallel(device, collective_timeout) as ranks:
+    with recording() as clock, _data_parallel(device, collective_timeout, n_devices) as ranks:
         from dataclasses import replace
 
         from .distributed import local_device
@@ -320,7 +339,7 @@ def discover(model_spec: str, task: str | None, data: str | None, n_pairs: int, 
         if quiet_text or not sys.stderr.isatty():  # loading bars would leave carriage returns in logs
             _quiet_libraries()
         mark("import")
-        result = run_discover(replace(cfg, device=local_device(device)),
+        result = run_discover(replace(cfg, device=local_device(device, n_devices)),
                               progress=silent if quiet_text else for_stream(sys.stderr),
                               log=lambda s: _say(quiet_text, s), per_head_view="mib" in formats)
         if ranks.is_main:  # only rank 0 writes and speaks
@@ -399,12 +418,13 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
     _check_data(data)
     _check_circuit_file(circuit_file)
     if device is not None and not DEVICE_PATTERN.fullmatch(device):
-        raise EdgeatpError(f"--device {device!r} is unknown; use cpu, cuda, cuda:N or mps")
+        raise EdgeatpError(f"--device {device!r} is unknown; use cpu, cuda, cuda:N, mps or xpu")
     target = Path(out) if out else Path(circuit_file)
     from .export.files import check_writable
 
     check_writable(target.parent)
-    with _data_parallel(device, collective_timeout) as ranks:
+    device, split = _saved_devices(circuit_file, device, n_devices)
+    with _data_parallel(device, collective_timeout, split) as ranks:
         from .distributed import local_device
 
         quiet_text = quiet or as_json or not ranks.is_main
@@ -416,7 +436,7 @@ def verify(circuit_file: str, model_spec: str | None, task: str | None, data: st
 
         result = reverify(Path(circuit_file), model=model_spec, task=task, data=data, n_pairs=n_pairs,
                           n_verify=n_verify, sample_below=sample_below, bound=bound, batch_size=batch_size, seed=seed,
-                          device=local_device(device), n_devices=n_devices, backend=backend,
+                          device=local_device(device, split), n_devices=n_devices, backend=backend,
                           allow_download=allow_download, progress=silent if quiet_text else for_stream(sys.stderr))
         if ranks.is_main:  # only rank 0 writes and speaks
             existing = set_files(target.parent, target.stem) if not out else []
@@ -471,23 +491,30 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
     from .export.files import check_writable
 
     check_writable(target.parent)
-    quiet_text = quiet or as_json
-    if quiet_text or not sys.stderr.isatty():
-        _quiet_libraries()
-    from .export import set_files
-    from .pipeline import refine_saved
-    from .progress import for_stream, silent
+    device, split = _saved_devices(circuit_file, None, None)
+    with _data_parallel(device, n_devices=split) as ranks:
+        from .distributed import local_device
 
-    try:
-        result = refine_saved(source, sizes=sizes, budget=budget, seed=seed, data=data, batch_size=batch_size,
-                              backend=backend, allow_download=allow_download,
-                              progress=silent if quiet_text else for_stream(sys.stderr),
-                              log=lambda s: _say(quiet_text, s))
-    except EdgeatpError as exc:  # this command's flag for the sizes is --sizes
-        exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}
-        raise
-    formats = (_formats_of(set_files(source.parent, source.stem), source.stem) or ["json"]) if not out else ["json"]
-    _report(result, target, formats, quiet, as_json)
+        quiet_text = quiet or as_json or not ranks.is_main
+        if quiet_text or not sys.stderr.isatty():
+            _quiet_libraries()
+        from .export import set_files
+        from .pipeline import refine_saved
+        from .progress import for_stream, silent
+
+        try:
+            result = refine_saved(source, sizes=sizes, budget=budget, seed=seed, data=data, batch_size=batch_size,
+                                  backend=backend, allow_download=allow_download,
+                                  device=local_device(device, split),
+                                  progress=silent if quiet_text else for_stream(sys.stderr),
+                                  log=lambda s: _say(quiet_text, s))
+        except EdgeatpError as exc:  # this command's flag for the sizes is --sizes
+            exc.options = {k: "sizes" if v == "refine_sizes" else v for k, v in exc.options.items()}
+            raise
+        if ranks.is_main:  # only rank 0 writes and speaks
+            formats = (_formats_of(set_files(source.parent, source.stem), source.stem) or ["json"]) if not out \
+                else ["json"]
+            _report(result, target, formats, quiet, as_json)
 
 
 def _formats_of(files: list[str], stem: str) -> list[str]:
@@ -527,6 +554,9 @@ def export_cmd(circuit_file: str, fmt: str, out: str | None, force: bool, quiet:
 
 
 def _export_file(path: Path, formats: list[str], out: str | None, force: bool, quiet: bool) -> None:
+    if _under_torchrun():
+        raise EdgeatpError("render and export only read and write files, so every torchrun process would write "
+                           "the same ones; run them as one process, without torchrun")
     folder = Path(out) if out else path.parent
     same = folder.resolve() == path.parent.resolve()
     wanted = [f for f in formats if not (same and f == "json")]
@@ -549,7 +579,7 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
 # ------------------------------------------------------------------------------------ plan
 @main.command("plan")
 @click.option("--model", "model_spec", default="zoo:ioi", show_default=True,
-              help="zoo:NAME, a checkpoint folder (its config.json is enough: no weights are read) or a "
+              help="zoo:NAME, a checkpoint folder or its config.json (the config is enough: no weights are read) or a "
                    "TransformerLens name whose config is known offline.")
 @click.option("--n-pairs", type=click.IntRange(1), default=64, show_default=True, help="Prompt pairs.")
 @click.option("--seq-len", type=click.IntRange(1), default=None,
@@ -578,8 +608,11 @@ def plan_cmd(model_spec: str, n_pairs: int, seq_len: int | None, shared_prefix: 
     from .model_config import describe_model
     from .plan import Workload, plan
 
-    _check_model_spec(model_spec)
+    _check_model_spec(model_spec, config_file=True)
     spec = describe_model(model_spec, dtype)
+    if seq_len is not None and seq_len > spec.n_ctx:
+        raise EdgeatpError(f"--seq-len {seq_len} is longer than {spec.name}'s context of {spec.n_ctx} tokens; "
+                           f"use --seq-len {spec.n_ctx} or fewer")
     T = seq_len if seq_len is not None else min(32, spec.n_ctx)
     if shared_prefix >= T:
         raise EdgeatpError(f"--shared-prefix {shared_prefix} leaves no token that differs in prompts of {T} tokens; "

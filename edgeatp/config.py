@@ -91,7 +91,7 @@ def check_config(cfg: DiscoverConfig) -> str | None:
     if cfg.dtype is not None and cfg.dtype not in DTYPE_CHOICES:
         raise option_error(f"{{dtype}} {cfg.dtype!r} is unknown; choose from {', '.join(DTYPE_CHOICES)}")
     if cfg.device is not None and not DEVICE_PATTERN.fullmatch(cfg.device):
-        raise option_error(f"{{device}} {cfg.device!r} is unknown; use cpu, cuda, cuda:N or mps")
+        raise option_error(f"{{device}} {cfg.device!r} is unknown; use cpu, cuda, cuda:N, mps or xpu")
     level = "group" if cfg.group and cfg.level != "edge" else cfg.level
     method = get_method(cfg.method, "node" if level == "neuron" else level)
     if cfg.level != "edge" and rule not in (None, "top_k"):

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import EdgeatpError, option_error
+from .errors import EdgeatpError, OptionError, option_error
 from .scores import PairStats
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default: a phase's slowest rank may keep the others waiting this long
@@ -60,27 +60,33 @@ class Ranks:
         return torch.arange(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
     # ------------------------------------------------------------------ collectives
-    def check(self, phase: str, failure: tuple[str, dict[str, str]] | None = None) -> None:
+    def check(self, phase: str, failure: tuple[str, dict[str, str]] | None = None, layout: str = "") -> None:
         """Exchange every process's status at a combination point: raise :class:`RankFailed` when
         another process failed (``failure`` is this process's own: message template and options),
-        :class:`DistributedError` when the processes are not at the same point."""
+        :class:`DistributedError` when the processes are not at the same point or when what they are
+        about to combine differs (``layout``: this process's pair count and result shapes, which the
+        collectives need equal everywhere)."""
         if not self.active:
             return
         import torch.distributed as dist
 
         got: list[Any] = [None] * self.world
         with self._talking(phase):
-            dist.all_gather_object(got, (phase, failure))
-        failed = [(r, f) for r, (_, f) in enumerate(got) if f is not None and r != self.rank]
+            dist.all_gather_object(got, (phase, failure, layout))
+        failed = [(r, f) for r, (_, f, _) in enumerate(got) if f is not None and r != self.rank]
         if failure is not None:
             return
         if failed:
             rank, (template, options) = failed[0]
             more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
             raise RankFailed(f"rank {rank} of {self.world} failed{more}, so every rank stopped: {template}", **options)
-        phases = {p for p, _ in got}
+        phases = {p for p, _, _ in got}
         if len(phases) > 1:
             raise DistributedError(f"the {self.world} processes are at different steps ({', '.join(sorted(phases))}); "
+                                   "every rank must run the same command on the same data")
+        if len({lay for _, _, lay in got}) > 1:
+            ranks = "; ".join(f"rank {r}: {lay}" for r, (_, _, lay) in enumerate(got))
+            raise DistributedError(f"the {self.world} processes cannot combine their results at {phase} ({ranks}); "
                                    "every rank must run the same command on the same data")
 
     @contextmanager
@@ -174,12 +180,22 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def local_device(device: str | None) -> str | None:
-    """The device of this process: a bare accelerator name (``cuda``) becomes the one of this node's
-    local rank (``cuda:1``), as torchrun starts one process per device."""
+def local_device(device: str | None, n_devices: int = 1) -> str | None:
+    """The first device of this process: under torchrun a bare accelerator name (``cuda``) becomes
+    the first of this process's own ``n_devices`` devices, ``cuda:LOCAL_RANK*n_devices`` (one
+    process per device, or per ``n_devices`` devices of a split model); refused in one line when the
+    node's processes need more devices than it has."""
     if device is None or not launched() or ":" in device or torch.device(device).type != "cuda":
         return device
-    return f"{device}:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if per_node * n_devices > have:
+        raise OptionError(f"{{device}} {device} under torchrun: {per_node} processes on this node with {{n_devices}} "
+                          f"{n_devices} each need {per_node * n_devices} CUDA devices, but this machine has {have}; "
+                          "start fewer processes per node (--nproc-per-node) or lower {n_devices}",
+                          device="device", n_devices="n_devices")
+    return f"{device}:{local * n_devices}"
 
 
 @contextmanager

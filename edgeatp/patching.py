@@ -39,7 +39,7 @@ class PatchEffects:
     base_metric: torch.Tensor  # [n_pairs]
     direction: Direction
     metric: str
-    n_forwards: int
+    n_forwards: int  # one process's forwards over every pair, in a data-parallel run too (see sweep_forwards)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -79,7 +79,6 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
     pair_bs, chunk = _stacking(setup)
     per_pair = torch.zeros(n, s, dtype=torch.float64, device=model.device)  # in host memory once done
     base_metric = torch.zeros(n, dtype=torch.float64, device=model.device)
-    forwards = 0
     for batch in setup.batches(description, batch_size=pair_bs):
         B = len(batch)
         ref = setup.reference(batch)
@@ -88,7 +87,6 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
         setup.check_finite(base, "metric values of the unpatched run")
         base_metric[batch.index] = base.double().to(model.device)
         _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
-        forwards += 2
         for start in range(0, s, chunk):
             sets = torch.arange(start, min(s, start + chunk), device=model.device)
             C = len(sets)
@@ -101,13 +99,11 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
             setup.check_finite(value, "patched metric values")
             eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
             per_pair[batch.index[:, None], sets[None, :]] = eff.T
-            forwards += 1
-    setup.ranks.check(description)  # a data-parallel run: every process patched its own pairs
+    setup.ranks.check(description, layout=f"{n} prompt pairs, {s} patch sets")  # every process patched its own pairs
     per_pair, base_metric = setup.ranks.sum_rows(per_pair, base_metric)
-    forwards = int(setup.ranks.sum_values([forwards])[0])
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
     return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]
-                        forwards)
+                        sweep_forwards(setup, s))
 
 
 def _stacking(setup: Setup) -> tuple[int, int]:
@@ -117,10 +113,11 @@ def _stacking(setup: Setup) -> tuple[int, int]:
 
 
 def sweep_forwards(setup: Setup, n_sets: int) -> int:
-    """The forwards :func:`sweep` spends (and counts) on ``n_sets`` patch sets: to plan work within a budget."""
+    """The forwards :func:`sweep` spends on ``n_sets`` patch sets in one process, and reports in any
+    run (a data-parallel run's processes, each batching its own share of the pairs, may spend more
+    between them, but every count and every budget decision must be the one-process one)."""
     pair_bs, chunk = _stacking(setup)
-    n_batches = sum(1 for _ in setup.pairs.batches(pair_bs, setup.direction, same_length=not setup.model.causal))
-    return n_batches * (2 + -(-n_sets // chunk))
+    return setup.n_batches(pair_bs) * (2 + -(-n_sets // chunk))
 
 
 # ------------------------------------------------------------------------------------ nodes

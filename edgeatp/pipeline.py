@@ -384,11 +384,11 @@ def reverify(path: Path, *, model: str | None = None, task: str | None = None, d
 
 def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, seed: int | None = None,
                  data: str | None = None, batch_size: int = 32, backend: str | None = None,
-                 allow_download: bool = False, progress: Progress = silent,
+                 allow_download: bool = False, device: str | None = None, progress: Progress = silent,
                  log: Log = lambda s: None) -> DiscoverResult:
     """Search a saved edge circuit's sizes for better circuits (on its own model and data, from its
     stored estimates as the ranking; ``seed`` seeds the search, default the recorded seed; ``backend``
-    default the recorded one), measure them exactly and verify the result again."""
+    and ``device`` default the recorded ones), measure them exactly and verify the result again."""
     from .export import read_circuit
 
     saved = read_circuit(path)
@@ -397,7 +397,7 @@ def refine_saved(path: Path, *, sizes: str | None = None, budget: int = 2000, se
                           "with {level} edge)", level="level")
     overrides: dict[str, Any] = {"batch_size": batch_size, "allow_download": allow_download, "refine": True,
                                  "refine_budget": budget, "refine_sizes": sizes}
-    with _saved(path, overrides, data=data, backend=backend, progress=progress,
+    with _saved(path, overrides, data=data, backend=backend, device=device, progress=progress,
                 circuit=saved) as (circuit, cfg, setup, label):
         scores = _stored_scores(circuit)
         circuit = circuit.with_(circuit_metrics=(ranking_metrics(setup, scores),))

@@ -102,6 +102,12 @@ class Setup:
                 yield batch.to(model.device)
                 bar.update(1)
 
+    def n_batches(self, batch_size: int | None = None) -> int:
+        """The batches :meth:`batches` takes over every pair in one process: what forwards are counted
+        in, so that a data-parallel run (each process batching its own share) counts what one process does."""
+        return sum(1 for _ in self.pairs.batches(batch_size or self.batch_size, self.direction,
+                                                 same_length=not self.model.causal))
+
     def reference(self, batch: PairBatch) -> torch.Tensor | None:
         """Clean-run log-probabilities at the answer position, for metrics that compare with them."""
         if not self.metric.needs_reference:
@@ -157,5 +163,6 @@ class Setup:
     def _combine(self, stats: PairStats | None, shape: tuple[int, ...], rows: list[torch.Tensor | None]
                  ) -> tuple[PairStats | None, list[torch.Tensor | None]]:
         """Attribution results of every process of a data-parallel run, joined."""
-        self.ranks.check("attribution")
+        kept = ", per-pair rows" if any(r is not None for r in rows) else ""
+        self.ranks.check("attribution", layout=f"{self.n_pairs} prompt pairs, estimates {list(shape)}{kept}")
         return self.ranks.merge_stats(stats, shape), self.ranks.sum_rows(*rows)

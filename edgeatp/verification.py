@@ -57,16 +57,16 @@ class Endpoints:
 
 def endpoints(setup: Setup) -> Endpoints:
     """Mean metric on the clean and on the corrupt prompts."""
-    totals, forwards = torch.zeros(2, dtype=torch.float64, device=setup.model.device), 0
+    totals = torch.zeros(2, dtype=torch.float64, device=setup.model.device)
     for batch in setup.batches("clean and corrupt runs"):
         ref = setup.reference(batch)
         for i, tokens in enumerate((batch.clean, batch.corrupt)):
             logits, _ = capture(setup.model, tokens, [])
             totals[i] += setup.metric(logits, batch, ref).double().sum().to(totals.device)
-        forwards += 2 + (ref is not None)
-    setup.ranks.check("clean and corrupt runs")  # a data-parallel run: every process ran its own pairs
-    clean, corrupt, forwards = setup.ranks.sum_values([*totals.tolist(), forwards])
-    ends = Endpoints(clean / setup.n_pairs, corrupt / setup.n_pairs, int(forwards))
+    setup.ranks.check("clean and corrupt runs", layout=f"{setup.n_pairs} prompt pairs")  # each ran its own pairs
+    clean, corrupt = setup.ranks.sum_values(totals.tolist())
+    forwards = setup.n_batches() * (2 + int(setup.metric.needs_reference))  # one process's count (see sweep_forwards)
+    ends = Endpoints(clean / setup.n_pairs, corrupt / setup.n_pairs, forwards)
     ends.gap  # noqa: B018 - refuse an undefined faithfulness at once
     return ends
 

@@ -2,7 +2,8 @@
 ``torchrun --nproc-per-node 2`` (gloo) as ``python tests/dist_work.py OUT CHECKPOINT``, which writes
 rank 0's results and what every rank caught in the failure scenarios (library calls and the
 ``discover`` command) into OUT; ``python tests/dist_work.py --hang OUT SECONDS`` lets rank 1 stop
-answering past the collective timeout."""
+answering past the collective timeout; ``python tests/dist_work.py --commands OUT`` runs the
+circuit commands of :data:`COMMANDS` into OUT/two."""
 
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def workload(checkpoint: str) -> dict[str, object]:
 
 
 def failures(rank: int) -> dict[str, list]:
-    """Two runs in which rank 1 fails (bad data; an exception inside a forward hook): what each rank
-    caught and how long it took."""
+    """Runs in which rank 1 fails (bad data; an exception inside a forward hook) or has fewer pairs
+    than rank 0 (uneven pairs): what each rank caught and how long it took."""
     caught: dict[str, list] = {}
     model = ea.load_model("zoo:ioi")
     pairs = make_task("ioi", model.tokenizer, 8, seed=0)
@@ -74,13 +75,15 @@ def failures(rank: int) -> dict[str, list]:
         raise RuntimeError("boom in a hook")
 
     forward = model.forward
-    for scenario in ("bad data", "hook"):
+    for scenario in ("bad data", "hook", "uneven pairs"):
         start = time.time()
         try:
             with guard():
                 data = pairs
                 if rank == 1 and scenario == "bad data":
                     data = PromptPairs.from_lists([[0, 4, 999]], [[0, 5, 999]], [4], [[5]])
+                if rank == 1 and scenario == "uneven pairs":
+                    data = pairs.subset(range(7))
                 if rank == 1 and scenario == "hook":
                     model.forward = lambda tokens, fwd=(), logits=True: forward(  # type: ignore[method-assign]
                         tokens, [*fwd, (Site("pattern", 1), boom)], logits)
@@ -118,6 +121,33 @@ def failing_command(rank: int, out: Path) -> dict[str, object]:
     return {"exit_code": res.exit_code, "output": res.output}
 
 
+def commands(folder: Path) -> list[list[str]]:
+    """``discover --refine`` and, on its circuit, ``refine``, ``verify`` and ``export``, writing into ``folder``."""
+    circuit = str(folder / "circuit.json")
+    return [["discover", "--model", "zoo:ioi", "--n-pairs", "10", "--batch-size", "4", "--top-k", "12", "--refine",
+             "--refine-budget", "200", "--refine-sizes", "6,12", "--verify", "6", "--sample-below", "4",
+             "--format", "json", "--out", str(folder), "--json"],
+            ["refine", circuit, "--sizes", "4,8", "--refine-budget", "150", "--batch-size", "4",
+             "--out", str(folder / "refined.json"), "--json"],
+            ["verify", circuit, "--verify", "6", "--sample-below", "4", "--batch-size", "4",
+             "--out", str(folder / "verified.json"), "--json"],
+            ["export", circuit, "--format", "mib"]]
+
+
+def run_commands(rank: int, out: Path) -> None:
+    """The :func:`commands` on every rank of the joined process group, as the command line runs them:
+    each one's exit status, standard output and standard error in OUT/commands{rank}.json."""
+    from click.testing import CliRunner
+
+    from edgeatp.cli import main as cli
+
+    ran = []
+    for args in commands(out / "two"):
+        res = CliRunner().invoke(cli, args)
+        ran.append({"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr})
+    (out / f"commands{rank}.json").write_text(json.dumps(ran))
+
+
 def hang(out: Path, timeout_s: float) -> None:
     """Rank 1 stops answering (it sleeps past the collective timeout) while rank 0 attributes: what
     each caught and how long it took, in OUT/hang{rank}.json."""
@@ -143,6 +173,10 @@ def hang(out: Path, timeout_s: float) -> None:
 def main() -> None:
     if sys.argv[1] == "--hang":
         hang(Path(sys.argv[2]), float(sys.argv[3]))
+        return
+    if sys.argv[1] == "--commands":
+        with process_group(None, timeout_s=60) as ranks:
+            run_commands(ranks.rank, Path(sys.argv[2]))
         return
     out, checkpoint = Path(sys.argv[1]), sys.argv[2]
     with process_group(None, timeout_s=60) as ranks:

@@ -115,3 +115,33 @@ def test_discover_with_a_split_model_on_the_command_line(tmp_path):
     res = CliRunner().invoke(main, [*args, "--device", "cpu", "--n-devices", "2", "--out", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "a" / "circuit.json").exists()
+
+
+def test_every_device_type_is_checked_before_loading(monkeypatch):
+    """Accelerators this machine lacks, indices beyond its devices and device types edgeatp does not
+    run on are one-line errors naming --device, not torch's assertion or a missing module."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    for device, message in (("xpu", "device 'xpu': this torch build has no XPU device; use device cpu"),
+                            ("mps", "device 'mps': this torch build has no MPS device; use device cpu"),
+                            ("cuda:2", "device 'cuda:2': this machine has 2 CUDA device(s), numbered from 0"),
+                            ("hpu", "device 'hpu': edgeatp runs on cpu, cuda, mps or xpu devices; use one of those"),
+                            ("meta", "device 'meta': edgeatp runs on cpu, cuda, mps or xpu devices")):
+        with pytest.raises(ModelError, match=re.escape(message)):
+            ea.load_model("zoo:dup", device=device)
+
+
+def test_an_unavailable_device_on_the_command_line_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeatp.cli import main
+
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    res = CliRunner().invoke(main, ["discover", "--model", "zoo:dup", "--n-pairs", "4", "--device", "xpu",
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --device 'xpu': this torch build has no XPU device; use --device cpu"

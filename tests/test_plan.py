@@ -237,10 +237,21 @@ def test_plan_command_text_and_json():
     (["--model", "/no/such/folder"], "no such folder"),
     (["--seq-len", "8", "--shared-prefix", "8"], "--shared-prefix 8"),
     (["--model", "zoo:nope"], "the zoo has"),
+    (["--model", str(FIXTURES / "pythia-12b"), "--seq-len", "100000"],
+     "--seq-len 100000 is longer than pythia-12b's context of 2048 tokens; use --seq-len 2048 or fewer"),
+    (["--model", __file__], "this is a file; pass the checkpoint folder"),
 ])
 def test_plan_command_errors_are_one_line(args, match):
     res = CliRunner().invoke(main, ["plan", *args])
     assert res.exit_code == 2 and match in res.output and res.output.count("\n") == 1, res.output
+
+
+def test_plan_reads_a_config_json_path_like_its_folder():
+    folder = FIXTURES / "pythia-12b"
+    by_file = run("plan", "--model", str(folder / "config.json"), "--seq-len", "2048", "--json")
+    assert by_file.exit_code == 0, by_file.output
+    assert json.loads(by_file.stdout) == json.loads(run("plan", "--model", str(folder), "--seq-len", "2048",
+                                                        "--json").stdout)
 
 
 def test_plan_answers_without_importing_torch():

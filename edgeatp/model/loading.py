@@ -123,13 +123,28 @@ def _parse_device(device: str | torch.device | None) -> torch.device | None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"{{device}} {device!r}: this torch build has no CUDA device; use {{device}} cpu",
-                          device="device")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"{{device}} {device!r}: MPS is not available here; use {{device}} cpu", device="device")
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps or xpu") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type not in ("cuda", "mps", "xpu"):
+        raise ModelError(f"{{device}} {device!r}: edgeatp runs on cpu, cuda, mps or xpu devices; use one of those",
+                         device="device")
+    name, count = dev.type.upper(), _device_count(dev.type)
+    if count == 0:
+        raise ModelError(f"{{device}} {device!r}: this torch build has no {name} device; use {{device}} cpu",
+                         device="device")
+    if dev.index is not None and dev.index >= count:
+        raise ModelError(f"{{device}} {device!r}: this machine has {count} {name} device(s), numbered from 0",
+                         device="device")
     return dev
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of an accelerator type (cuda, mps, xpu) this torch build reaches."""
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)  # torch.cuda; torch.xpu from torch 2.4 on
+    return module.device_count() if module is not None and module.is_available() else 0
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
