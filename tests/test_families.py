@@ -9,6 +9,7 @@ and the command line end to end.
 
 import io
 import itertools
+import logging
 import json
 import shutil
 from dataclasses import dataclass, replace
@@ -440,3 +441,7 @@ def test_loading_prints_nothing_and_honours_disabled_progress_bars(build, capfd,
     edgeatp.load_model(str(folder))
     assert capfd.readouterr() == ("", "")
     assert tlog.is_progress_bar_enabled()
+    # in reduced precision too: no advice about TransformerLens calls the user does not make
+    edgeatp.load_model(str(folder), dtype="bfloat16")
+    assert capfd.readouterr() == ("", "")
+    assert not logging.getLogger().filters

@@ -425,6 +425,24 @@ def _transformers_quiet() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
+@contextmanager
+def _advice_dropped() -> Iterator[None]:
+    """TransformerLens' advice to use ``from_pretrained_no_processing`` in reduced precision left out:
+    it names a TransformerLens call edgeatp's user does not make (folding in the checkpoint's dtype
+    is what ``--dtype``'s precision tests measure)."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "from_pretrained_no_processing" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def read_weights(ckpt: Checkpoint, **options: Any) -> Any:
     """The transformers model of the folder in ``ckpt.dtype``; refuses weights that do not match config.json
     (``options`` go to ``from_pretrained``, e.g. ``attn_implementation``)."""
@@ -470,11 +488,12 @@ def hooked_transformer(ckpt: Checkpoint) -> Any:
         state = loading.get_pretrained_state_dict(str(ckpt.path), cfg, hf_model, dtype=ckpt.dtype)
         del hf_model
         model = HookedTransformer(cfg, None, move_to_device=False)
-        model.load_and_process_state_dict(
-            state, fold_ln=norms_foldable, center_writing_weights=norms_foldable,
-            center_unembed=not softcap_enabled(cfg.output_logits_soft_cap),
-            # sinks take attention mass off the real keys, so value biases are no constant shift
-            fold_value_biases=not cfg.use_attention_sinks)
+        with _advice_dropped():
+            model.load_and_process_state_dict(
+                state, fold_ln=norms_foldable, center_writing_weights=norms_foldable,
+                center_unembed=not softcap_enabled(cfg.output_logits_soft_cap),
+                # sinks take attention mass off the real keys, so value biases are no constant shift
+                fold_value_biases=not cfg.use_attention_sinks)
     except Exception as exc:  # noqa: BLE001 - any failure inside TransformerLens becomes one line
         raise ModelError(f"{ckpt.path}: TransformerLens 3.9 cannot convert this {ckpt.model_type} checkpoint "
                          f"({_first_line(exc)})") from exc
