@@ -23,6 +23,7 @@ from scipy.stats import spearmanr
 from .circuit import Check, Circuit, FaithfulnessCurve, Verification, member_components, top_k_circuits
 from .errors import EdgeatpError, option_error
 from .graph import Edge, EdgeGraph, Node, NodeKind
+from .memory import PatchLoad
 from .model import capture
 from .patching import patch_edges, patch_nodes, run_circuit
 from .scores import EdgeScores, NodeScores
@@ -56,16 +57,17 @@ class Endpoints:
 
 
 def endpoints(setup: Setup) -> Endpoints:
-    """Mean metric on the clean and on the corrupt prompts."""
-    totals, forwards = torch.zeros(2, dtype=torch.float64, device=setup.model.device), 0
-    for batch in setup.batches("clean and corrupt runs"):
+    """Mean metric on the clean and on the corrupt prompts (pairs per batch within the memory
+    budget; the same sums whatever the batches)."""
+    values, forwards = torch.zeros(2, setup.n_pairs, dtype=torch.float64, device=setup.model.device), 0
+    for batch in setup.batches("clean and corrupt runs", batch_size=setup.stacking(PatchLoad())[0]):
         ref = setup.reference(batch)
         for i, tokens in enumerate((batch.clean, batch.corrupt)):
             logits, _ = capture(setup.model, tokens, [])
-            totals[i] += setup.metric(logits, batch, ref).double().sum().to(totals.device)
+            values[i, batch.index] = setup.metric(logits, batch, ref).double().to(values.device)
         forwards += 2 + (ref is not None)
     setup.ranks.check("clean and corrupt runs")  # a data-parallel run: every process ran its own pairs
-    clean, corrupt, forwards = setup.ranks.sum_values([*totals.tolist(), forwards])
+    clean, corrupt, forwards = setup.ranks.sum_values([*values.sum(1).tolist(), forwards])
     ends = Endpoints(clean / setup.n_pairs, corrupt / setup.n_pairs, int(forwards))
     ends.gap  # noqa: B018 - refuse an undefined faithfulness at once
     return ends
