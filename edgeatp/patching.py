@@ -89,32 +89,38 @@ def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None
     base_metric = torch.zeros(n, dtype=torch.float64, device=model.device)
     forwards = 0
     for batch in setup.batches(description, batch_size=pair_bs):
-        B = len(batch)
-        ref = setup.reference(batch)
-        base = metric(capture(model, batch.base, [])[0], batch, ref)
-        setup.check_finite(base, "metric values of the unpatched run")
-        base_metric[batch.index] = base.double().to(model.device)
-        _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
-        forwards += 2
-        for start in range(0, s, chunk):
-            sets = torch.arange(start, min(s, start + chunk), device=model.device)
-            C = len(sets)
-            pair_rows = torch.arange(B, device=model.device).repeat(C)
-            set_rows = sets.repeat_interleave(B)
-            rows = batch.repeat_rows(pair_rows)
-            with torch.no_grad():
-                logits = model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
-            value = metric(logits, rows, ref[pair_rows.to(ref.device)] if ref is not None else None)
-            setup.check_finite(value, "patched metric values")
-            eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
-            per_pair[batch.index[:, None], sets[None, :]] = eff.T
-            forwards += 1
+        forwards += _patch_batch(setup, intervention, batch, chunk, per_pair, base_metric)
     setup.ranks.check(description)  # a data-parallel run: every process patched its own pairs
     per_pair, base_metric = setup.ranks.sum_rows(per_pair, base_metric)
     forwards = int(setup.ranks.sum_values([forwards])[0])
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
     return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]
                         forwards)
+
+
+def _patch_batch(setup: Setup, intervention: Intervention, batch: PairBatch, chunk: int, per_pair: torch.Tensor,
+                 base_metric: torch.Tensor) -> int:
+    """One pair batch of a sweep, ``chunk`` patch sets per forward, into ``per_pair`` and ``base_metric``;
+    the forwards it ran. (Its source cache and logits die when it returns, before the next batch's.)"""
+    model, metric, s, B = setup.model, setup.metric, intervention.n_sets, len(batch)
+    ref = setup.reference(batch)
+    base = metric(capture(model, batch.base, [])[0], batch, ref)
+    setup.check_finite(base, "metric values of the unpatched run")
+    base_metric[batch.index] = base.double().to(model.device)
+    _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
+    for start in range(0, s, chunk):
+        sets = torch.arange(start, min(s, start + chunk), device=model.device)
+        C = len(sets)
+        pair_rows = torch.arange(B, device=model.device).repeat(C)
+        set_rows = sets.repeat_interleave(B)
+        rows = batch.repeat_rows(pair_rows)
+        with torch.no_grad():  # the logits die with the metric: the next forward does not meet them
+            value = metric(model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows)), rows,
+                           ref[pair_rows.to(ref.device)] if ref is not None else None)
+        setup.check_finite(value, "patched metric values")
+        eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
+        per_pair[batch.index[:, None], sets[None, :]] = eff.T
+    return 2 + -(-s // chunk)
 
 
 def sweep_forwards(setup: Setup, n_sets: int, load: PatchLoad) -> int:
