@@ -9,10 +9,12 @@ plain forward+backward of the same batches, timed before and after the method.
 Cases: the zoo models on their own tasks; local checkpoint folders (tiny GPT-2, Pythia and grouped-query
 Llama checkpoints written here with transformers, their specs read from ``config.json`` by the planner's
 torch-free reader, the models loaded by edgeatp's loader); GPT-2-shaped random models (a small one,
-and with ``--gpt2`` the full GPT-2-small shape, 8 pairs x 32 tokens, several minutes).
+and with ``--gpt2`` the full GPT-2-small shape, 8 pairs x 32 tokens, several minutes); with
+``--cases families``, tiny Gemma-2, Qwen2 and parallel GPT-NeoX checkpoints (d_model 32) at 24 and 12
+tokens, and GPT-2- and Llama-like HookedTransformers of the same shape as controls.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/plan_check.py [--cases zoo,checkpoints,gpt2-small] [--gpt2]
-        [--repeats 3] [--no-time]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/plan_check.py [--cases zoo,checkpoints,gpt2-small,families]
+        [--gpt2] [--repeats 3] [--no-time]
 """
 
 from __future__ import annotations
@@ -101,6 +103,50 @@ def checkpoint_cases(folder: Path) -> list[Case]:
     return out
 
 
+def family_cases(folder: Path) -> list[Case]:
+    """Gemma-2 (post-norms, soft-capping, a scaled embedding), Qwen2 (q/k/v biases) and parallel GPT-NeoX
+    (partial rotary) checkpoints of one tiny shape at 8 pairs x 24 and x 12 tokens, edges and nodes; and
+    GPT-2- and Llama-like HookedTransformers of that shape at 24 tokens: what the families add beyond it."""
+    import transformers as tf
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    shape = dict(vocab_size=32, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+                 max_position_embeddings=64)
+    configs = {
+        "gemma2-tiny": tf.Gemma2Config(**shape, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                       query_pre_attn_scalar=12, attn_logit_softcapping=1.0,
+                                       final_logit_softcapping=0.5),
+        "qwen2-tiny": tf.Qwen2Config(**shape, num_key_value_heads=2),
+        "neox-parallel-tiny": tf.GPTNeoXConfig(**shape, rotary_pct=0.5, use_parallel_residual=True),
+    }
+    models: list[tuple[str, ea.ModelAdapter, ModelSpec]] = []
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        path = folder / name
+        tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        models.append((name, ea.load_model(str(path)), describe_model(str(path))))
+    out = []
+    for T in (24, 12):
+        pairs = random_pairs(8, T, 32, 4)
+        for name, model, spec in models:
+            setup = Setup(model, pairs, batch_size=4)
+            out += [Case("families", f"{name} x{T}", setup, spec),
+                    Case("families", f"{name} x{T}", setup, spec, "node", ("atp", "atp*"))]
+    controls = {"gpt2-like": dict(act_fn="gelu_new", normalization_type="LN"),
+                "llama-like": dict(act_fn="silu", normalization_type="RMS", gated_mlp=True, n_key_value_heads=2,
+                                   positional_embedding_type="rotary", rotary_dim=8)}
+    pairs = random_pairs(8, 24, 32, 4)
+    for name, extra in controls.items():
+        torch.manual_seed(0)
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=32,
+                                      **extra)
+        model = ea.load_model(HookedTransformer(cfg))
+        setup = Setup(model, pairs, batch_size=4)
+        out += [Case("same-shape controls", f"{name} x24", setup, spec_of(model.cfg, name)),
+                Case("same-shape controls", f"{name} x24", setup, spec_of(model.cfg, name), "node", ("atp", "atp*"))]
+    return out
+
+
 def random_case(name: str, config: dict[str, Any], n: int, T: int, batch: int) -> Case:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -152,6 +198,8 @@ def main() -> None:
             cases += checkpoint_cases(Path(tmp))
         if "gpt2-small" in wanted or args.gpt2:
             cases += gpt2_cases(args.gpt2)
+        if "families" in wanted:
+            cases += family_cases(Path(tmp))
         for case in cases:
             for c in run(case, repeats):
                 p, m = c.planned, c.measured

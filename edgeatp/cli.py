@@ -272,8 +272,10 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Prompt pairs per forward (patches are stacked along the batch too).")
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
-              help="Megabytes of device memory for a batch of attribution: cached activations of both runs, "
-                   "gradients, the autograd graph and the large buffers; batches and chunks shrink to fit.")
+              help="Megabytes of device memory for a batch of attribution (cached activations of both runs, "
+                   "gradients, the autograd graph, the large buffers) and of exact patching, verification, "
+                   "faithfulness and circuit search (the source run's cache, the stacked rows of a patched "
+                   "forward); batches, chunks and stacks shrink to fit, results stay the same.")
 @click.option("--offload", is_flag=True,
               help="Keep cached activations and gradients in host memory (when they do not fit beside the model; "
                    "slower).")
@@ -594,7 +596,7 @@ def _export_file(path: Path, formats: list[str], out: str | None, force: bool, q
               help="Weights and activations in this dtype (default: the checkpoint's own, else float32).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Prompt pairs per forward.")
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=1024.0, show_default=True,
-              help="Megabytes of device memory for a batch of attribution, as for discover (batches fit it).")
+              help="Megabytes of device memory for a batch, as for discover (batches and stacks fit it).")
 @click.option("--offload", is_flag=True, help="Cached activations and gradients in host memory, as for discover.")
 @click.option("--n-devices", type=click.IntRange(1), default=1, show_default=True,
               help="The model's layers split over this many devices, as for discover: memory is given per device.")

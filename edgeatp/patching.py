@@ -2,7 +2,9 @@
 
 One batch loop (:func:`sweep`) runs any :class:`Intervention`: many independent patches are
 stacked along the batch axis (row = one prompt pair under one patch set), so a sweep of N
-patches over P pairs costs about ``N * P / batch_size`` forwards.
+patches over P pairs costs about ``N * P / batch_size`` forwards; the memory budget bounds the
+pairs per batch and the rows per forward (:meth:`Setup.stacking`), and the effects are the same
+whatever the stacking.
 
 * :class:`NodePatch` replaces node activations (head output ``z``, q/k/v per head, MLP
   output, single neurons, the embedding; one position or all) by their source-run values.
@@ -16,13 +18,15 @@ corrupt for denoising.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import torch
 
 from .errors import EdgeatpError
 from .graph import Edge, EdgeGraph, Node, check_nodes
+from .memory import PatchLoad, edge_patch_load, node_patch_load, saved_bytes, site_numel
 from .metrics import sign_convention
 from .model import FwdHook, ModelAdapter, Site, WriterLayout, capture, node_site
 from .model.sites import expand
@@ -63,6 +67,9 @@ class Intervention(Protocol):
     def source_sites(self) -> list[Site]:
         """Sites whose source-run values the hooks need."""
 
+    def load(self, n_positions: int) -> PatchLoad:
+        """What stacking the sets costs in memory, per pair and per row (the budget's rule)."""
+
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         """Hooks for a forward whose row ``i`` is pair ``pair_rows[i]`` of the batch under set ``set_rows[i]``."""
@@ -71,52 +78,56 @@ class Intervention(Protocol):
 def sweep(setup: Setup, intervention: Intervention, labels: Sequence[str] | None = None,
           description: str = "exact patching") -> PatchEffects:
     """Exact effect of every patch set of ``intervention`` on every prompt pair: patch sets are
-    stacked along the batch axis, as many per forward as ``setup.batch_size`` allows."""
+    stacked along the batch axis, as many per forward as ``setup.batch_size`` and the memory budget
+    allow."""
     model, metric = setup.model, setup.metric
     n, s = setup.n_pairs, intervention.n_sets
     if s == 0:
         raise EdgeatpError("nothing to patch: the list of patch sets is empty")
-    pair_bs, chunk = _stacking(setup)
+    load = intervention.load(setup.pairs.n_positions)
+    pair_bs, chunk = setup.stacking(load)
     per_pair = torch.zeros(n, s, dtype=torch.float64, device=model.device)  # in host memory once done
     base_metric = torch.zeros(n, dtype=torch.float64, device=model.device)
     for batch in setup.batches(description, batch_size=pair_bs):
-        B = len(batch)
-        ref = setup.reference(batch)
-        base_logits, _ = capture(model, batch.base, [])
-        base = metric(base_logits, batch, ref)
-        setup.check_finite(base, "metric values of the unpatched run")
-        base_metric[batch.index] = base.double().to(model.device)
-        _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
-        for start in range(0, s, chunk):
-            sets = torch.arange(start, min(s, start + chunk), device=model.device)
-            C = len(sets)
-            pair_rows = torch.arange(B, device=model.device).repeat(C)
-            set_rows = sets.repeat_interleave(B)
-            rows = batch.repeat_rows(pair_rows)
-            with torch.no_grad():
-                logits = model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows))
-            value = metric(logits, rows, ref[pair_rows.to(ref.device)] if ref is not None else None)
-            setup.check_finite(value, "patched metric values")
-            eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
-            per_pair[batch.index[:, None], sets[None, :]] = eff.T
+        _patch_batch(setup, intervention, batch, chunk, per_pair, base_metric)
     setup.ranks.check(description, layout=f"{n} prompt pairs, {s} patch sets")  # every process patched its own pairs
     per_pair, base_metric = setup.ranks.sum_rows(per_pair, base_metric)
     names = tuple(labels) if labels is not None else tuple(f"set{i}" for i in range(s))
     return PatchEffects(names, per_pair.cpu(), base_metric.cpu(), setup.direction, metric.name,  # type: ignore[union-attr]
-                        sweep_forwards(setup, s))
+                        sweep_forwards(setup, s, load))
 
 
-def _stacking(setup: Setup) -> tuple[int, int]:
-    """Pairs per batch and patch sets stacked per forward in a sweep."""
-    pair_bs = max(1, min(setup.n_pairs, setup.batch_size))
-    return pair_bs, max(1, setup.batch_size // pair_bs)
+def _patch_batch(setup: Setup, intervention: Intervention, batch: PairBatch, chunk: int, per_pair: torch.Tensor,
+                 base_metric: torch.Tensor) -> None:
+    """One pair batch of a sweep, ``chunk`` patch sets per forward, into ``per_pair`` and ``base_metric``
+    (its source cache and logits die when it returns, before the next batch's)."""
+    model, metric, s, B = setup.model, setup.metric, intervention.n_sets, len(batch)
+    ref = setup.reference(batch)
+    base = metric(capture(model, batch.base, [])[0], batch, ref)
+    setup.check_finite(base, "metric values of the unpatched run")
+    base_metric[batch.index] = base.double().to(model.device)
+    _, source = capture(model, batch.source, intervention.source_sites(), logits=False, cache=setup.new_cache())
+    for start in range(0, s, chunk):
+        sets = torch.arange(start, min(s, start + chunk), device=model.device)
+        C = len(sets)
+        pair_rows = torch.arange(B, device=model.device).repeat(C)
+        set_rows = sets.repeat_interleave(B)
+        rows = batch.repeat_rows(pair_rows)
+        with torch.no_grad():  # the logits die with the metric: the next forward does not meet them
+            value = metric(model.forward(rows.base, intervention.hooks(source, pair_rows, set_rows)), rows,
+                           ref[pair_rows.to(ref.device)] if ref is not None else None)
+        setup.check_finite(value, "patched metric values")
+        eff = (value - base[pair_rows.to(base.device)]).double().to(model.device).view(C, B)
+        per_pair[batch.index[:, None], sets[None, :]] = eff.T
 
 
-def sweep_forwards(setup: Setup, n_sets: int) -> int:
-    """The forwards :func:`sweep` spends on ``n_sets`` patch sets in one process, and reports in any
-    run (a data-parallel run's processes, each batching its own share of the pairs, may spend more
-    between them, but every count and every budget decision must be the one-process one)."""
-    pair_bs, chunk = _stacking(setup)
+def sweep_forwards(setup: Setup, n_sets: int, load: PatchLoad) -> int:
+    """The forwards :func:`sweep` spends on ``n_sets`` patch sets of ``load`` (at most, when ``load``
+    bounds the sets' own, as :func:`circuit_load` does) in one process, and reports in any run (a
+    data-parallel run's processes, each batching its own share of the pairs, may spend more between
+    them, but every count and every budget decision must be the one-process one): to plan work
+    within a budget."""
+    pair_bs, chunk = setup.stacking(load)
     return setup.n_batches(pair_bs) * (2 + -(-n_sets // chunk))
 
 
@@ -144,20 +155,27 @@ class NodePatch:
     def source_sites(self) -> list[Site]:
         return list(self._entries)
 
+    def load(self, n_positions: int) -> PatchLoad:
+        """The sites any set patches are cached; a forward gathers those its sets reach."""
+        numel = {site: site_numel(self.adapter.shape, site, n_positions) for site in self._entries}
+        per_set = max(sum(numel[site] for site, by_set in self._entries.items() if j in by_set)
+                      for j in range(self.n_sets))
+        return node_patch_load(sum(numel.values()), per_set)
+
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
         out = []
         for site, by_set in self._entries.items():
-            src = source[site][pair_rows.to(source[site].device)]
-            mask = self._mask(site, by_set, set_rows, src)
-            if mask is not None:
-                out.append((site, _replace(mask, src)))
+            cached = source[site]
+            mask = self._mask(site, by_set, set_rows, cached)
+            if mask is not None:  # only the sites this forward's sets reach are gathered
+                out.append((site, _replace(mask, cached[pair_rows.to(cached.device)])))
         return out
 
     def _mask(self, site: Site, by_set: dict[int, list[tuple[int | None, int | None]]], set_rows: torch.Tensor,
               src: torch.Tensor) -> torch.Tensor | None:
         """Bool mask shaped like the site's leading axes (``[R, T]`` or ``[R, T, heads|neurons]``),
-        built only for the sets in this forward."""
+        built only for the sets in this forward (``src``: the site's cached values, for their shape)."""
         per_set = site.kind not in ("mlp_out", "resid_pre")
         width = src.shape[2] if per_set else 1
         mask = torch.zeros(len(set_rows), src.shape[1], width, dtype=torch.bool, device=src.device)
@@ -210,6 +228,23 @@ class EdgePatch:
 
     def source_sites(self) -> list[Site]:
         return self.writers.sites()
+
+    def load(self, n_positions: int) -> PatchLoad:
+        """The writers' sites are cached, gathered and recorded whatever the sets; the writes of every
+        site a set moves a writer of are made for each row of the forward."""
+        moved = self.masks.any(3).any(1)  # [sets, W]: the writers each set moves
+        hit = self.masks.any(2).any(1)  # [sets, R]: the readers it moves them into
+        per_set = torch.zeros(self.n_sets, dtype=torch.long, device=moved.device)
+        touched = 0
+        for idx, _ in self.writers.groups.values():
+            reached = moved[:, idx].any(1)
+            per_set += len(idx) * reached
+            touched += len(idx) * bool(reached.any())
+        g = self.graph
+        readers = max(int(hit[:, rs].sum(1).max()) for rs, _ in g.reader_sites().values())
+        width = sum(site_numel(self.adapter.shape, site, 1) for site in self.writers.sites())
+        return edge_patch_load(self.adapter.shape, n_positions, width, int(per_set.max()), touched,
+                               int(moved.sum(1).max()), readers, g.P * g.n_writers * g.n_readers)
 
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
@@ -376,15 +411,31 @@ def run_circuit(setup: Setup, graph: EdgeGraph, keep: torch.Tensor, knockout: bo
     return patch_edges(setup, graph, masks & graph.mask, labels=[f"circuit{i}" for i in range(len(masks))])
 
 
-def edge_sources(setup: Setup, graph: EdgeGraph, batch: PairBatch) -> dict[Site, torch.Tensor]:
-    """The source run's writer activations of a batch: what :func:`weighted_run` moves edges towards."""
+def circuit_load(setup: Setup, graph: EdgeGraph, backward: bool = False) -> PatchLoad:
+    """What a whole-circuit run on ``graph`` costs per pair and row at most (every edge may move):
+    :func:`run_circuit`'s sweeps, or with ``backward`` a differentiable :func:`weighted_run`, which
+    also keeps what the backward needs (:func:`~edgeatp.memory.saved_bytes`, the weight copies) and
+    every reader site's moved writes."""
+    load = EdgePatch(setup.model, graph, graph.full_mask[None]).load(setup.pairs.n_positions)
+    if not backward:
+        return load
+    spec, T = setup.model.spec, setup.pairs.n_positions
+    moved = sum(int(graph.mask[:, rs].any(1).sum()) for rs, _ in graph.reader_sites().values())
+    kept = -(-saved_bytes(spec, 1, T, True, False) // spec.dtype_bytes) + T * moved * spec.shape.d_model
+    return replace(load, fixed=load.fixed + kept, copies=spec.weight_copies)
+
+
+def edge_sources(setup: Setup, graph: EdgeGraph, batch: PairBatch) -> MutableMapping:
+    """The source run's writer activations of a batch (in host memory with ``offload``): what
+    :func:`weighted_run` moves edges towards."""
     _check_graph(setup, graph)
     with setup.model.ungrouped(graph.ungrouped):
-        return capture(setup.model, batch.source, WriterLayout(setup.model, graph).sites(), logits=False)[1]
+        return capture(setup.model, batch.source, WriterLayout(setup.model, graph).sites(), logits=False,
+                       cache=setup.new_cache())[1]
 
 
 def weighted_run(setup: Setup, graph: EdgeGraph, batch: PairBatch, weights: torch.Tensor,
-                 source: dict[Site, torch.Tensor], ref: torch.Tensor | None = None) -> torch.Tensor:
+                 source: MutableMapping, ref: torch.Tensor | None = None) -> torch.Tensor:
     """Metric values ``[S, B]`` of the base run of ``batch`` with every edge moved by ``weights[s]``
     (``[S, P, W, R]`` floats: the fraction of the edge's source-minus-current delta applied; 0/1
     weights give :func:`run_circuit`'s patches), differentiable in ``weights``. ``source`` comes from

@@ -5,8 +5,9 @@ vocabulary, dtype and the few TransformerLens facts that set memory) and a :clas
 imports torch, so ``edgeatp plan`` answers from a ``config.json`` without weights. Counts come from
 the code's own rules: forwards and backward calls from :meth:`Method.cost` and
 :func:`graddrop_units`, GradDrop's truncated backwards from the layers below each dropped unit,
-graph sizes from :func:`graph_size`, and edge attribution's pairs per batch and writers per QK-fix
-chunk from :class:`MemoryBudget`, the rule edge attribution itself uses.
+graph sizes from :func:`graph_size`, edge attribution's pairs per batch and writers per QK-fix
+chunk from :class:`MemoryBudget`, the rule edge attribution itself uses, and exact patching's pairs
+per batch and patch sets per forward from :func:`edgeatp.memory.fit_sweep`, the rule every sweep uses.
 
 **Memory** is the peak of live tensor bytes on the model's device: the weights; the copies of the
 projection weights TransformerLens 3.9 makes in every forward (a backward-able forward keeps them);
@@ -32,7 +33,8 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 from .graph import ModelShape, NodeKind, graph_size, node_set, reader_nodes, residual_points, writer_nodes
-from .memory import MB, cache_mb_per_pair, gradient_run_flags, saved_bytes
+from .memory import (MB, PatchLoad, cache_mb_per_pair, edge_patch_load, fit_sweep, forward_copies,
+                     forward_row_bytes, gradient_run_flags, node_patch_load, saved_bytes, site_numel, sweep_bytes)
 from .methods import METHODS, Kind, Method, Unit, get_method, graddrop_units
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -314,7 +316,7 @@ def edge_budget(spec: ModelSpec, work: Workload, method: Method) -> MemoryBudget
 def batch_of(spec: ModelSpec, work: Workload, method: Method) -> int:
     """Pairs per batch of an attribution run (gradient methods fit their batches to the memory budget)."""
     if method.kind is Kind.EXACT:
-        return min(work.n_pairs, work.batch_size)
+        return exact_stacking(spec, work, method)[0]
     if work.level == "edge":
         return min(work.n_pairs, edge_budget(spec, work, method).batch_size)
     fitted = int(work.memory_budget // max(pair_cache_mb(spec, work, method), 1e-9))
@@ -348,11 +350,10 @@ class Passes:
     forward_calls: int = 0  # model calls over the whole run
 
 
-def sweep_passes(n_pairs: int, batch_size: int, n_sets: int, reference: bool = False) -> Passes:
-    """Exact patching of ``n_sets`` patch sets (:func:`edgeatp.patching.sweep`): per batch of pairs a base
-    and a source forward, then the sets stacked as many per forward as the batch size allows."""
-    pair_rows = min(n_pairs, batch_size)
-    per_forward = max(1, batch_size // pair_rows)
+def sweep_passes(n_pairs: int, pair_rows: int, per_forward: int, n_sets: int, reference: bool = False) -> Passes:
+    """Exact patching of ``n_sets`` patch sets (:func:`edgeatp.patching.sweep`): per batch of ``pair_rows``
+    pairs a base and a source forward, then the sets stacked ``per_forward`` per forward (the batch
+    size and the memory budget's rule, :func:`exact_stacking`)."""
     batches = math.ceil(n_pairs / pair_rows)
     ref = int(reference)
     return Passes(2 + ref + n_sets, 0, 0, batches * (2 + ref + math.ceil(n_sets / per_forward)))
@@ -362,8 +363,8 @@ def attribution_passes(spec: ModelSpec, work: Workload, method: Method, referenc
     """Passes of one attribution run with ``method`` (:meth:`Method.cost`, in the batches it uses)."""
     counts = graph_counts(spec, work)
     if method.kind is Kind.EXACT:
-        return sweep_passes(work.n_pairs, work.batch_size, counts.edges if work.level == "edge" else counts.nodes,
-                            reference)
+        return sweep_passes(work.n_pairs, *exact_stacking(spec, work, method),
+                            counts.edges if work.level == "edge" else counts.nodes, reference)
     units = units_of(spec, work, method)
     cost = method.cost(graddrop_terms=len(units), ig_steps=work.ig_steps, reference=reference)
     batches = math.ceil(work.n_pairs / batch_of(spec, work, method))
@@ -609,7 +610,7 @@ def attribution_memory(spec: ModelSpec, work: Workload, method: Method) -> Memor
     """Peak memory of ``method`` over the workload's pairs at its level, in the batches edgeatp uses: the
     first batch alone, then each later one while the previous batch's results are still alive."""
     if method.kind is Kind.EXACT:
-        return _exact_memory(spec, work)
+        return _exact_memory(spec, work, method)
     b = batch_of(spec, work, method)
     batches = math.ceil(work.n_pairs / b)
     later = ([b] if batches > 2 else []) + ([work.n_pairs - b * (batches - 1)] if batches > 1 else [])
@@ -714,31 +715,50 @@ def _phases(spec: ModelSpec, work: Workload, method: Method, t: dict[str, int], 
     return out
 
 
-def _exact_memory(spec: ModelSpec, work: Workload) -> Memory:
-    """Exact patching: forwards of stacked patch sets with the source run's sites (one layer's gathered
-    per stacked row) and, for edges, every writer's write in both runs and each patched reader's private
-    input; on the host, the per-pair effects and, for edges, a dense ``[P, W, R]`` mask per edge (twice,
-    as built and as checked)."""
-    n, s = work.n_pairs, spec.shape
-    pair_rows = min(n, work.batch_size)
-    rows = pair_rows * max(1, work.batch_size // pair_rows)
-    T, dt = work.seq_len, spec.dtype_bytes
+def exact_load(spec: ModelSpec, work: Workload, method: Method) -> PatchLoad:
+    """What exact attribution's sweep holds (:class:`~edgeatp.memory.PatchLoad`): every edge alone,
+    moving one writer (of a site of at most ``n_heads`` writers) into one reader, or every node alone."""
+    s, T = spec.shape, work.seq_len
+    numel = [site_numel(s, site, T) for site in _needs(spec, work, method)[0]]
+    if work.level != "edge":
+        return node_patch_load(sum(numel), max(numel))
     counts = graph_counts(spec, work)
-    edge = work.level == "edge"
-    width = _writer_width(spec) if edge else _node_width(spec, work.level, False)
-    cache = (pair_rows + rows / s.n_layers) * T * width * dt  # the source run; one layer's sites per stacked row
-    writes = 2 * rows * T * counts.writers * s.d_model * dt if edge else 0
-    masks = rows * T * counts.writers * max(r for _, _, r, _ in reader_sites(s)) * (1 + spec.work_bytes) if edge else 0
-    layer = T * (6 * s.d_model + 3 * s.n_heads * s.d_head) + 3 * s.n_heads * T * T
-    forward = rows * dt * (max(T * spec.d_vocab_out, layer, 3 * T * spec.d_mlp) + T * spec.d_vocab_out)
+    P = T if work.positions else 1
+    return edge_patch_load(s, T, sum(numel) // T, s.n_heads, counts.writers, 1, 1,
+                           P * counts.writers * counts.readers)
+
+
+def exact_stacking(spec: ModelSpec, work: Workload, method: Method) -> tuple[int, int]:
+    """Pairs per batch and patch sets per forward of exact attribution: the rule every sweep uses."""
+    return fit_sweep(spec, work.seq_len, exact_load(spec, work, method), work.n_pairs, work.batch_size,
+                     work.memory_budget, work.offload)
+
+
+def _exact_memory(spec: ModelSpec, work: Workload, method: Method) -> Memory:
+    """Exact patching: per pair batch the source run's cached sites; per stacked row of a patched forward
+    what :func:`exact_load` counts (for edges the writers' sites gathered and recorded, the moved writes,
+    the readers' private inputs, the mask) and the forward's own activations and logits; on the host,
+    the per-pair effects and, for edges, a dense ``[P, W, R]`` mask per edge (twice, as built and as
+    checked)."""
+    n, s = work.n_pairs, spec.shape
+    load = exact_load(spec, work, method)
+    pairs, sets = exact_stacking(spec, work, method)
+    rows, T, dt = pairs * sets, work.seq_len, spec.dtype_bytes
+    counts = graph_counts(spec, work)
+    cache = pairs * load.source * dt
+    held = rows * (dt * (load.fixed + min(load.touched, sets * load.per_set)) + load.mask_bytes)
+    forward = rows * forward_row_bytes(spec, T) + forward_copies(spec)
     dense = (T if work.positions else 1) * counts.writers * counts.readers
-    host = 8 * n * (counts.edges + dense) + 2 * counts.edges * dense if edge else 8 * n * counts.nodes
-    parts = {"source_cache": int(cache), "patch_writes": writes + masks, "forward": forward}
+    host = 8 * n * (counts.edges + dense) + 2 * counts.edges * dense if work.level == "edge" else 8 * n * counts.nodes
+    if work.offload:  # the source run's cache waits in host memory
+        cache, host = 0, host + cache
+    peak = sweep_bytes(spec, T, load, pairs, sets, work.offload)
+    assert peak == cache + held + forward, "the parts are the rule's"
+    parts = {"source_cache": cache, "patched_rows": held, "forward": forward}
     counts_on = block_counts(s.n_layers, work.n_devices)
-    per_device = tuple(_device_weights(spec, work, k) + int(cache * c / s.n_layers) + forward
-                       + (writes + masks if k == 0 else 0) for k, c in enumerate(counts_on)) if work.n_devices > 1 else ()
-    return Memory({"weights": spec.params * dt}, {"patched_forward": int(cache + writes + masks + forward)}, parts,
-                  host, pair_rows, per_device=per_device)
+    per_device = tuple(_device_weights(spec, work, k) + cache * c // s.n_layers + forward + (held if k == 0 else 0)
+                       for k, c in enumerate(counts_on)) if work.n_devices > 1 else ()
+    return Memory({"weights": spec.params * dt}, {"patched_forward": peak}, parts, host, pairs, per_device=per_device)
 
 
 # ------------------------------------------------------------------------------------ the plan

@@ -48,7 +48,7 @@ from .circuit import Circuit, Refinement, RefinedSize, Selection, circuit_from_e
 from .errors import option_error
 from .graph import EdgeGraph
 from .mib import helpfulness, top_edges
-from .patching import edge_sources, patch_edges, sweep_forwards, weighted_run
+from .patching import circuit_load, edge_sources, patch_edges, sweep_forwards, weighted_run
 from .progress import Bar, silent
 from .scores import EdgeScores
 from .setup import Setup
@@ -118,6 +118,7 @@ class _Evaluator:
         self.index = {tuple(c): i for i, c in enumerate(coords.tolist())}
         self.known: dict[Key, float] = {}
         self.spent = 0
+        self.load = circuit_load(setup, graph)
         self._cost_of: dict[int, int] = {}
 
     def mask(self, key: Iterable[int]) -> torch.Tensor:
@@ -136,7 +137,7 @@ class _Evaluator:
     def cost(self, n: int) -> int:
         """Forwards to evaluate ``n`` new circuits."""
         if n not in self._cost_of:
-            self._cost_of[n] = sweep_forwards(self.setup, n) if n else 0
+            self._cost_of[n] = sweep_forwards(self.setup, n, self.load) if n else 0
         return self._cost_of[n]
 
     def affordable(self, n: int) -> int:
@@ -274,11 +275,10 @@ def _expected_gates(log_alpha: torch.Tensor) -> torch.Tensor:
 def _train_masks(ev: _Evaluator, sizes: Sequence[int], budget: int, seed: int) -> dict[int, list[int]]:
     """Hard-concrete gates over the candidates, one set per size, trained within ``budget``
     forwards (a step is a forward and a backward of one pair batch, sizes stacked as the batch size
-    allows); returns each size's candidates ordered by their learned gates."""
+    and the memory budget allow); returns each size's candidates ordered by their learned gates."""
     setup, graph, coords = ev.setup, ev.graph, ev.coords
     model = setup.model
-    pair_bs = max(1, min(setup.n_pairs, setup.batch_size))
-    per_forward = max(1, setup.batch_size // pair_bs)
+    pair_bs, per_forward = setup.stacking(circuit_load(setup, graph, backward=True))
     chunks = [list(range(i, min(len(sizes), i + per_forward))) for i in range(0, len(sizes), per_forward)]
     batches = [b.to(model.device) for b in setup.pairs.batches(pair_bs, setup.direction,
                                                                  same_length=not model.causal)]
@@ -336,14 +336,15 @@ def _check_options(scores: EdgeScores, sizes: Sequence[int], budget: int, candid
     return sorted(set(sizes))
 
 
-def _candidate_count(setup: Setup, n_edges: int, sizes: Sequence[int], greedy_budget: int) -> int:
+def _candidate_count(setup: Setup, graph: EdgeGraph, sizes: Sequence[int], greedy_budget: int) -> int:
     """``M`` from the budget: as many candidates as let each size afford about :data:`PASSES`
     passes (a pass runs about ``M + SWAP_WIDTH²`` circuits), at least the largest size plus
     :data:`SWAP_WIDTH` and at most every edge."""
-    per_circuit = max(sweep_forwards(setup, 64) - sweep_forwards(setup, 0), 1) / 64
+    load = circuit_load(setup, graph)
+    per_circuit = max(sweep_forwards(setup, 64, load) - sweep_forwards(setup, 0, load), 1) / 64
     circuits = greedy_budget / len(sizes) / per_circuit
     fit = int(circuits / PASSES) - SWAP_WIDTH ** 2
-    return min(n_edges, max(max(sizes) + SWAP_WIDTH, fit))
+    return min(graph.n_edges, max(max(sizes) + SWAP_WIDTH, fit))
 
 
 def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: int = DEFAULT_BUDGET, seed: int = 0,
@@ -365,13 +366,13 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
     before = {k: circuit_from_edges(scores, select_top_k(scores, k), "top_k", k) for k in ks}
     helpful = helpfulness(scores, ends)  # MIB's CPR order: edges that carry the behaviour first
     signed = {k: connected(graph, top_edges(graph, helpful, k)) for k in ks}
-    final_cost = 2 * sweep_forwards(inner, (3 if start is None else 4) * len(ks))
+    final_cost = 2 * sweep_forwards(inner, (3 if start is None else 4) * len(ks), circuit_load(inner, graph))
     search_budget = budget - ends.n_forwards - final_cost
     if search_budget < 0:
         raise option_error(f"{{budget}} {budget} is below the {ends.n_forwards + final_cost} forwards that measuring "
                            "the circuits before and after takes; raise it")
     mask_budget = int(MASK_SHARE * search_budget)
-    M = candidates or _candidate_count(inner, graph.n_edges, ks, search_budget - mask_budget)
+    M = candidates or _candidate_count(inner, graph, ks, search_budget - mask_budget)
     values, coords = scores.flat()
     ranked = coords[torch.sort(values, descending=True, stable=True).indices]
     coords = ranked[:M]

@@ -20,7 +20,7 @@ import torch
 from . import distributed
 from .distributed import Ranks
 from .errors import EdgeatpError, option_error
-from .memory import MB, HostCache, cache_mb_per_pair, gradient_run_flags, saved_bytes
+from .memory import MB, HostCache, PatchLoad, cache_mb_per_pair, fit_sweep, gradient_run_flags, saved_bytes
 from .metrics import Metric, get_metric
 from .model import ModelAdapter, capture, load_model
 from .progress import Progress, silent
@@ -41,8 +41,9 @@ class Setup:
     :class:`~edgeatp.metrics.Metric`; ``direction`` ``"noising"`` (patch corrupt values into the
     clean run) or ``"denoising"``. ``keep_per_pair`` keeps every pair's estimates in results
     (default: when they take at most 256 MB). ``memory_budget_mb`` bounds the device memory of a
-    batch (cached activations, gradients, the autograd graph and attribution buffers): batches shrink
-    to fit; ``offload`` keeps cached activations and gradients in host memory. ``ranks``: this
+    batch (cached activations, gradients, the autograd graph and attribution buffers; in exact
+    patching, the source run's cache and the rows a patched forward stacks): batches shrink to fit;
+    ``offload`` keeps cached activations and gradients in host memory. ``ranks``: this
     process's share of a data-parallel run (default: the initialised torch.distributed process
     group, if any, else all pairs; :data:`~edgeatp.distributed.SINGLE` opts out).
     """
@@ -153,6 +154,12 @@ class Setup:
         ``memory_budget_mb`` holds at ``per_pair_mb`` each."""
         fitted = max(1, min(self.batch_size, int(self.memory_budget_mb // max(per_pair_mb, 1e-9))))
         return self if fitted == self.batch_size else self.with_(batch_size=fitted)
+
+    def stacking(self, load: PatchLoad) -> tuple[int, int]:
+        """Pairs per batch and patch sets per forward of an exact-patching sweep with ``load``: as many
+        as ``batch_size`` stacks that ``memory_budget_mb`` holds (:func:`~edgeatp.memory.fit_sweep`)."""
+        return fit_sweep(self.model.spec, self.pairs.n_positions, load, self.n_pairs, self.batch_size,
+                         self.memory_budget_mb, self.offload)
 
     def accumulator(self, shape: tuple[int, ...]) -> Accumulator:
         """A collector of per-pair estimates of ``shape`` (per pairs kept when small or when asked)."""

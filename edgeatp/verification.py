@@ -23,6 +23,7 @@ from scipy.stats import spearmanr
 from .circuit import Check, Circuit, FaithfulnessCurve, Verification, member_components, top_k_circuits
 from .errors import EdgeatpError, option_error
 from .graph import Edge, EdgeGraph, Node, NodeKind
+from .memory import PatchLoad
 from .model import capture
 from .patching import patch_edges, patch_nodes, run_circuit
 from .scores import EdgeScores, NodeScores
@@ -56,16 +57,18 @@ class Endpoints:
 
 
 def endpoints(setup: Setup) -> Endpoints:
-    """Mean metric on the clean and on the corrupt prompts."""
-    totals = torch.zeros(2, dtype=torch.float64, device=setup.model.device)
-    for batch in setup.batches("clean and corrupt runs"):
+    """Mean metric on the clean and on the corrupt prompts (pairs per batch within the memory
+    budget; the same sums whatever the batches)."""
+    pair_bs = setup.stacking(PatchLoad())[0]
+    values = torch.zeros(2, setup.n_pairs, dtype=torch.float64, device=setup.model.device)
+    for batch in setup.batches("clean and corrupt runs", batch_size=pair_bs):
         ref = setup.reference(batch)
         for i, tokens in enumerate((batch.clean, batch.corrupt)):
             logits, _ = capture(setup.model, tokens, [])
-            totals[i] += setup.metric(logits, batch, ref).double().sum().to(totals.device)
+            values[i, batch.index] = setup.metric(logits, batch, ref).double().to(values.device)
     setup.ranks.check("clean and corrupt runs", layout=f"{setup.n_pairs} prompt pairs")  # each ran its own pairs
-    clean, corrupt = setup.ranks.sum_values(totals.tolist())
-    forwards = setup.n_batches() * (2 + int(setup.metric.needs_reference))  # one process's count (see sweep_forwards)
+    clean, corrupt = setup.ranks.sum_values(values.sum(1).tolist())
+    forwards = setup.n_batches(pair_bs) * (2 + int(setup.metric.needs_reference))  # one process's count
     ends = Endpoints(clean / setup.n_pairs, corrupt / setup.n_pairs, forwards)
     ends.gap  # noqa: B018 - refuse an undefined faithfulness at once
     return ends

@@ -13,9 +13,11 @@ from edgeatp.attribution.passes import gradient_run
 from edgeatp.methods import graddrop_units
 from edgeatp.errors import EdgeatpError
 from edgeatp.graph import EdgeGraph
-from edgeatp.memory import MB, HostCache, cache_mb_per_pair, gradient_run_flags, saved_bytes
-from edgeatp.patching import patch_edges
+from edgeatp.memory import MB, HostCache, cache_mb_per_pair, gradient_run_flags, saved_bytes, sweep_bytes
+from edgeatp.patching import EdgePatch, NodePatch, circuit_load, edge_masks, patch_edges, patch_nodes
+from edgeatp.research.measure import measure
 from edgeatp.setup import Setup
+from edgeatp.verification import faithfulness_curve
 from edgeatp.tasks import make_task
 
 from .conftest import random_pairs, tiny_model
@@ -105,6 +107,43 @@ def test_offloaded_caches_give_the_same_results_and_leave_room_for_more_pairs():
     torch.testing.assert_close(patch_edges(away, g, sets).per_pair, patch_edges(here, g, sets).per_pair, rtol=0, atol=0)
     needs = EdgePlan.build(model, g, True).needs
     assert away.device_mb_per_pair(needs, 3) < here.device_mb_per_pair(needs, 3)
+
+
+def test_a_small_budget_bounds_exact_patching_and_faithfulness_with_the_same_numbers():
+    """Exact edge and node patching and the faithfulness curve stack fewer pairs and patch sets per forward
+    under a small budget: the measured peak stays within the rule's bound (the budget, or one row when not
+    even that fits, plus the host's masks and results) and every number equals the unbounded run's."""
+    model = ea.load_model("zoo:ioi")
+    pairs = make_task("ioi", model.tokenizer, 8, seed=0)
+    wide = Setup(model, pairs, batch_size=32)
+    scores = attribute_edges(wide, "atp")
+    graph, T, n = scores.graph, pairs.n_positions, len(pairs)
+    top = [e for e, *_ in scores.top(12)]
+    nodes = [w for w in graph.writers if w.kind.value != "input"]
+    dense = graph.P * graph.n_writers * graph.n_readers
+    runs = {  # a sweep, its load, and the host bytes it keeps besides the device's (masks, results)
+        "edges": (lambda s: patch_edges(s, graph, top),
+                  EdgePatch(model, graph, edge_masks(graph, [[e] for e in top])).load(T), 2 * 12 * dense + 8 * n * 13),
+        "nodes": (lambda s: patch_nodes(s, nodes), NodePatch(model, [[x] for x in nodes], T).load(T),
+                  8 * n * (len(nodes) + 1)),
+        "curve": (lambda s: faithfulness_curve(s, scores, [4, 8, 16]), circuit_load(wide, graph),
+                  4 * 3 * dense + 8 * n * 4),
+    }
+    for name, (run, load, host) in runs.items():
+        full, unbounded = measure(wide, lambda: run(wide))
+        one_row = sweep_bytes(model.spec, T, load, 1, 1, False) / MB
+        for budget in (3 * one_row, 1e-3):  # about three rows, and not even one
+            tight = wide.with_(memory_budget_mb=budget)
+            pairs_per_batch, sets = tight.stacking(load)
+            assert pairs_per_batch * sets <= (3 if budget > one_row else 1), (name, budget)
+            got, bounded = measure(tight, lambda: run(tight))
+            assert bounded.peak_mb <= max(budget, one_row) + host / MB, (name, budget, bounded.peak_mb)
+            assert bounded.peak_mb < unbounded.peak_mb / 3, (name, budget)
+            if name == "curve":
+                assert got == full
+            else:
+                assert torch.equal(got.per_pair, full.per_pair) and torch.equal(got.base_metric, full.base_metric)
+                assert got.n_forwards > full.n_forwards
 
 
 def test_host_cache_keeps_detached_host_copies_and_hands_them_back_where_they_came_from():

@@ -24,7 +24,7 @@ from edgeatp.methods import get_method
 from edgeatp.model import load_model
 from edgeatp.model.checkpoint import config_only
 from edgeatp.model_config import _folder_spec, describe_model, spec_of
-from edgeatp.plan import Workload, attribution_passes, edge_budget, plan
+from edgeatp.plan import Workload, attribution_passes, edge_budget, exact_stacking, plan
 from edgeatp.research.measure import check_plan, shared_prefix, workload_of
 from edgeatp.setup import Setup
 from edgeatp.zoo import ZOO
@@ -121,6 +121,42 @@ def test_the_batch_rule_is_the_one_attribution_uses(offload):
                                                        memory_budget_mb=b)), get_method("atp", "edge")).batch_size
              for b in (1024.0, 1.0, 0.5)]
     assert sizes[0] == 4 and 1 < sizes[1] < 4 and sizes[2] == 1, "the budgets above must exercise the rule"
+
+
+@pytest.mark.parametrize("level", ["edge", "node"])
+def test_the_stacking_rule_is_the_one_exact_patching_uses(level):
+    """Exact patching's pairs per batch and patch sets per forward follow the memory budget by the rule
+    the planner uses: the same stacking, forward calls and batch at budgets that hold every row, some,
+    one pair, and less than one row; the planned peak follows the budget down."""
+    from edgeatp.attribution.nodes import resolve_nodes
+    from edgeatp.graph import EdgeGraph
+    from edgeatp.patching import EdgePatch, NodePatch
+
+    model = tiny_model(d_model=32, n_heads=4)
+    pairs = random_pairs(n=3, length=10)
+    graph = EdgeGraph.from_shape(model.shape)
+    seen, peaks = set(), []
+    for budget in (1024.0, 0.5, 0.3, 0.2, 0.12, 0.001):
+        setup = Setup(model, pairs, batch_size=8, memory_budget_mb=budget)
+        work = workload_of(setup, level)
+        if level == "edge":
+            coords = graph.all_coords
+            masks = torch.zeros(len(coords), graph.P, graph.n_writers, graph.n_readers, dtype=torch.bool)
+            masks[torch.arange(len(coords)), coords[:, 0], coords[:, 1], coords[:, 2]] = True
+            load = EdgePatch(model, graph, masks).load(pairs.n_positions)
+        else:
+            index = resolve_nodes(model, ["head", "q", "k", "v", "mlp"], False, pairs.n_positions)
+            load = NodePatch(model, [[n] for n in index], pairs.n_positions).load(pairs.n_positions)
+        stacking = setup.stacking(load)
+        assert stacking == exact_stacking(model.spec, work, get_method("exact", level)), budget
+        (check,) = check_plan(setup, model.spec, work, ["exact"])
+        assert check.measured.forward_calls == check.planned.passes.forward_calls, budget
+        assert check.planned.memory.batch_size == stacking[0]
+        assert abs(check.memory_error) <= MEMORY_TOLERANCE, (budget, check.measured.peak_mb, check.planned_peak_mb)
+        seen.add(stacking)
+        peaks.append(check.planned.memory.device_peak - check.planned.memory.fixed["weights"])
+    assert len(seen) >= 4, f"the budgets above must exercise the rule: {seen}"
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0] / 3
 
 
 CASES = {
