@@ -164,30 +164,33 @@ class NodePatch:
 
     def hooks(self, source: dict[Site, torch.Tensor], pair_rows: torch.Tensor,
               set_rows: torch.Tensor) -> list[tuple[Site, FwdHook]]:
+        rows_of: dict[int, list[int]] = {}  # the forward's rows of each set, read from the device once
+        for r, j in enumerate(set_rows.tolist()):
+            rows_of.setdefault(j, []).append(r)
         out = []
         for site, by_set in self._entries.items():
             cached = source[site]
-            mask = self._mask(site, by_set, set_rows, cached)
+            mask = self._mask(site, by_set, rows_of, len(set_rows), cached)
             if mask is not None:  # only the sites this forward's sets reach are gathered
                 out.append((site, _replace(mask, cached[pair_rows.to(cached.device)])))
         return out
 
-    def _mask(self, site: Site, by_set: dict[int, list[tuple[int | None, int | None]]], set_rows: torch.Tensor,
-              src: torch.Tensor) -> torch.Tensor | None:
+    def _mask(self, site: Site, by_set: dict[int, list[tuple[int | None, int | None]]],
+              rows_of: dict[int, list[int]], n_rows: int, src: torch.Tensor) -> torch.Tensor | None:
         """Bool mask shaped like the site's leading axes (``[R, T]`` or ``[R, T, heads|neurons]``),
-        built only for the sets in this forward (``src``: the site's cached values, for their shape)."""
+        built only for the sets in this forward (``src``: the site's cached values, for their shape);
+        ``None`` when none of them patches the site here."""
         per_set = site.kind not in ("mlp_out", "resid_pre")
         width = src.shape[2] if per_set else 1
-        mask = torch.zeros(len(set_rows), src.shape[1], width, dtype=torch.bool, device=src.device)
-        rows_of = {}
-        for r, j in enumerate(set_rows.tolist()):
-            rows_of.setdefault(j, []).append(r)
+        mask = torch.zeros(n_rows, src.shape[1], width, dtype=torch.bool, device=src.device)
+        reached = False
         for j, rows in rows_of.items():
             for pos, index in by_set.get(j, ()):
                 if pos is not None and pos >= src.shape[1]:
                     continue  # beyond this batch's prompts: only padding could sit there
                 mask[rows, slice(None) if pos is None else pos, 0 if index is None else index] = True
-        if not bool(mask.any()):
+                reached = True
+        if not reached:
             return None
         return mask if per_set else mask[:, :, 0]
 
