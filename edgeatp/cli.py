@@ -47,6 +47,13 @@ def flag(option: str) -> str:
     return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
 
 
+#: The option every data-parallel command takes (discover, verify, refine); the default is torch's
+#: own, distributed.DEFAULT_TIMEOUT_S (not imported here: the command line starts without torch).
+COLLECTIVE_TIMEOUT = click.option(
+    "--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
+    help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
+
+
 class UserError(click.ClickException):
     """A one-line error for the user (exit status 2)."""
 
@@ -103,13 +110,12 @@ def _rank_label() -> str:
 
 
 @contextmanager
-def _data_parallel(device: str | None, timeout: float | None = None, n_devices: int = 1) -> Iterator[Any]:
+def _data_parallel(device: str | None, timeout: float, n_devices: int = 1) -> Iterator[Any]:
     """This process's place in a torchrun run (a run of its own otherwise): joins the process group
-    (``timeout``: seconds of a collective, default torch's), silences every rank but 0 and makes a
+    (``timeout``: seconds a collective may wait), silences every rank but 0 and makes a
     failure on any rank stop them all with one message."""
-    from .distributed import DEFAULT_TIMEOUT_S, guard, local_device, process_group
+    from .distributed import guard, local_device, process_group
 
-    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
     with process_group(local_device(device, n_devices), timeout) as ranks, guard(ranks):
         if not ranks.is_main:
             _quiet_libraries()
@@ -280,8 +286,7 @@ def main() -> None:
               help="Keep cached activations and gradients in host memory (when they do not fit beside the model; "
                    "slower).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of task generation and sampling.")
-@click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
-              help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
+@COLLECTIVE_TIMEOUT
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: 1 for small models, where more only add overhead; else torch's default).")
 @click.option("--refine", is_flag=True,
@@ -394,8 +399,7 @@ def _write(circuit: Any, folder: Path, formats: list[str], stem: str, scores: An
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the recorded one).")
 @click.option("--n-devices", type=click.IntRange(1), default=None,
               help="Split the model's layers over this many devices (default: the recorded number).")
-@click.option("--collective-timeout", type=click.FloatRange(0, min_open=True), default=1800.0, show_default=True,
-              help="Under torchrun: seconds a process waits for the others at a collective before giving up.")
+@COLLECTIVE_TIMEOUT
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Where to write the verified circuit (default: replace the input and its report set).")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
@@ -475,13 +479,14 @@ def _report(result: Any, target: Path, formats: list[str], quiet: bool, as_json:
                    "input's other formats).")
 @click.option("--allow-download", is_flag=True, help="Let TransformerLens download a model that is not cached.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=None, help=RECORDED_BACKEND_HELP)
+@COLLECTIVE_TIMEOUT
 @click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
 def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | None, data: str | None,
-               batch_size: int, out: str | None, allow_download: bool, backend: str | None, quiet: bool,
-               as_json: bool, debug: bool) -> None:
+               batch_size: int, out: str | None, allow_download: bool, backend: str | None,
+               collective_timeout: float, quiet: bool, as_json: bool, debug: bool) -> None:
     """Search a saved edge circuit's sizes for more faithful circuits with exact whole-circuit runs."""
     from .config import parse_sizes
 
@@ -494,7 +499,7 @@ def refine_cmd(circuit_file: str, sizes: str | None, budget: int, seed: int | No
 
     check_writable(target.parent)
     device, split = _saved_devices(circuit_file, None, None)
-    with _data_parallel(device, n_devices=split) as ranks:
+    with _data_parallel(device, collective_timeout, split) as ranks:
         from .distributed import local_device
 
         quiet_text = quiet or as_json or not ranks.is_main

@@ -128,7 +128,7 @@ def commands(folder: Path) -> list[list[str]]:
              "--refine-budget", "200", "--refine-sizes", "6,12", "--verify", "6", "--sample-below", "4",
              "--format", "json", "--out", str(folder), "--json"],
             ["refine", circuit, "--sizes", "4,8", "--refine-budget", "150", "--batch-size", "4",
-             "--out", str(folder / "refined.json"), "--json"],
+             "--collective-timeout", "600", "--out", str(folder / "refined.json"), "--json"],
             ["verify", circuit, "--verify", "6", "--sample-below", "4", "--batch-size", "4",
              "--out", str(folder / "verified.json"), "--json"],
             ["export", circuit, "--format", "mib"]]
