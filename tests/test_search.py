@@ -68,6 +68,17 @@ def test_exhaustive_search_finds_the_brute_force_optimum(direction):
     assert result.n_forwards <= 5000
 
 
+def test_the_distance_objective_finds_the_circuit_closest_to_the_full_behaviour():
+    setup, scores = _problem()
+    result = refine(setup, scores, [3], budget=5000, candidates=N_CAND, seed=0, objective="distance")
+    _, table = _brute_force(setup, scores, 3)
+    closest = min(abs(1.0 - v) for v in table.values())
+    r = result.at(3)
+    assert r.found_by == "exhaustive" and result.refinement.objective == "distance"
+    assert abs(abs(1.0 - r.after.faithfulness) - closest) < 1e-9
+    assert abs(1.0 - r.after.faithfulness) <= abs(1.0 - r.before.faithfulness) + 1e-12
+
+
 class _Recorder:
     """A progress display that keeps what it was shown."""
 
