@@ -15,9 +15,9 @@ with the best exact faithfulness:
    sizes stacked in one forward; the candidates ordered by the learned gates seed step 3.
 3. **Exact local search**: from the best of the seeds (the ranking's top-``k`` circuit, the
    ranking, the exact re-ranking and the mask order filled to ``k`` connected edges (the
-   re-ranking's top ``k`` too), the signed ranking's top ``k`` (MIB's CPR circuit), a given circuit cut to ``k`` edges in score order, the previous
-   size's result as it is and grown to ``k``), passes of single-edge removals and additions, all
-   evaluated exactly, many circuits
+   re-ranking's top ``k`` too), the signed ranking's top ``k`` (MIB's CPR circuit), a given
+   circuit cut to ``k`` edges in score order, the previous size's result as it is and grown to
+   ``k``), passes of single-edge removals and additions, all evaluated exactly, many circuits
    stacked per forward; when no single move helps, swaps of the most promising removals and
    additions; then seeded random restarts while the size's budget lasts (and they still reach
    circuits not yet run). When every circuit of
@@ -29,7 +29,8 @@ whole-circuit run, so they only waste the size). The search ranks circuits by ex
 every reported circuit, before and after, is measured again at the end (faithfulness and
 necessity): no estimate is ever reported as a result. What is reported at size ``k`` is the best of
 those final measurements within ``k`` edges (the search's result, the ranking's and the signed
-ranking's circuits, the given circuit, a smaller size's result), so it is never worse than any of them. Costs are forwards as
+ranking's circuits, the given circuit, a smaller size's result), so it is never worse than any of
+them. Costs are forwards as
 :class:`~edgeatp.patching.PatchEffects` counts them (a training step's backward counts two); the
 budget bounds everything, the final check included; ``seed`` makes the search deterministic.
 """
@@ -47,6 +48,7 @@ import torch
 from .circuit import Circuit, Refinement, RefinedSize, Selection, circuit_from_edges, connected, select_top_k
 from .errors import option_error
 from .graph import EdgeGraph
+from .memory import PatchLoad
 from .mib import helpfulness, top_edges
 from .patching import circuit_load, edge_sources, patch_edges, sweep_forwards, weighted_run
 from .progress import Bar, silent
@@ -112,13 +114,12 @@ class _Evaluator:
     and charged to the budget."""
 
     def __init__(self, setup: Setup, graph: EdgeGraph, coords: torch.Tensor, ends: Endpoints,
-                 objective: Objective, budget: int, bar: Bar) -> None:
-        self.setup, self.graph, self.coords, self.ends = setup, graph, coords, ends
+                 objective: Objective, budget: int, bar: Bar, load: PatchLoad) -> None:
+        self.setup, self.graph, self.coords, self.ends, self.load = setup, graph, coords, ends, load
         self.objective, self.left, self.bar = objective, budget, bar
         self.index = {tuple(c): i for i, c in enumerate(coords.tolist())}
         self.known: dict[Key, float] = {}
         self.spent = 0
-        self.load = circuit_load(setup, graph)
         self._cost_of: dict[int, int] = {}
 
     def mask(self, key: Iterable[int]) -> torch.Tensor:
@@ -336,15 +337,14 @@ def _check_options(scores: EdgeScores, sizes: Sequence[int], budget: int, candid
     return sorted(set(sizes))
 
 
-def _candidate_count(setup: Setup, graph: EdgeGraph, sizes: Sequence[int], greedy_budget: int) -> int:
+def _candidate_count(setup: Setup, n_edges: int, load: PatchLoad, sizes: Sequence[int], greedy_budget: int) -> int:
     """``M`` from the budget: as many candidates as let each size afford about :data:`PASSES`
     passes (a pass runs about ``M + SWAP_WIDTH²`` circuits), at least the largest size plus
     :data:`SWAP_WIDTH` and at most every edge."""
-    load = circuit_load(setup, graph)
     per_circuit = max(sweep_forwards(setup, 64, load) - sweep_forwards(setup, 0, load), 1) / 64
     circuits = greedy_budget / len(sizes) / per_circuit
     fit = int(circuits / PASSES) - SWAP_WIDTH ** 2
-    return min(graph.n_edges, max(max(sizes) + SWAP_WIDTH, fit))
+    return min(n_edges, max(max(sizes) + SWAP_WIDTH, fit))
 
 
 def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: int = DEFAULT_BUDGET, seed: int = 0,
@@ -366,13 +366,14 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
     before = {k: circuit_from_edges(scores, select_top_k(scores, k), "top_k", k) for k in ks}
     helpful = helpfulness(scores, ends)  # MIB's CPR order: edges that carry the behaviour first
     signed = {k: connected(graph, top_edges(graph, helpful, k)) for k in ks}
-    final_cost = 2 * sweep_forwards(inner, (3 if start is None else 4) * len(ks), circuit_load(inner, graph))
+    load = circuit_load(inner, graph)  # what a whole-circuit run holds: every cost below is counted with it
+    final_cost = 2 * sweep_forwards(inner, (3 if start is None else 4) * len(ks), load)
     search_budget = budget - ends.n_forwards - final_cost
     if search_budget < 0:
         raise option_error(f"{{budget}} {budget} is below the {ends.n_forwards + final_cost} forwards that measuring "
                            "the circuits before and after takes; raise it")
     mask_budget = int(MASK_SHARE * search_budget)
-    M = candidates or _candidate_count(inner, graph, ks, search_budget - mask_budget)
+    M = candidates or _candidate_count(inner, graph.n_edges, load, ks, search_budget - mask_budget)
     values, coords = scores.flat()
     ranked = coords[torch.sort(values, descending=True, stable=True).indices]
     coords = ranked[:M]
@@ -384,7 +385,8 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
     given = [] if start is None else start.bool()[tuple(coords.T)].nonzero().flatten().tolist()
     with setup.progress("circuit search", budget) as bar:
         bar.update(ends.n_forwards)
-        ev = _Evaluator(inner, graph, coords, ends, objective, search_budget, bar)
+        ev = _Evaluator(inner, graph, coords, ends, objective, search_budget, bar, load)
+        cut = {k: _fill(ev, given, k) for k in ks} if given else {}  # the given circuit at each size
         exhaustive = _all_exhaustive(ev, ks, M)
         exact_order = _exact_order(ev) if not exhaustive and ev.cost(M) <= EXACT_SHARE * search_budget else None
         orders = _train_masks(ev, ks, mask_budget, seed) if not exhaustive else {}
@@ -401,8 +403,8 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
                 seeds["exact re-ranking, filled"] = _fill(ev, exact_order, k)
             if k in orders:
                 seeds["mask"] = _fill(ev, orders[k], k)
-            if given:
-                seeds["given circuit"] = _fill(ev, given, k)
+            if k in cut:
+                seeds["given circuit"] = cut[k]
             if found:
                 seeds["smaller size"] = found[max(found)][0]
                 seeds["smaller size, grown"] = _fill(ev, ranking, k, found[max(found)][0])
@@ -411,7 +413,7 @@ def refine(setup: Setup, scores: EdgeScores, sizes: Sequence[int], *, budget: in
             ev.left += reserve
             found[k] = (key, how, ev.spent - spent0)
         searched = {k: (ev.mask(found[k][0]), found[k][1]) for k in ks}
-        starts = {k: (ev.mask(_fill(ev, given, k)), "given circuit") for k in ks} if given else {}
+        starts = {k: (ev.mask(c), "given circuit") for k, c in cut.items()}
         masks = [before[k].in_graph for k in ks] + list(signed.values()) + \
             [m for m, _ in (*searched.values(), *starts.values())]
         unique = list({_kept(m): m for m in masks}.values())

@@ -12,7 +12,7 @@ import torch
 from edgeatp.attribution.edges import attribute_edges
 from edgeatp.circuit import connected
 from edgeatp.errors import OptionError
-from edgeatp.patching import run_circuit
+from edgeatp.patching import circuit_load, run_circuit
 from edgeatp.progress import silent
 from edgeatp.search import _Evaluator, _fill, _search_size, _train_masks, refine
 from edgeatp.setup import Setup
@@ -122,7 +122,8 @@ def _evaluator(setup: Setup, scores, budget: int) -> _Evaluator:
     values, coords = scores.flat()
     inner = setup.with_(progress=silent)
     return _Evaluator(inner, scores.graph, coords[torch.sort(values, descending=True, stable=True).indices],
-                      endpoints(inner), "faithfulness", budget, SimpleNamespace(update=lambda n=1: None))
+                      endpoints(inner), "faithfulness", budget, SimpleNamespace(update=lambda n=1: None),
+                      circuit_load(inner, scores.graph))
 
 
 def _names(scores, mask) -> frozenset:
